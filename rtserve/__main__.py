@@ -1,0 +1,5 @@
+import sys
+
+from rtserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step has a token budget shared by every running sequence: a decode costs one token, a prompt
+costs as many tokens as fit (the rest comes next step). Running requests are served first, in
+order; then waiting requests are admitted (with their prefix-cache hit) while budget, sequence slots
+and KV blocks allow. When blocks run out, a victim chosen by `pick_victim` is preempted: its blocks
+are freed and it returns to the front of the waiting queue to be recomputed later (its generated
+tokens are kept and become part of the recomputed prefix).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable
+
+from rtserve.config import SchedulerConfig
+from rtserve.engine.request import Request, RequestStatus
+from rtserve.engine.scheduler_output import RunnerOutput, ScheduledSeq, SchedulerOutput
+from rtserve.engine.stop_check import check_stop
+from rtserve.kv.manager import KVCacheManager
+from rtserve.protocol import EngineCoreOutput, FinishReason
+
+VictimPolicy = Callable[[list[Request]], Request]
+
+
+def last_admitted_victim(candidates: list[Request]) -> Request:
+    """Default policy: preempt the most recently admitted request (FCFS order)."""
+    return candidates[-1]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 pick_victim: VictimPolicy = last_admitted_victim) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.pick_victim = pick_victim
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(req, num_new, idx, out):
+                continue  # req itself was preempted; running[idx] is now the next one
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+            idx += 1
+        if not out.preempted_ids:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _chunk(self, num_remaining: int, budget: int) -> int:
+        limit = self.config.long_prefill_token_threshold
+        return min(num_remaining, budget, limit) if limit > 0 else min(num_remaining, budget)
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, idx: int, out: SchedulerOutput) -> bool:
+        """Allocate for `req`, preempting unscheduled running requests (running[idx:]) as needed."""
+        while not self.kv.allocate_slots(req, num_new):
+            victim = self.pick_victim(self.running[idx:])
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        self.running.remove(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit_blocks, num_cached = self.kv.get_computed_blocks(req)
+            num_new = self._chunk(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(req, num_new, hit_blocks):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.seqs.append(ScheduledSeq(req, num_cached, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+
+    def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Advance token counts, append sampled tokens, finish stopped requests."""
+        outputs = []
+        for seq in sched.seqs:
+            req = seq.request
+            if req.is_finished:
+                continue  # aborted between schedule and update
+            req.num_computed_tokens += seq.num_new_tokens
+            token_id = result.sampled_token_ids.get(req.request_id)
+            if token_id is None:
+                self.kv.cache_blocks(req)
+                continue
+            req.append_output_token(token_id)
+            logprob = result.logprobs.get(req.request_id)
+            finish_reason, stop_reason = check_stop(req, self.max_model_len)
+            self.kv.cache_blocks(req)
+            out = self._output(req, [token_id], [logprob] if logprob else None)
+            if finish_reason is not None:
+                self._finish(req, finish_reason, stop_reason, out)
+            outputs.append(out)
+        return outputs
+
+    def finish_requests(self, request_ids: Iterable[str], reason: str,
+                        error: str | None = None) -> list[EngineCoreOutput]:
+        """Abort or fail requests wherever they are; frees their blocks at once."""
+        outputs = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status is RequestStatus.WAITING:
+                self.waiting.remove(req)
+            out = self._output(req, [], None)
+            out.error = error
+            self._finish(req, reason, None, out)
+            outputs.append(out)
+        return outputs
+
+    def _finish(self, req: Request, reason: str, stop_reason, out: EngineCoreOutput) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        out.finish_reason, out.stop_reason = reason, stop_reason
+        del self.requests[req.request_id]
+
+    @staticmethod
+    def _output(req: Request, token_ids: list[int], logprobs) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=req.request_id, new_token_ids=token_ids, new_logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
+
+
+__all__ = ["Scheduler", "last_admitted_victim", "FinishReason"]

@@ -1,0 +1,44 @@
+"""Typed results passed scheduler -> runner -> scheduler within one engine step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rtserve.engine.request import Request
+from rtserve.protocol import TokenLogprob
+
+
+@dataclass
+class ScheduledSeq:
+    """`num_new_tokens` tokens of `request`, starting at position `start_pos`, are computed this step."""
+
+    request: Request
+    start_pos: int
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def do_sample(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so a next token is sampled."""
+        return self.start_pos + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class RunnerOutput:
+    """Sampled token (and optional logprobs) for every scheduled sequence with do_sample."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)

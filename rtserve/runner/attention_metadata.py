@@ -1,0 +1,37 @@
+"""Per-step attention inputs, built by the runner and passed explicitly to every layer (no globals).
+
+Tokens of a step are flattened into one dimension T. Sequences are laid out decodes first
+(one query token each), then prefill chunks (one or more query tokens each):
+
+    [ d_0 | d_1 | ... | d_{D-1} | p_0 tokens ... | p_1 tokens ... ]
+
+The KV cache of a layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; flattening
+blocks gives slots [num_blocks * block_size, num_kv_heads, head_dim], and slot = block_id * block_size
++ offset. `slot_mapping[t]` is where token t's K/V is written; `*_gather_idx` lists, for each context
+position of a sequence, the slot to read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence computing query_len > 0 tokens on top of (context_len - query_len) cached ones."""
+
+    query_start: int          # index of its first token in the flattened T dimension
+    query_len: int
+    context_len: int          # tokens visible to the last query token (cached + this chunk)
+    gather_idx: torch.Tensor  # [context_len] int64 slots
+    causal_mask: torch.Tensor | None  # [query_len, context_len] bool (True = attend); None = plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor           # [T] int64
+    num_decodes: int = 0                 # D: the first D tokens are single-token decodes
+    decode_gather_idx: torch.Tensor | None = None  # [D, L_max] int64 slots (padding: 0)
+    decode_mask: torch.Tensor | None = None        # [D, 1, 1, L_max] bool (True = attend)
+    prefills: list[PrefillChunk] = field(default_factory=list)

@@ -1,0 +1,77 @@
+"""Turn a SchedulerOutput into model inputs: flat token ids, positions, slots, attention metadata."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rtserve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor       # [T] int64
+    positions: torch.Tensor       # [T] int64
+    meta: AttentionMetadata
+    logit_indices: torch.Tensor   # [S] rows of T whose logits are sampled
+    sample_seqs: list[ScheduledSeq]  # the S sequences, in logit_indices order
+
+
+def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots for positions [start, end) of a sequence with these blocks. [end - start]"""
+    pos = torch.arange(start, end, dtype=torch.int64)
+    table = torch.tensor(block_ids, dtype=torch.int64)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+    """Decodes (single-token chunks) first, then multi-token prefill chunks."""
+    decodes = [s for s in sched.seqs if s.num_new_tokens == 1]
+    prefills = [s for s in sched.seqs if s.num_new_tokens > 1]
+    ordered = decodes + prefills
+    ids, positions, slot_mapping, logit_rows, sample_seqs = [], [], [], [], []
+    prefill_chunks = []
+    t = 0
+    for seq in ordered:
+        start, end = seq.start_pos, seq.start_pos + seq.num_new_tokens
+        ids.extend(seq.request.all_token_ids[start:end])
+        positions.append(torch.arange(start, end, dtype=torch.int64))
+        slot_mapping.append(_slots(seq.block_ids, start, end, block_size))
+        if seq.num_new_tokens > 1:
+            prefill_chunks.append(PrefillChunk(
+                query_start=t, query_len=seq.num_new_tokens, context_len=end,
+                gather_idx=_slots(seq.block_ids, 0, end, block_size).to(device),
+                causal_mask=None if start == 0 else _offset_causal_mask(seq.num_new_tokens, end).to(device)))
+        t += seq.num_new_tokens
+        if seq.do_sample:
+            logit_rows.append(t - 1)
+            sample_seqs.append(seq)
+    meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(device), num_decodes=len(decodes),
+                             prefills=prefill_chunks)
+    if decodes:
+        meta.decode_gather_idx, meta.decode_mask = _decode_tables(decodes, block_size, device)
+    return ModelInputs(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.cat(positions).to(device),
+        meta=meta,
+        logit_indices=torch.tensor(logit_rows, dtype=torch.int64, device=device),
+        sample_seqs=sample_seqs,
+    )
+
+
+def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
+    """[query_len, context_len] bool: query i (at position context_len - query_len + i) sees keys <= it."""
+    q_pos = torch.arange(context_len - query_len, context_len).unsqueeze(1)
+    return torch.arange(context_len).unsqueeze(0) <= q_pos
+
+
+def _decode_tables(decodes: list[ScheduledSeq], block_size: int, device: torch.device):
+    """Gather slots [D, L_max] (padded with slot 0) and mask [D, 1, 1, L_max] for single-token queries."""
+    lens = [s.start_pos + 1 for s in decodes]
+    max_len = max(lens)
+    gather = torch.zeros(len(decodes), max_len, dtype=torch.int64)
+    for i, (seq, n) in enumerate(zip(decodes, lens)):
+        gather[i, :n] = _slots(seq.block_ids, 0, n, block_size)
+    mask = torch.arange(max_len).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)  # [D, L_max]
+    return gather.to(device), mask[:, None, None, :].to(device)

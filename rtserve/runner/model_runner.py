@@ -1,0 +1,77 @@
+"""ModelRunner: owns the model weights and KV tensors; executes one scheduled step.
+
+It reads block ids from the scheduler output and never decides anything about blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from rtserve.config import CacheConfig, ModelConfig
+from rtserve.engine.scheduler_output import RunnerOutput, SchedulerOutput
+from rtserve.model.llama import LlamaForCausalLM
+from rtserve.protocol import TokenLogprob
+from rtserve.runner.input_batch import ModelInputs, prepare_inputs
+from rtserve.sample.sampler import SamplingBatch, make_generator, sample
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * _DTYPES[dtype].itemsize
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int,
+                 weights: dict[str, torch.Tensor], device: str = "cpu", dtype: str = "float32") -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.block_size = cache_config.block_size
+        self.model = LlamaForCausalLM(model_config)
+        self.model.load_hf_weights(weights)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.rope.to(torch.float32)  # keep the cos/sin tables in fp32 whatever the weights are
+        shape = (2, num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        # One [2, num_blocks, block_size, KVH, hd] tensor per layer (0 = K, 1 = V).
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(model_config.num_layers)]
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        inputs = prepare_inputs(sched, self.block_size, self.device)
+        logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
+                            inputs.logit_indices)  # [S, V] fp32
+        if not inputs.sample_seqs:
+            return RunnerOutput()
+        return self._sample(logits, inputs)
+
+    def _sample(self, logits: torch.Tensor, inputs: ModelInputs) -> RunnerOutput:
+        reqs = [s.request for s in inputs.sample_seqs]
+        self._mask_early_stops(logits, reqs)
+        for req in reqs:
+            if req.generator is None and req.sampling_params.seed is not None:
+                req.generator = make_generator(req.sampling_params.seed, self.device)
+        batch = SamplingBatch.build([r.sampling_params for r in reqs], [r.generator for r in reqs], self.device)
+        result = sample(logits, batch)
+        token_ids = result.token_ids.tolist()
+        out = RunnerOutput(sampled_token_ids={r.request_id: t for r, t in zip(reqs, token_ids)})
+        if result.logprobs is not None:
+            lps, lp_ids = result.logprobs.tolist(), result.logprob_token_ids.tolist()
+            for i, req in enumerate(reqs):
+                k = req.sampling_params.logprobs
+                if k is not None:
+                    out.logprobs[req.request_id] = TokenLogprob(
+                        token_id=token_ids[i], logprob=lps[i][0], top_ids=lp_ids[i][1:1 + k],
+                        top_logprobs=lps[i][1:1 + k])
+        return out
+
+    @staticmethod
+    def _mask_early_stops(logits: torch.Tensor, reqs) -> None:
+        """Below min_tokens, EOS and stop token ids cannot be sampled (modifies logits)."""
+        for i, req in enumerate(reqs):
+            params = req.sampling_params
+            if req.num_output_tokens < params.min_tokens:
+                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(req.eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
