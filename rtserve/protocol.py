@@ -88,3 +88,26 @@ class EngineCoreOutputs:
     outputs: list[EngineCoreOutput]
     timestamp: float  # time.monotonic() when the step finished
     stats: EngineStats | None = None
+
+
+@dataclass
+class EngineCoreReady:
+    """Engine core -> API process, once: the model is loaded and the first step can run."""
+
+    vocab_size: int
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class EngineCoreFailed:
+    """Engine core -> API process: the engine cannot continue (load failure or a fatal loop error)."""
+
+    error: str
+
+
+@dataclass
+class EngineCoreShutdown:
+    """API process -> engine core: finish the loop and exit."""

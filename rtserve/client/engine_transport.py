@@ -1,0 +1,72 @@
+"""How the engine client reaches the engine core: a spawned process (default) or a thread.
+
+Both expose the same three calls: `send(msg)`, `recv(timeout_s)` and `is_alive()`. Messages are the
+dataclasses of rtserve.protocol.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+from typing import Any
+
+from rtserve.config import EngineConfig
+from rtserve.protocol import EngineCoreShutdown
+
+
+class ProcessTransport:
+    """The engine core in its own process: it never shares the API process's GIL or event loop."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        ctx = mp.get_context("spawn")
+        self._in: Any = ctx.Queue()
+        self._out: Any = ctx.Queue()
+        from rtserve.engine.core_loop import run_engine_process
+        self._proc = ctx.Process(target=run_engine_process, args=(config, self._in, self._out),
+                                 name="rtserve-engine-core", daemon=True)
+        self._proc.start()
+
+    def send(self, msg: Any) -> None:
+        self._in.put(msg)
+
+    def recv(self, timeout_s: float) -> Any:
+        return self._out.get(timeout=timeout_s)
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._proc.is_alive():
+            self._in.put(EngineCoreShutdown())
+            self._proc.join(timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(1.0)
+
+
+class ThreadTransport:
+    """The engine core on a background thread of this process (tests, embedding)."""
+
+    def __init__(self, config: EngineConfig, make_core=None) -> None:
+        from rtserve.engine.core import EngineCore
+        from rtserve.engine.core_loop import run_engine_loop
+        self._in: queue.Queue = queue.Queue()
+        self._out: queue.Queue = queue.Queue()
+        factory = make_core or (lambda: EngineCore.from_config(config))
+        self._thread = threading.Thread(target=run_engine_loop, args=(factory, self._in, self._out),
+                                        name="rtserve-engine-core", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: Any) -> None:
+        self._in.put(msg)
+
+    def recv(self, timeout_s: float) -> Any:
+        return self._out.get(timeout=timeout_s)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self._in.put(EngineCoreShutdown())
+            self._thread.join(timeout_s)

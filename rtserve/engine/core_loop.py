@@ -1,0 +1,104 @@
+"""The engine core's busy loop, run in its own process (default) or a thread (tests, offline).
+
+It drains typed input messages between steps (new requests join the next step; aborts free their
+blocks before the next step), runs `EngineCore.step()` while there is work, and blocks on the input
+queue when idle. Every message is a dataclass from rtserve.protocol.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+from rtserve.engine.core import EngineCore
+from rtserve.protocol import (EngineCoreAbort, EngineCoreFailed, EngineCoreOutput, EngineCoreOutputs,
+                              EngineCoreReady, EngineCoreRequest, EngineCoreShutdown, FinishReason)
+
+logger = logging.getLogger("rtserve.engine")
+
+
+def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
+                    is_orphaned: Callable[[], bool] = lambda: False) -> None:
+    """Build the core, announce readiness, then serve until EngineCoreShutdown."""
+    try:
+        core = make_core()
+    except Exception as exc:  # noqa: BLE001 - reported to the client, which fails loudly
+        logger.exception("engine core failed to start")
+        out_q.put(EngineCoreFailed(f"engine failed to start: {exc!r}"))
+        return
+    mc = core.model_config
+    out_q.put(EngineCoreReady(vocab_size=mc.vocab_size, max_model_len=core.max_model_len,
+                              num_kv_blocks=core.kv.pool.num_blocks, block_size=core.kv.block_size,
+                              eos_token_ids=tuple(mc.eos_token_ids)))
+    try:
+        _serve(core, in_q, out_q, is_orphaned)
+    except Exception:  # noqa: BLE001
+        logger.exception("engine core loop died")
+        out_q.put(EngineCoreFailed("engine core loop died: " + traceback.format_exc(limit=3)))
+
+
+def _serve(core: EngineCore, in_q: Any, out_q: Any, is_orphaned: Callable[[], bool]) -> None:
+    while True:
+        messages = _drain(in_q, block=not core.has_unfinished, is_orphaned=is_orphaned)
+        if messages is None:
+            logger.warning("engine core: parent process is gone, exiting")
+            return
+        immediate: list[EngineCoreOutput] = []
+        for msg in messages:
+            if isinstance(msg, EngineCoreShutdown):
+                return
+            immediate.extend(_handle(core, msg))
+        if immediate:
+            out_q.put(EngineCoreOutputs(immediate, time.monotonic(), core.stats()))
+        if core.has_unfinished:
+            result = core.step()
+            if result.outputs or result.stats.num_scheduled_tokens:
+                out_q.put(result)
+
+
+def _handle(core: EngineCore, msg: Any) -> list[EngineCoreOutput]:
+    if isinstance(msg, EngineCoreAbort):
+        return core.abort_requests(msg.request_ids)
+    if isinstance(msg, EngineCoreRequest):
+        try:
+            core.add_request(msg)
+        except ValueError as exc:
+            return [EngineCoreOutput(request_id=msg.request_id, new_token_ids=[],
+                                     finish_reason=FinishReason.ERROR, error=str(exc))]
+        return []
+    logger.error("engine core ignoring unknown message %r", type(msg).__name__)
+    return []
+
+
+def _drain(in_q: Any, block: bool, is_orphaned: Callable[[], bool]) -> list[Any] | None:
+    """Everything queued now; when `block`, wait for at least one message. None: parent is gone."""
+    out = []
+    if block:
+        while True:
+            try:
+                out.append(in_q.get(timeout=1.0))
+                break
+            except queue.Empty:
+                if is_orphaned():
+                    return None
+    while True:
+        try:
+            out.append(in_q.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def run_engine_process(config, in_q: Any, out_q: Any) -> None:
+    """Entry point of the engine core process (spawned: no state inherited from the API process)."""
+    import os
+
+    import torch
+
+    parent_pid = os.getppid()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    run_engine_loop(lambda: EngineCore.from_config(config), in_q, out_q,
+                    is_orphaned=lambda: os.getppid() != parent_pid)
