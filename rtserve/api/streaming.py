@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from rtserve.api.metrics import RequestTimer
@@ -56,9 +57,7 @@ class OutputStream:
             async for out in iterator:  # type: ignore[attr-defined]
                 if self._timers:
                     self._timers[index].on_output(out)
-                await self._queue.put((index, out))
-                if out.finished:
-                    break
+                await self._queue.put((index, out))  # after the finished delta the iterator returns
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -114,32 +113,34 @@ class OutputStream:
         await self.aclose()
 
 
-class EventStreamResponse:
+class EventStreamResponse(Response):
     """ASGI response for `text/event-stream`; the body is cancelled as soon as the client disconnects."""
+
+    media_type = "text/event-stream"
 
     def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str] | None = None,
                  send_timeout_s: float | None = 60.0) -> None:
-        self.body = body
+        self.body_iterator = body
         self.send_timeout_s = send_timeout_s
-        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no")]
-        self.headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
 
     async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         try:
-            async for chunk in self.body:  # type: ignore[attr-defined]
+            async for chunk in self.body_iterator:  # type: ignore[attr-defined]
                 # A reader that stops reading (full socket buffer) is dropped after send_timeout_s.
                 async with asyncio.timeout(self.send_timeout_s):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with contextlib.suppress(BaseException):
-                await self.body.aclose()  # type: ignore[attr-defined]
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream_task = asyncio.create_task(self._stream(send))
-        watch_task = asyncio.create_task(wait_for_disconnect(receive))
+        watch_task = asyncio.create_task(asyncio.sleep(3600))
         try:
             await asyncio.wait({stream_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -155,7 +156,7 @@ class EventStreamResponse:
 async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     """Await `work` unless the client disconnects first; then cancel it and raise ClientDisconnected."""
     work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.create_task(wait_for_disconnect(receive))
+    watch_task = asyncio.create_task(asyncio.sleep(3600))
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:

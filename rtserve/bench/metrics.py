@@ -157,7 +157,7 @@ def compute_phase_metrics(records: Sequence[RequestRecord], duration_s: float, r
                        for r in done)
     output_tokens = sum(r.output_tokens for r in done)
     slo_limits = None if limits.is_empty else limits
-    classes = sorted({r.rt_class for r in records})
+    classes = sorted({r.rt_class for r in records}, key=_class_order)
     per_class = {} if classes in ([], ["default"]) else {
         c: class_metrics(c, [r for r in records if r.rt_class == c], duration_s, slo_limits)
         for c in classes}
@@ -195,6 +195,11 @@ def _counts(records: Sequence[RequestRecord]) -> dict[str, int]:
             "num_rejected": statuses.count(RequestStatus.REJECTED),
             "num_errors": statuses.count(RequestStatus.ERROR),
             "num_cancelled": statuses.count(RequestStatus.CANCELLED)}
+
+
+def _class_order(rt_class: str) -> tuple[int, str]:
+    known = ("firm", "soft", "batch", "short", "long")
+    return (known.index(rt_class) if rt_class in known else len(known), rt_class)
 
 
 def _per_s(count: float, duration_s: float) -> float:

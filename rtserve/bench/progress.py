@@ -1,6 +1,7 @@
 """A live one-line progress bar on stderr, redrawn a few times a second by its own task.
 
 It only reads the phase's record list (no per-request hooks), so it costs nothing per token.
+When stderr is not a terminal (CI logs, pipes) only the final line of each phase is written.
 """
 from __future__ import annotations
 
@@ -26,15 +27,19 @@ class ProgressLine:
         self._duration_s = duration_s
         self._stream = stream or sys.stderr
         self._started_at = time.perf_counter()
+        self._is_tty = bool(getattr(self._stream, "isatty", lambda: False)())
 
     async def run(self) -> None:
         """Redraw until cancelled."""
-        while True:
+        while self._is_tty:
             self.draw()
             await asyncio.sleep(_REFRESH_S)
 
     def draw(self, final: bool = False) -> None:
-        self._stream.write("\r" + self.render() + ("\n" if final else ""))
+        if self._is_tty:
+            self._stream.write("\r" + self.render() + "\x1b[K" + ("\n" if final else ""))
+        elif final:
+            self._stream.write(self.render() + "\n")
         self._stream.flush()
 
     def render(self) -> str:

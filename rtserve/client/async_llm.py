@@ -183,8 +183,8 @@ class AsyncLLM:
             self.stats = msg.stats
         for out in msg.outputs:
             q = self._queues.get(out.request_id)
-            if q is None:
-                continue  # already gone (aborted by its consumer)
+            if q is None or out.request_id not in self._processor:
+                continue  # already gone (aborted by its consumer, or stopped by a stop string)
             delta, stopped_by_string = self._processor.process(out)
             q.put_nowait(delta)
             if stopped_by_string and not out.finished:

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from rtserve.config import ModelConfig
 from rtserve.model.loader import expected_shapes, load_model, unpermute_rope_rows
 
+# rms_norm_eps is exact in float32, so it survives the GGUF round trip unchanged.
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, max_position=128, rope_theta=5e4, rms_norm_eps=1e-6,
+                  num_kv_heads=2, head_dim=8, max_position=128, rope_theta=5e4, rms_norm_eps=2.0**-17,
                   tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2, 3))
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -125,7 +126,7 @@ def test_hf_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 128, "rope_theta": 5e4, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128, "rope_theta": 5e4, "rms_norm_eps": 2.0**-17,
         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": [2, 3]}))
     model = load_model(str(tmp_path))
     assert model.config == CFG

@@ -1,0 +1,158 @@
+"""Anthropic-compatible routes: POST /v1/messages (streaming and not) and /v1/messages/count_tokens.
+
+Streaming event order: message_start -> content_block_start -> ping -> content_block_delta* ->
+content_block_stop -> message_delta (cumulative usage) -> message_stop; a `ping` is also sent whenever
+nothing else went out for `ping_interval_s`. After the 200, errors are an `event: error`.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from rtserve.api import schemas_anthropic as A
+from rtserve.api.app import AppState, app_state
+from rtserve.api.errors import ApiError, anthropic_error_body, engine_failure
+from rtserve.api.limits import build_sampling_params, check_request_limits, read_json_body
+from rtserve.api.logging import log_fields
+from rtserve.api.metrics import RequestTimer
+from rtserve.api.prompts import render_chat, text_of
+from rtserve.api.sse import dumps, sse_event
+from rtserve.api.streaming import ClientDisconnected, EventStreamResponse, OutputStream, run_until_disconnect
+from rtserve.sampling_params import SamplingParams
+
+router = APIRouter()
+
+TEXT_BLOCK_TYPES = frozenset({"text", "tool_result"})
+NAMES = {"max_tokens": "max_tokens", "stop": "stop_sequences"}
+
+
+@dataclass
+class MessagesJob:
+    message_id: str
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache_control: bool
+    arrival_s: float
+
+    def start(self, state: AppState) -> OutputStream:
+        iterator = state.engine.generate(self.prompt_ids, self.params, self.message_id)
+        return OutputStream([iterator], [RequestTimer(state.metrics, self.arrival_s)])
+
+    def usage(self, num_cached: int, num_output: int) -> dict[str, Any]:
+        return A.usage_object(len(self.prompt_ids), num_cached, num_output, self.cache_control)
+
+
+def _block_text(content: Any, param: str) -> str:
+    if isinstance(content, list):
+        for i, block in enumerate(content):
+            if block.type == "tool_result" and block.text is None:
+                block.text = block.content if isinstance(block.content, str) else "".join(
+                    b.get("text", "") for b in block.content or [] if isinstance(b, dict))
+    return text_of(content, param, TEXT_BLOCK_TYPES)
+
+
+def prompt_ids_of(tokenizer: Any, req: A.CountTokensRequest) -> list[int]:
+    if not req.messages:
+        raise ApiError(400, "messages: at least one message is required.", param="messages")
+    messages = []
+    if req.system:
+        messages.append({"role": "system", "content": _block_text(req.system, "system")})
+    for i, m in enumerate(req.messages):
+        if m.role not in ("user", "assistant"):
+            raise ApiError(400, f"messages.{i}.role: must be 'user' or 'assistant'.", param=f"messages[{i}].role")
+        messages.append({"role": m.role, "content": _block_text(m.content, f"messages[{i}].content")})
+    return render_chat(tokenizer, messages)
+
+
+async def stream_events(state: AppState, job: MessagesJob, conn: Request) -> AsyncIterator[bytes]:
+    usage = job.usage(0, 0)
+    yield sse_event("message_start", A.message_start(A.message_object(job.message_id, job.model, None, None,
+                                                                        None, usage)))
+    yield sse_event("content_block_start", A.content_block_start(0))
+    yield sse_event("ping", A.PING)
+    outputs = job.start(state)
+    try:
+        last = None
+        while not outputs.is_done:
+            item = await outputs.get(timeout_s=state.settings.ping_interval_s)
+            if item is None:
+                if not outputs.is_done:
+                    yield sse_event("ping", A.PING)
+                continue
+            last = item[1]
+            if last.finish_reason == "error":
+                raise ApiError(500, f"The engine failed this request: {last.error or 'unknown error'}")
+            if last.text:
+                yield sse_event("content_block_delta", A.text_delta(0, last.text))
+        if last is None:
+            raise ApiError(500, "The engine ended the request without output.")
+        stop_reason, stop_sequence = A.stop_reason_of(last.finish_reason, last.stop_reason)
+        usage = job.usage(last.num_cached_tokens, last.num_output_tokens)
+        log_fields(conn, stop_reason=stop_reason, **usage)
+        yield sse_event("content_block_stop", A.content_block_stop(0))
+        yield sse_event("message_delta", A.message_delta(stop_reason, stop_sequence, usage))
+        yield sse_event("message_stop", A.MESSAGE_STOP)
+    except Exception as exc:  # after the 200: the error goes in-band
+        err = exc if isinstance(exc, ApiError) else engine_failure(exc, state.engine.is_dead)
+        log_fields(conn, error=err.message)
+        yield sse_event("error", anthropic_error_body(err))
+    finally:
+        await outputs.aclose()
+
+
+async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
+    text, last = "", None
+    async with job.start(state) as outputs:
+        async for _, out in outputs:
+            text += out.text
+            last = out
+    if last is None or last.finish_reason == "error":
+        raise ApiError(500, f"The engine failed this request: {last.error if last else 'no output'}")
+    stop_reason, stop_sequence = A.stop_reason_of(last.finish_reason, last.stop_reason)
+    return A.message_object(job.message_id, job.model, text, stop_reason, stop_sequence,
+                            job.usage(last.num_cached_tokens, last.num_output_tokens))
+
+
+@router.post("/v1/messages")
+async def messages(request: Request) -> Response:
+    arrival_s, state = time.monotonic(), app_state(request)
+    req = await read_json_body(request, A.MessagesRequest)
+    params = build_sampling_params(
+        NAMES, max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stop_sequences or [])
+    prompt_ids = prompt_ids_of(state.engine.tokenizer, req)
+    check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=NAMES)
+    job = MessagesJob(f"msg_{uuid.uuid4().hex}", req.model or state.model_name, prompt_ids, params,
+                      A.has_cache_control(req), arrival_s)
+    log_fields(request, id=job.message_id, model=job.model, stream=bool(req.stream))
+    if state.engine.is_dead:
+        raise ApiError(503, "The engine is not running.")
+    if req.stream:
+        return EventStreamResponse(stream_events(state, job, request),  # type: ignore[return-value]
+                                   send_timeout_s=state.settings.send_timeout_s)
+    try:
+        body = await run_until_disconnect(request.receive, collect(state, job))
+    except ClientDisconnected:
+        log_fields(request, disconnected=True)
+        return Response(status_code=499)
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise engine_failure(exc, state.engine.is_dead) from exc
+    log_fields(request, **body["usage"])
+    return Response(dumps(body).encode(), media_type="application/json")
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> Response:
+    state = app_state(request)
+    req = await read_json_body(request, A.CountTokensRequest)
+    ids = prompt_ids_of(state.engine.tokenizer, req)
+    return Response(dumps({"input_tokens": len(ids)}).encode(), media_type="application/json")

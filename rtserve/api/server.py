@@ -1,0 +1,118 @@
+"""`rtserve serve`: parse arguments, build the EngineConfig and the app, run uvicorn (uvloop + httptools).
+
+The engine core runs in its own process (the engine client starts it in the app's lifespan, before the
+socket is bound, so /health answers only once the model is loaded).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from rtserve.api.app import ServerSettings, build_app
+from rtserve.api.logging import configure_access_log
+from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, SchedulerConfig
+
+logger = logging.getLogger("rtserve.api")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rtserve serve", description="OpenAI/Anthropic-compatible server.")
+    m = p.add_argument_group("model and engine")
+    m.add_argument("--model", default="", help="GGUF file or HF directory (default: the embedded SmolLM2)")
+    m.add_argument("--served-model-name", nargs="+", default=None, help="model ids to answer to (first is listed)")
+    m.add_argument("--dtype", default=None)
+    m.add_argument("--device", default=None)
+    m.add_argument("--num-threads", type=int, default=None, help="torch threads in the engine process")
+    m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--max-model-len", type=int, default=None)
+    m.add_argument("--max-num-seqs", type=int, default=None)
+    m.add_argument("--max-num-batched-tokens", type=int, default=None)
+    m.add_argument("--block-size", type=int, default=None)
+    m.add_argument("--num-blocks", type=int, default=None)
+    m.add_argument("--kv-cache-bytes", type=int, default=None)
+    m.add_argument("--no-prefix-caching", action="store_true")
+    m.add_argument("--in-process", action="store_true", help="run the engine core on a thread of this process")
+    lim = p.add_argument_group("request limits")
+    lim.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask")
+    lim.add_argument("--max-n", type=int, default=None, help="largest n (choices per request)")
+    lim.add_argument("--max-logprobs", type=int, default=None)
+    lim.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    h = p.add_argument_group("HTTP")
+    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--api-key", default=os.environ.get("RTSERVE_API_KEY"),
+                   help="require this key (Bearer or x-api-key) on every route but /health; default $RTSERVE_API_KEY")
+    h.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive timeout, seconds")
+    h.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn connection cap (plain 503 beyond)")
+    h.add_argument("--backlog", type=int, default=2048)
+    h.add_argument("--timeout-graceful-shutdown", type=int, default=10)
+    h.add_argument("--h11-max-incomplete-event-size", type=int, default=64 * 1024,
+                   help="request line + headers cap (h11 only)")
+    h.add_argument("--http", default="httptools", choices=("httptools", "h11", "auto"))
+    h.add_argument("--loop", default="uvloop", choices=("uvloop", "asyncio", "auto"))
+    h.add_argument("--ping-interval-s", type=float, default=10.0, help="Anthropic SSE ping when idle this long")
+    h.add_argument("--send-timeout-s", type=float, default=60.0, help="drop a stream reader stalled this long")
+    h.add_argument("--ready-timeout-s", type=float, default=10.0)
+    h.add_argument("--log-level", default="info")
+    h.add_argument("--no-access-log", action="store_true")
+    return p
+
+
+def _replace_given(obj, **fields):
+    """dataclasses.replace with only the fields that were given on the command line."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return dataclasses.replace(obj, **given) if given else obj
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    base = EngineConfig()
+    cache = _replace_given(CacheConfig(), block_size=args.block_size, num_blocks=args.num_blocks,
+                           kv_cache_bytes=args.kv_cache_bytes,
+                           enable_prefix_caching=False if args.no_prefix_caching else None)
+    scheduler = _replace_given(SchedulerConfig(), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                               max_num_batched_tokens=args.max_num_batched_tokens)
+    limits = _replace_given(LimitsConfig(), max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
+                            max_logprobs=args.max_logprobs)
+    return _replace_given(base, model=args.model, dtype=args.dtype, device=args.device,
+                          num_threads=args.num_threads, seed=args.seed, cache=cache, scheduler=scheduler,
+                          limits=limits)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(served_model_names=tuple(args.served_model_name or ()), api_key=args.api_key or None,
+                          max_body_bytes=args.max_body_bytes, ping_interval_s=args.ping_interval_s,
+                          send_timeout_s=args.send_timeout_s, ready_timeout_s=args.ready_timeout_s)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from rtserve.client.async_llm import AsyncLLM
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.no_access_log:
+        logging.getLogger("rtserve.access").disabled = True
+    else:
+        configure_access_log(sys.stderr)
+    try:
+        config = engine_config_from_args(args)
+        settings = settings_from_args(args)
+        engine = AsyncLLM(config, in_process=args.in_process)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"rtserve serve: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(engine, settings)
+    uvicorn_config = uvicorn.Config(
+        app, host=args.host, port=args.port, loop=args.loop, http=args.http, ws="websockets-sansio",
+        lifespan="on", access_log=False, log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency, backlog=args.backlog,
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        ws_max_size=max(args.max_body_bytes, 64 * 1024), server_header=False)
+    server = uvicorn.Server(uvicorn_config)
+    server.run()
+    return 0 if server.started else 3

@@ -1,0 +1,149 @@
+"""/v1/realtime WebSocket (text subset of the OpenAI Realtime events) on a real uvicorn, fake engine."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.integration.fake_engine import FakeEngine, LiveServer, build_test_app
+
+RESPONSE_EVENTS = ["response.created", "response.output_item.added", "response.content_part.added"]
+TAIL_EVENTS = ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+               "response.done"]
+
+
+def ws_url(server: LiveServer) -> str:
+    return server.url.replace("http://", "ws://") + "/v1/realtime?model=fake-model"
+
+
+async def recv(ws) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+
+async def recv_until(ws, event_type: str) -> list[dict]:
+    events = []
+    while not events or events[-1]["type"] != event_type:
+        events.append(await recv(ws))
+    return events
+
+
+def user_item(text: str) -> str:
+    return json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+
+
+@pytest.fixture
+def server_and_engine():
+    app, engine = build_test_app(FakeEngine(reply="Hi there.", step_s=0.002))
+    with LiveServer(app) as server:
+        yield server, engine
+
+
+async def test_two_turns_keep_the_conversation(server_and_engine):
+    server, engine = server_and_engine
+    async with connect(ws_url(server)) as ws:
+        created = await recv(ws)
+        assert created["type"] == "session.created" and created["session"]["output_modalities"] == ["text"]
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}}))
+        updated = await recv(ws)
+        assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "Be brief."
+        await ws.send(user_item("hello"))
+        item_created = await recv(ws)
+        assert item_created["type"] == "conversation.item.created" and item_created["previous_item_id"] is None
+        await ws.send(json.dumps({"type": "response.create"}))
+        events = await recv_until(ws, "response.done")
+        types = [e["type"] for e in events]
+        deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+        assert types == RESPONSE_EVENTS + ["response.output_text.delta"] * len(deltas) + TAIL_EVENTS
+        assert "".join(d["delta"] for d in deltas) == "Hi there."
+        assert events[-4]["text"] == "Hi there."
+        done = events[-1]["response"]
+        assert done["status"] == "completed" and done["id"] == events[0]["response"]["id"]
+        assert done["usage"]["output_tokens"] == len("Hi there.") and done["usage"]["input_tokens"] > 0
+        assert done["output"][0]["content"] == [{"type": "output_text", "text": "Hi there."}]
+        assert len({e["event_id"] for e in events}) == len(events)
+
+        await ws.send(user_item("again"))
+        assert (await recv(ws))["previous_item_id"] == done["output"][0]["id"]
+        await ws.send(json.dumps({"type": "response.create"}))
+        second = (await recv_until(ws, "response.done"))[-1]["response"]
+        assert second["status"] == "completed"
+    prompt = engine.tokenizer.decode(engine.prompts[second["id"]])
+    assert prompt.index("Be brief.") < prompt.index("hello") < prompt.index("Hi there.") < prompt.index("again")
+
+
+async def test_cancel_mid_stream_aborts_within_a_step():
+    app, engine = build_test_app(FakeEngine(reply="x" * 5000, step_s=0.01))
+    with LiveServer(app) as server:
+        async with connect(ws_url(server)) as ws:
+            await recv(ws)
+            await ws.send(user_item("go"))
+            await recv(ws)
+            await ws.send(json.dumps({"type": "response.create"}))
+            await recv_until(ws, "response.output_text.delta")
+            t0 = time.monotonic()
+            await ws.send(json.dumps({"type": "response.cancel"}))
+            events = await recv_until(ws, "response.done")
+            latency_s = time.monotonic() - t0
+            assert events[-1]["response"]["status"] == "cancelled"
+            assert [e["type"] for e in events if not e["type"].endswith(".delta")] == TAIL_EVENTS
+            assert latency_s < 0.5
+            assert engine.aborted == engine.started
+            # the session is still usable, with the partial answer in the conversation
+            await ws.send(json.dumps({"type": "response.cancel"}))
+            assert (await recv(ws))["type"] == "error"
+
+
+async def test_bad_events_get_error_events_and_session_survives(server_and_engine):
+    server, engine = server_and_engine
+    async with connect(ws_url(server)) as ws:
+        await recv(ws)
+        for bad, param in [("not json", None), (json.dumps([1]), "type"), (json.dumps({"no": "type"}), "type"),
+                           (json.dumps({"type": "bogus.event", "event_id": "c1"}), "type"),
+                           (json.dumps({"type": "response.cancel"}), "response_id"),
+                           (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "x",
+                                                                                     "content": []}}), "item.role"),
+                           (json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}),
+                            "session.output_modalities"),
+                           (json.dumps({"type": "session.update", "session": {"max_output_tokens": -1}}),
+                            "session.max_output_tokens")]:
+            await ws.send(bad)
+            err = await recv(ws)
+            assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error", err
+            assert err["error"]["param"] == param
+        await ws.send(json.dumps({"type": "response.create"}))  # no user message yet
+        events = await recv_until(ws, "response.done")
+        assert events[-1]["response"]["status"] == "failed"
+        await ws.send(user_item("ok"))
+        await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 2}}))
+        done = (await recv_until(ws, "response.done"))[-1]["response"]
+        assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 2
+
+
+async def test_socket_drop_mid_response_aborts():
+    app, engine = build_test_app(FakeEngine(reply="x" * 5000, step_s=0.01))
+    with LiveServer(app) as server:
+        async with connect(ws_url(server)) as ws:
+            await recv(ws)
+            await ws.send(user_item("go"))
+            await ws.send(json.dumps({"type": "response.create"}))
+            await recv_until(ws, "response.output_text.delta")
+        deadline = time.monotonic() + 3
+        while not engine.aborted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert engine.aborted == engine.started
+
+
+async def test_api_key_on_upgrade():
+    app, _ = build_test_app(FakeEngine(), api_key="k")
+    with LiveServer(app) as server:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws_url(server)):
+                pass
+        assert info.value.response.status_code == 401
+        async with connect(ws_url(server), additional_headers={"Authorization": "Bearer k"}) as ws:
+            assert (await recv(ws))["type"] == "session.created"
