@@ -81,15 +81,78 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class RTClassDefaults:
+    """Budgets a request of one class gets when it does not set them (seconds; None: no budget)."""
+
+    ttft_s: float | None = 0.5
+    itl_s: float | None = 0.05
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "itl_s", "deadline_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"RTClassDefaults.{name} must be positive")
+
+
+@dataclass(frozen=True)
+class RTConfig:
+    """Real-time scheduling: policy, per-class default budgets, admission and backpressure bounds.
+
+    `policy="fcfs"` is today's arrival-order behaviour with no admission control and no expiry (the
+    baseline to compare against); `"deadline"` orders by deadline, sizes prefill chunks to running
+    streams' ITL slack, admits firm requests only if they can make their TTFT, and drops late ones.
+    """
+
+    policy: str = "deadline"
+    firm: RTClassDefaults = field(default_factory=RTClassDefaults)
+    soft: RTClassDefaults = field(default_factory=RTClassDefaults)
+    batch: RTClassDefaults = field(default_factory=lambda: RTClassDefaults(None, None, None))
+    batch_max_wait_s: float = 30.0    # a batch request waits at most this long behind deadline work
+    min_prefill_chunk: int = 16       # prefill tokens per step even when ITL slack is exhausted
+    max_num_waiting: int = 256        # bounded waiting queue (requests) ...
+    max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
+    max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
+    slow_reader_timeout_s: float = 30.0  # a paused stream is aborted after this long
+    cost_prior_s: tuple[float, float, float, float] = (0.005, 0.0005, 0.0001, 0.0)
+    cost_forgetting: float = 0.98     # recursive least squares forgetting factor
+    cost_min_samples: int = 8         # steps measured before predictions are trusted
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("deadline", "fcfs"):
+            raise ValueError("RTConfig.policy must be 'deadline' or 'fcfs'")
+        if min(self.batch_max_wait_s, self.slow_reader_timeout_s) <= 0:
+            raise ValueError("RTConfig timeouts must be positive")
+        if min(self.min_prefill_chunk, self.max_num_waiting, self.max_waiting_tokens,
+               self.max_buffered_outputs, self.cost_min_samples) <= 0:
+            raise ValueError("RTConfig counts must be positive")
+        if not 0.5 <= self.cost_forgetting <= 1.0:
+            raise ValueError("RTConfig.cost_forgetting must be in [0.5, 1]")
+
+    def defaults_for(self, rt_class: str) -> RTClassDefaults:
+        if rt_class not in ("firm", "soft", "batch"):
+            raise ValueError(f"unknown rt class {rt_class!r}")
+        return getattr(self, rt_class)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine core needs; travels to the engine process as a whole."""
 
     model: str = ""  # path to a GGUF file or an HF directory; "" = embedded default model
-    dtype: str = "float32"
+    dtype: str = "float32"  # the reference path's weights/activations/KV (the fast path ignores it)
+    # "auto": a GGUF whose layers are Q4_1 runs the quantized CPU fast path (int4/bf16/int8 kernels
+    # chosen per step shape); anything else, or "none", runs the fp32 reference path (exact vs HF).
+    quantization: str = "auto"
     device: str = "cpu"
     num_threads: int = 0  # 0: leave torch's default
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    rt: RTConfig = field(default_factory=RTConfig)
     weights_cache_dir: str = ""  # "" = ~/.cache/rtserve
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "none"):
+            raise ValueError(f"EngineConfig.quantization must be 'auto' or 'none', got {self.quantization!r}")

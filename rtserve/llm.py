@@ -47,8 +47,9 @@ class GenerationOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "", *, dtype: str = "float32", kv_cache_bytes: int | None = None,
-                 num_blocks: int = 0, block_size: int = 16, enable_prefix_caching: bool = True,
+    def __init__(self, model: str = "", *, dtype: str = "float32", quantization: str = "auto",
+                 kv_cache_bytes: int | None = None, num_blocks: int = 0, block_size: int = 16,
+                 enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int = 8192,
                  weights_cache_dir: str = "", config: EngineConfig | None = None) -> None:
         if config is None:
@@ -56,7 +57,8 @@ class LLM:
                                 enable_prefix_caching=enable_prefix_caching)
             if kv_cache_bytes:
                 cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
-            config = EngineConfig(model=model, dtype=dtype, cache=cache, weights_cache_dir=weights_cache_dir,
+            config = EngineConfig(model=model, dtype=dtype, quantization=quantization, cache=cache,
+                                  weights_cache_dir=weights_cache_dir,
                                   scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len))
         from rtserve.client.async_llm import model_path
         path = model_path(config)

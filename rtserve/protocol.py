@@ -17,6 +17,33 @@ class FinishReason:
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"    # the client went away or asked to cancel
     ERROR = "error"    # the engine failed this request (message in `error`)
+    # A firm request's budget ran out: before its first token (TTFT budget passed while queued or
+    # prefilling; no token was sent) or while streaming (its whole-response deadline_ms passed).
+    # Its KV blocks are freed at once; `error` says which budget and by how much.
+    DEADLINE = "deadline"
+
+
+class RTClass:
+    """Real-time request classes (see rtserve/engine/rt_policy.py for what each one guarantees)."""
+
+    FIRM = "firm"    # refused at once if it cannot make its deadline, dropped if it becomes late
+    SOFT = "soft"    # best effort; misses are counted
+    BATCH = "batch"  # no deadline; fills leftover capacity, never starves forever
+    ALL = (FIRM, SOFT, BATCH)
+
+
+@dataclass
+class RTParams:
+    """A request's latency budgets, in seconds (the API edge converts from milliseconds).
+
+    None means "the server's default for this class" until the engine resolves it (see
+    `rt_policy.resolve_rt`); after resolution None means "no such budget" (batch has none).
+    """
+
+    rt_class: str = RTClass.SOFT
+    ttft_s: float | None = None      # arrival -> first token
+    itl_s: float | None = None       # between consecutive tokens
+    deadline_s: float | None = None  # arrival -> last token (the whole response)
 
 
 @dataclass
@@ -28,6 +55,18 @@ class EngineCoreRequest:
     sampling_params: SamplingParams
     arrival_time: float  # time.monotonic() in the API process
     eos_token_ids: tuple[int, ...] = ()
+    rt: RTParams = field(default_factory=RTParams)
+
+
+@dataclass
+class EngineCorePause:
+    """API process -> engine core: stop (or resume) scheduling these requests; they keep their KV.
+
+    Sent when a stream's output buffer is full because its client stopped reading (backpressure).
+    """
+
+    request_ids: list[str]
+    paused: bool = True
 
 
 @dataclass
@@ -59,6 +98,7 @@ class EngineCoreOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    num_preemptions: int = 0  # cumulative for this request (metrics per class)
 
     @property
     def finished(self) -> bool:
@@ -79,6 +119,33 @@ class EngineStats:
     num_preemptions: int = 0       # cumulative
     step_time_s: float = 0.0
     num_scheduled_tokens: int = 0
+    queue: QueueSnapshot | None = None  # what admission control needs (real-time policy)
+
+
+@dataclass
+class QueueSnapshot:
+    """The scheduler's queue and cost model after a step: enough to predict a new request's TTFT.
+
+    `waiting` holds `(order_key, num_prefill_tokens)` per waiting request in the policy's order.
+    `num_requests_added` counts every EngineCoreRequest the core has received, so the client knows
+    which of the requests it sent are not yet reflected here.
+    """
+
+    timestamp: float
+    policy: str
+    num_requests_added: int
+    waiting: list[tuple[float, int]] = field(default_factory=list)
+    num_running: int = 0
+    num_decodes: int = 0
+    num_running_prefill_tokens: int = 0
+    num_context_tokens: int = 0
+    running_remaining_tokens: list[int] = field(default_factory=list)  # ascending, max_tokens bound
+    max_num_seqs: int = 1
+    prefill_token_budget: int = 1
+    cost_coeffs: tuple[float, ...] = ()
+    cost_calibrated: bool = False
+    cost_mean_abs_error_s: float = 0.0
+    cost_mean_rel_error: float = 0.0
 
 
 @dataclass

@@ -23,8 +23,8 @@ MAX_MESSAGE_CHARS = 500  # never echo unbounded user bytes back
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 499: "client_closed_request", 500: "server_error",
-                503: "server_error", 529: "server_error"}
+                429: "rate_limit_error", 431: "invalid_request_error", 499: "client_closed_request",
+                500: "server_error", 503: "server_error", 529: "server_error"}
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
                    429: "rate_limit_error", 500: "api_error", 503: "api_error", 529: "overloaded_error"}
@@ -102,7 +102,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> ApiError:
 def engine_failure(exc: BaseException, is_dead: bool) -> ApiError:
     """Map an engine-side exception to an API error: bad input 400, dead engine 503, anything else 500."""
     if isinstance(exc, ValueError):
-        return ApiError(400, str(exc), param=param_from_message(str(exc)), code="invalid_value")
+        param = getattr(exc, "param", None) or param_from_message(str(exc))
+        return ApiError(400, str(exc), param=param, code="invalid_value")
     if is_dead or type(exc).__name__ == "EngineDeadError":
         return ApiError(503, f"The engine is not running ({type(exc).__name__}: {exc}).", code="engine_dead")
     return ApiError(500, f"The engine failed this request ({type(exc).__name__}: {exc}).", code="engine_error")

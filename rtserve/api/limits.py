@@ -131,8 +131,8 @@ def check_request_limits(engine: Any, prompt_ids: list[int], params: SamplingPar
                        param=max_tokens_param, code="context_length_exceeded")
     try:
         engine.validate(prompt_ids, params)
-    except ValueError as exc:
-        param = param_from_message(str(exc))
+    except ValueError as exc:  # the engine's InvalidRequest carries `.param`
+        param = getattr(exc, "param", None) or param_from_message(str(exc))
         if param in ("prompt", "prompt_token_ids", "input", "prompt_len"):
             param = prompt_param
         raise ApiError(400, str(exc), param=param_names.get(param, param) if param else None, code="invalid_value")

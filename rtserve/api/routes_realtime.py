@@ -72,9 +72,14 @@ class RealtimeSession:
         await self.send("session.created", session=self.session())
         try:
             while True:
-                raw = await self.ws.receive_text()
-                await self.dispatch(raw)
-        except (WebSocketDisconnect, KeyError, RuntimeError):  # KeyError: a binary frame
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("text") is None:
+                    await self.send_error("Binary frames are not supported: send JSON text events.")
+                    continue
+                await self.dispatch(message["text"])
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: sending on a closed socket
             pass
         finally:
             if self.response_task is not None:

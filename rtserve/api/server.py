@@ -12,6 +12,7 @@ import os
 import sys
 
 from rtserve.api.app import ServerSettings, build_app
+from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
 from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, SchedulerConfig
 
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn connection cap (plain 503 beyond)")
     h.add_argument("--backlog", type=int, default=2048)
     h.add_argument("--timeout-graceful-shutdown", type=int, default=10)
-    h.add_argument("--h11-max-incomplete-event-size", type=int, default=64 * 1024,
-                   help="request line + headers cap (h11 only)")
+    h.add_argument("--max-header-bytes", type=int, default=64 * 1024,
+                   help="request line + headers cap (431 beyond; h11: h11_max_incomplete_event_size)")
+    h.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="a connection must send complete headers within this (httptools)")
     h.add_argument("--http", default="httptools", choices=("httptools", "h11", "auto"))
     h.add_argument("--loop", default="uvloop", choices=("uvloop", "asyncio", "auto"))
     h.add_argument("--ping-interval-s", type=float, default=10.0, help="Anthropic SSE ping when idle this long")
@@ -106,12 +109,13 @@ def main(argv: list[str]) -> int:
         print(f"rtserve serve: {exc}", file=sys.stderr)
         return 2
     app = build_app(engine, settings)
+    http = guarded_httptools(args.max_header_bytes, args.header_timeout_s) if args.http == "httptools" else args.http
     uvicorn_config = uvicorn.Config(
-        app, host=args.host, port=args.port, loop=args.loop, http=args.http, ws="websockets-sansio",
+        app, host=args.host, port=args.port, loop=args.loop, http=http, ws="websockets-sansio",
         lifespan="on", access_log=False, log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency, backlog=args.backlog,
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_incomplete_event_size=args.max_header_bytes,
         ws_max_size=max(args.max_body_bytes, 64 * 1024), server_header=False)
     server = uvicorn.Server(uvicorn_config)
     server.run()

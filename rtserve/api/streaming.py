@@ -140,7 +140,7 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream_task = asyncio.create_task(self._stream(send))
-        watch_task = asyncio.create_task(asyncio.sleep(3600))
+        watch_task = asyncio.create_task(wait_for_disconnect(receive))
         try:
             await asyncio.wait({stream_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -156,7 +156,7 @@ class EventStreamResponse(Response):
 async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     """Await `work` unless the client disconnects first; then cancel it and raise ClientDisconnected."""
     work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.create_task(asyncio.sleep(3600))
+    watch_task = asyncio.create_task(wait_for_disconnect(receive))
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:

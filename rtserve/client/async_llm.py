@@ -4,6 +4,12 @@ Streaming has one shape end to end: each request gets an asyncio.Queue; a reader
 `EngineCoreOutputs` from the engine core and hands them to the event loop, where the output
 processor detokenizes and applies stop strings; `generate()` is an async iterator over those deltas.
 If its consumer stops early (break, aclose, cancellation) the request is aborted in the engine.
+
+Real time: `generate(..., rt=RTParams(...))` resolves the request's budgets, runs admission control
+(rtserve/engine/admission.py) on the engine's latest queue snapshot and raises `AdmissionRejected`
+(with `retry_after_s`) before its first yield, so an API can answer 429/529 before any byte. Each
+stream's buffer is bounded: a consumer that stops reading gets its request paused in the engine
+(it keeps its KV blocks) and, if it does not resume within `slow_reader_timeout_s`, aborted.
 """
 from __future__ import annotations
 
@@ -12,15 +18,19 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from typing import AsyncIterator
 
 from rtserve.client.output_processor import OutputProcessor
 from rtserve.client.outputs import RequestOutput
+from rtserve.client.rt_report import RTTracker
 from rtserve.client.tokenizer import Tokenizer
 from rtserve.config import EngineConfig
+from rtserve.engine.admission import AdmissionDecision, PendingRequest, decide, order_key
+from rtserve.engine.rt_params import resolve_rt
 from rtserve.engine.validation import validate_request
-from rtserve.protocol import (EngineCoreAbort, EngineCoreFailed, EngineCoreOutputs, EngineCoreReady,
-                              EngineCoreRequest, EngineStats)
+from rtserve.protocol import (EngineCoreAbort, EngineCoreFailed, EngineCoreOutputs, EngineCorePause,
+                              EngineCoreReady, EngineCoreRequest, EngineStats, FinishReason, RTParams)
 from rtserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("rtserve.client")
@@ -28,6 +38,20 @@ logger = logging.getLogger("rtserve.client")
 
 class EngineDeadError(RuntimeError):
     """The engine core process is gone; no request can be served."""
+
+
+class AdmissionRejected(RuntimeError):
+    """Refused on arrival (queue full, or a firm request predicted to miss its budget); nothing was sent.
+
+    `reason` is "queue_full", "ttft" or "deadline"; `retry_after_s` is the predicted wait.
+    """
+
+    def __init__(self, decision: AdmissionDecision, rt_class: str) -> None:
+        super().__init__(decision.message)
+        self.reason = decision.reason
+        self.retry_after_s = decision.retry_after_s
+        self.predicted_ttft_s = decision.predicted_ttft_s
+        self.rt_class = rt_class
 
 
 def model_path(config: EngineConfig) -> str:
@@ -70,6 +94,13 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
+        self.rt_config = config.rt
+        self._num_sent = 0  # EngineCoreRequests sent; compared with QueueSnapshot.num_requests_added
+        self._pending: deque[PendingRequest] = deque()  # sent, not yet reflected in a snapshot
+        self._trackers: dict[str, RTTracker] = {}
+        self._paused: dict[str, asyncio.TimerHandle] = {}  # slow readers -> their abort timer
+        # Optional observer (the API's per-class metrics): on_rejected(rt_class, reason), on_finished(report)
+        self.rt_listener = None
 
     async def start(self, timeout_s: float = 300.0) -> None:
         """Start the engine core and wait until its model is loaded."""
@@ -111,30 +142,83 @@ class AsyncLLM:
         validate_request(prompt_token_ids, params, max_model_len=self.max_model_len,
                          vocab_size=self.vocab_size, limits=self.limits)
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    def admit(self, rt: RTParams, arrival_s: float, num_prompt_tokens: int) -> AdmissionDecision:
+        """Admission decision for a request with resolved budgets (microseconds; no engine round trip)."""
+        snap = self.stats.queue
+        if snap is not None:
+            while self._pending and self._pending[0].seq <= snap.num_requests_added:
+                self._pending.popleft()
+        return decide(self.rt_config, snap, list(self._pending), rt, arrival_s, num_prompt_tokens,
+                      time.monotonic())
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       rt: RTParams | None = None, arrival_s: float | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas; raises InvalidRequest, AdmissionRejected or EngineDeadError before any yield."""
         self.validate(prompt_token_ids, params)
+        rt = resolve_rt(rt, self.rt_config)
         if self.is_dead:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        arrival_s = time.monotonic() if arrival_s is None else arrival_s
+        decision = self.admit(rt, arrival_s, len(prompt_token_ids))
+        if not decision.admitted:
+            if self.rt_listener is not None:
+                self.rt_listener.on_rejected(rt.rt_class, decision.reason)
+            raise AdmissionRejected(decision, rt.rt_class)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
+        self._trackers[request_id] = RTTracker(rt, arrival_s)
         self._processor.add_request(request_id, prompt_token_ids, params)
-        self._transport.send(EngineCoreRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
+        self._num_sent += 1
+        policy = self.stats.queue.policy if self.stats.queue is not None else self.rt_config.policy
+        self._pending.append(PendingRequest(self._num_sent, order_key(policy, rt, arrival_s, self.rt_config),
+                                            len(prompt_token_ids)))
+        self._transport.send(EngineCoreRequest(request_id, list(prompt_token_ids), params, arrival_s, rt=rt))
         finished = False
         try:
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
+                self._maybe_resume(request_id, q)
                 finished = item.finished
                 yield item
         finally:
             self._queues.pop(request_id, None)
+            self._trackers.pop(request_id, None)
+            timer = self._paused.pop(request_id, None)
+            if timer is not None:
+                timer.cancel()
             self._processor.remove(request_id)
             if not finished and not self.is_dead:
                 self._transport.send(EngineCoreAbort([request_id]))
+
+    def _maybe_resume(self, request_id: str, q: asyncio.Queue) -> None:
+        """The consumer is reading again: resume a paused request once its buffer is half drained."""
+        if request_id in self._paused and q.qsize() <= self.rt_config.max_buffered_outputs // 2:
+            self._paused.pop(request_id).cancel()
+            if not self.is_dead:
+                self._transport.send(EngineCorePause([request_id], paused=False))
+
+    def _pause_slow_reader(self, request_id: str) -> None:
+        self._paused[request_id] = self._loop.call_later(
+            self.rt_config.slow_reader_timeout_s, self._abort_slow_reader, request_id)
+        self._transport.send(EngineCorePause([request_id], paused=True))
+
+    def _abort_slow_reader(self, request_id: str) -> None:
+        """Paused too long: abort in the engine (frees KV) and end the stream after what is buffered."""
+        self._paused.pop(request_id, None)
+        q = self._queues.get(request_id)
+        if q is None or request_id not in self._processor:
+            return
+        self._processor.remove(request_id)
+        self._transport.send(EngineCoreAbort([request_id]))
+        limit_s = self.rt_config.slow_reader_timeout_s
+        logger.warning("request %s aborted: its client read nothing for %.0f s", request_id, limit_s)
+        q.put_nowait(RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
+                                   error=f"slow reader: the client stopped reading for {limit_s:.0f} s"))
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._queues and not self.is_dead:
@@ -186,9 +270,24 @@ class AsyncLLM:
             if q is None or out.request_id not in self._processor:
                 continue  # already gone (aborted by its consumer, or stopped by a stop string)
             delta, stopped_by_string = self._processor.process(out)
+            self._track(delta, out.num_preemptions)
             q.put_nowait(delta)
             if stopped_by_string and not out.finished:
                 self._transport.send(EngineCoreAbort([out.request_id]))
+            elif (not delta.finished and q.qsize() >= self.rt_config.max_buffered_outputs
+                  and out.request_id not in self._paused):
+                self._pause_slow_reader(out.request_id)
+
+    def _track(self, delta: RequestOutput, num_preemptions: int) -> None:
+        tracker = self._trackers.get(delta.request_id)
+        if tracker is None:
+            return
+        now = time.monotonic()
+        tracker.on_tokens(len(delta.token_ids), now)
+        if delta.finished:
+            delta.rt = tracker.finish(now, delta.finish_reason, num_preemptions)
+            if self.rt_listener is not None:
+                self.rt_listener.on_finished(delta.rt, now)
 
     def _mark_dead(self, reason: str) -> None:
         if self.is_dead:

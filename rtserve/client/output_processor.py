@@ -90,8 +90,10 @@ class OutputProcessor:
         )
         if delta.matched is not None:
             result.finish_reason, result.stop_reason = FinishReason.STOP, delta.matched
-        elif out.error is not None:
-            result.finish_reason, result.stop_reason = FinishReason.ERROR, None
+        elif out.error is not None:  # a deadline drop carries its reason in `error` but is no failure
+            is_deadline = out.finish_reason == FinishReason.DEADLINE
+            result.finish_reason = FinishReason.DEADLINE if is_deadline else FinishReason.ERROR
+            result.stop_reason = None
         elif out.finished:
             result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
         result.finished = result.finish_reason is not None

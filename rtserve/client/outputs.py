@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rtserve.client.rt_report import RTReport
 from rtserve.protocol import TokenLogprob
 
 
@@ -25,3 +26,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    rt: RTReport | None = None  # on the finished delta only: budgets, measured TTFT/ITL, misses

@@ -9,12 +9,14 @@ import logging
 import time
 
 from rtserve.config import EngineConfig, ModelConfig
+from rtserve.engine.cost_model import StepCostModel
 from rtserve.engine.request import Request
+from rtserve.engine.rt_policy import make_policy, resolve_rt
 from rtserve.engine.scheduler import Scheduler
 from rtserve.engine.validation import validate_request
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats,
-                              FinishReason)
+                              FinishReason, QueueSnapshot)
 from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger("rtserve.engine")
@@ -32,19 +34,31 @@ class EngineCore:
             logger.warning("KV cache holds %d tokens, less than the context length %d",
                            num_blocks * cache.block_size, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        rt = config.rt
+        self.cost_model = StepCostModel(rt.cost_prior_s, rt.cost_forgetting, rt.cost_min_samples)
+        self.policy = make_policy(rt, self.cost_model)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.policy)
         self.runner = ModelRunner(model_config, cache, num_blocks, weights, config.device, config.dtype)
         self._last_step_s = 0.0
         self._last_num_tokens = 0
+        self.num_requests_added = 0  # every request received, accepted or not (see QueueSnapshot)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
         from rtserve.model.loader import default_model_path, load_model
-        loaded = load_model(config.model or default_model_path(), config.weights_cache_dir)
+        from rtserve.model.quantized_loader import load_fast_checkpoint
+        path = config.model or default_model_path()
+        if config.quantization == "auto" and config.device == "cpu":
+            fast = load_fast_checkpoint(path, config.weights_cache_dir)
+            if fast is not None:
+                return cls(config, fast.config, fast)
+        loaded = load_model(path, config.weights_cache_dir)
         return cls(config, loaded.config, loaded.weights)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         """Validate and queue; raises ValueError (InvalidRequest) naming the parameter."""
+        self.num_requests_added += 1
+        rt = resolve_rt(req.rt, self.config.rt)
         validate_request(req.prompt_token_ids, req.sampling_params, max_model_len=self.max_model_len,
                          vocab_size=self.model_config.vocab_size, limits=self.config.limits)
         if len(req.prompt_token_ids) > self.kv.pool.num_blocks * self.kv.block_size:
@@ -52,20 +66,28 @@ class EngineCore:
         self.scheduler.add_request(Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, arrival_time=req.arrival_time,
-            eos_token_ids=tuple(req.eos_token_ids or self.model_config.eos_token_ids)))
+            eos_token_ids=tuple(req.eos_token_ids or self.model_config.eos_token_ids), rt=rt))
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
+
+    def expire_requests(self) -> list[EngineCoreOutput]:
+        """Drop requests whose deadline passed (deadline policy, firm class); frees their blocks."""
+        return self.scheduler.expire()
+
+    def pause_requests(self, request_ids: list[str], paused: bool) -> None:
+        self.scheduler.set_paused(request_ids, paused)
 
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
     def step(self) -> EngineCoreOutputs:
+        start = time.monotonic()
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self._last_num_tokens = 0
             return EngineCoreOutputs([], time.monotonic(), self.stats())
-        start = time.monotonic()
         try:
             result = self.runner.execute(sched)
         except Exception as exc:  # noqa: BLE001 - a step fault fails its requests, not the engine
@@ -76,6 +98,7 @@ class EngineCore:
             outputs = self.scheduler.update(sched, result)
         now = time.monotonic()
         self._last_step_s, self._last_num_tokens = now - start, sched.num_scheduled_tokens
+        self.cost_model.observe(sched.step_features, now - start)
         return EngineCoreOutputs(outputs, now, self.stats())
 
     def stats(self) -> EngineStats:
@@ -84,4 +107,30 @@ class EngineCore:
             kv_usage=self.kv.usage, num_free_blocks=self.kv.num_free_blocks,
             num_total_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits, num_preemptions=self.scheduler.num_preemptions,
-            step_time_s=self._last_step_s, num_scheduled_tokens=self._last_num_tokens)
+            step_time_s=self._last_step_s, num_scheduled_tokens=self._last_num_tokens,
+            queue=self.queue_snapshot())
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        """What admission control in the engine client needs to predict a new request's TTFT."""
+        sched, now = self.scheduler, time.monotonic()
+        running = [r for r in sched.running if not r.is_paused]
+        num_decodes = sum(1 for r in running if r.num_remaining_prefill_tokens == 0)
+        budget = self.config.scheduler.max_num_batched_tokens
+        model = self.cost_model
+        return QueueSnapshot(
+            timestamp=now, policy=self.policy.name, num_requests_added=self.num_requests_added,
+            waiting=[(self.policy.order_key(r), r.num_remaining_prefill_tokens + 1) for r in sched.waiting],
+            num_running=len(sched.running), num_decodes=num_decodes,
+            num_running_prefill_tokens=sum(r.num_remaining_prefill_tokens for r in running),
+            num_context_tokens=sum(r.num_computed_tokens for r in running),
+            running_remaining_tokens=sorted(self._remaining_tokens(r) for r in sched.running),
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            prefill_token_budget=max(self.policy.prefill_token_budget(running, now, budget - num_decodes), 1),
+            cost_coeffs=model.coeffs, cost_calibrated=model.is_calibrated,
+            cost_mean_abs_error_s=model.mean_abs_error_s, cost_mean_rel_error=model.mean_rel_error)
+
+    def _remaining_tokens(self, req: Request) -> int:
+        limit = self.max_model_len - req.num_prompt_tokens
+        if req.sampling_params.max_tokens is not None:
+            limit = min(limit, req.sampling_params.max_tokens)
+        return max(limit - req.num_output_tokens, 0)

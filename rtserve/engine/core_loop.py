@@ -1,7 +1,8 @@
 """The engine core's busy loop, run in its own process (default) or a thread (tests, offline).
 
 It drains typed input messages between steps (new requests join the next step; aborts free their
-blocks before the next step), runs `EngineCore.step()` while there is work, and blocks on the input
+blocks before the next step), drops requests whose deadline passed (before each step, so a late
+request never costs a step), runs `EngineCore.step()` while there is work, and blocks on the input
 queue when idle. Every message is a dataclass from rtserve.protocol.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Callable
 
 from rtserve.engine.core import EngineCore
 from rtserve.protocol import (EngineCoreAbort, EngineCoreFailed, EngineCoreOutput, EngineCoreOutputs,
-                              EngineCoreReady, EngineCoreRequest, EngineCoreShutdown, FinishReason)
+                              EngineCorePause, EngineCoreReady, EngineCoreRequest, EngineCoreShutdown,
+                              FinishReason)
 
 logger = logging.getLogger("rtserve.engine")
 
@@ -34,14 +36,19 @@ def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
                               eos_token_ids=tuple(mc.eos_token_ids)))
     try:
         _serve(core, in_q, out_q, is_orphaned)
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 - whatever kills the loop is reported, never silent
         logger.exception("engine core loop died")
         out_q.put(EngineCoreFailed("engine core loop died: " + traceback.format_exc(limit=3)))
 
 
+_STALLED_POLL_S = 0.01  # every unfinished request is paused (slow readers): poll, don't spin
+
+
 def _serve(core: EngineCore, in_q: Any, out_q: Any, is_orphaned: Callable[[], bool]) -> None:
+    stalled = False
     while True:
-        messages = _drain(in_q, block=not core.has_unfinished, is_orphaned=is_orphaned)
+        messages = _drain(in_q, block=not core.has_unfinished, is_orphaned=is_orphaned,
+                          wait_s=_STALLED_POLL_S if stalled else 0.0)
         if messages is None:
             logger.warning("engine core: parent process is gone, exiting")
             return
@@ -50,17 +57,23 @@ def _serve(core: EngineCore, in_q: Any, out_q: Any, is_orphaned: Callable[[], bo
             if isinstance(msg, EngineCoreShutdown):
                 return
             immediate.extend(_handle(core, msg))
+        if core.has_unfinished:
+            immediate.extend(core.expire_requests())
         if immediate:
             out_q.put(EngineCoreOutputs(immediate, time.monotonic(), core.stats()))
         if core.has_unfinished:
             result = core.step()
-            if result.outputs or result.stats.num_scheduled_tokens:
+            stalled = not (result.outputs or result.stats.num_scheduled_tokens)
+            if not stalled:
                 out_q.put(result)
 
 
 def _handle(core: EngineCore, msg: Any) -> list[EngineCoreOutput]:
     if isinstance(msg, EngineCoreAbort):
         return core.abort_requests(msg.request_ids)
+    if isinstance(msg, EngineCorePause):
+        core.pause_requests(msg.request_ids, msg.paused)
+        return []
     if isinstance(msg, EngineCoreRequest):
         try:
             core.add_request(msg)
@@ -72,9 +85,17 @@ def _handle(core: EngineCore, msg: Any) -> list[EngineCoreOutput]:
     return []
 
 
-def _drain(in_q: Any, block: bool, is_orphaned: Callable[[], bool]) -> list[Any] | None:
-    """Everything queued now; when `block`, wait for at least one message. None: parent is gone."""
+def _drain(in_q: Any, block: bool, is_orphaned: Callable[[], bool], wait_s: float = 0.0) -> list[Any] | None:
+    """Everything queued now; when `block`, wait for at least one message. None: parent is gone.
+
+    With `wait_s` > 0 (and not `block`), wait up to that long for a first message.
+    """
     out = []
+    if wait_s > 0 and not block:
+        try:
+            out.append(in_q.get(timeout=wait_s))
+        except queue.Empty:
+            pass
     if block:
         while True:
             try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rtserve.kv.hashing import BlockHash
-from rtserve.protocol import TokenLogprob
+from rtserve.protocol import RTClass, RTParams, TokenLogprob
 from rtserve.sampling_params import SamplingParams
 
 
@@ -35,6 +35,10 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
+    rt: RTParams = field(default_factory=RTParams)  # resolved budgets (rt_policy.resolve_rt)
+    first_token_time: float | None = None  # time.monotonic() when the first token was sampled
+    last_token_time: float | None = None
+    is_paused: bool = False  # its client stopped reading: not scheduled, keeps its blocks
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -55,6 +59,34 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def append_output_token(self, token_id: int) -> None:
+    @property
+    def is_firm(self) -> bool:
+        return self.rt.rt_class == RTClass.FIRM
+
+    @property
+    def ttft_deadline(self) -> float | None:
+        return None if self.rt.ttft_s is None else self.arrival_time + self.rt.ttft_s
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.rt.deadline_s is None else self.arrival_time + self.rt.deadline_s
+
+    @property
+    def next_token_deadline(self) -> float | None:
+        """When the next token is due: the TTFT deadline before the first token, then last + ITL."""
+        if self.last_token_time is None:
+            return self.ttft_deadline
+        return None if self.rt.itl_s is None else self.last_token_time + self.rt.itl_s
+
+    @property
+    def num_remaining_prefill_tokens(self) -> int:
+        """Tokens to compute before the next token can be sampled, minus the one a decode costs."""
+        return max(self.num_tokens - self.num_computed_tokens - 1, 0)
+
+    def append_output_token(self, token_id: int, now: float | None = None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if now is not None:
+            if self.first_token_time is None:
+                self.first_token_time = now
+            self.last_token_time = now

@@ -6,34 +6,34 @@ order; then waiting requests are admitted (with their prefix-cache hit) while bu
 and KV blocks allow. When blocks run out, a victim chosen by `pick_victim` is preempted: its blocks
 are freed and it returns to the front of the waiting queue to be recomputed later (its generated
 tokens are kept and become part of the recomputed prefix).
+
+Real-time decisions are not made here: a policy object (rtserve/engine/rt_policy.py) orders the
+waiting and running requests, caps each step's prefill tokens, picks preemption victims and names
+requests whose deadline passed (`expire`). Paused requests (a slow reader) keep their blocks but
+are not scheduled.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable, Iterable
 
 from rtserve.config import SchedulerConfig
 from rtserve.engine.request import Request, RequestStatus
+from rtserve.engine.rt_policy import FCFSPolicy
 from rtserve.engine.scheduler_output import RunnerOutput, ScheduledSeq, SchedulerOutput
 from rtserve.engine.stop_check import check_stop
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import EngineCoreOutput, FinishReason
 
-VictimPolicy = Callable[[list[Request]], Request]
-
-
-def last_admitted_victim(candidates: list[Request]) -> Request:
-    """Default policy: preempt the most recently admitted request (FCFS order)."""
-    return candidates[-1]
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 pick_victim: VictimPolicy = last_admitted_victim) -> None:
+                 policy=None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.pick_victim = pick_victim
+        self.policy = policy or FCFSPolicy()
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -50,29 +50,46 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
+        now = self.clock()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self.policy.order_running(self.running, now)
+        self.policy.order_waiting(self.waiting, now)
+        # Prefill chunks share the token budget with decodes and are further capped by the policy.
+        prefill_budget = self.policy.prefill_token_budget(self.running, now, budget)
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(req, num_new, idx, out):
+            if req.is_paused:
+                idx += 1
+                continue
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
+            if num_new <= 0:
+                idx += 1
+                continue
+            if not self._allocate_or_preempt(req, num_new, idx, out, now):
                 continue  # req itself was preempted; running[idx] is now the next one
             out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
             budget -= num_new
+            prefill_budget -= num_new if num_new > 1 else 0
             idx += 1
         if not out.preempted_ids:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, budget, prefill_budget)
         return out
 
-    def _chunk(self, num_remaining: int, budget: int) -> int:
+    def _chunk(self, num_remaining: int, budget: int, prefill_budget: int) -> int:
+        """Tokens to compute this step: a decode (1) always fits the budget; a prefill chunk is capped."""
+        if num_remaining == 1:
+            return min(1, budget)
         limit = self.config.long_prefill_token_threshold
-        return min(num_remaining, budget, limit) if limit > 0 else min(num_remaining, budget)
+        num = min(num_remaining, budget, max(prefill_budget, 0))
+        return min(num, limit) if limit > 0 else num
 
-    def _allocate_or_preempt(self, req: Request, num_new: int, idx: int, out: SchedulerOutput) -> bool:
+    def _allocate_or_preempt(self, req: Request, num_new: int, idx: int, out: SchedulerOutput,
+                             now: float) -> bool:
         """Allocate for `req`, preempting unscheduled running requests (running[idx:]) as needed."""
         while not self.kv.allocate_slots(req, num_new):
-            victim = self.pick_victim(self.running[idx:])
+            victim = self.policy.pick_victim(self.running[idx:], now)
             self._preempt(victim)
             out.preempted_ids.append(victim.request_id)
             if victim is req:
@@ -88,14 +105,17 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            hit_blocks, num_cached = self.kv.get_computed_blocks(req)
-            num_new = self._chunk(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(req, num_new, hit_blocks):
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, prefill_budget: int) -> None:
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            self.waiting.popleft()
+            if req.is_paused:
+                continue
+            hit_blocks, num_cached = self.kv.get_computed_blocks(req)
+            num_new = self._chunk(req.num_tokens - num_cached, budget, prefill_budget)
+            if num_new <= 0 or not self.kv.allocate_slots(req, num_new, hit_blocks):
+                break
+            self.waiting.remove(req)
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
@@ -103,10 +123,26 @@ class Scheduler:
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, num_cached, num_new, self.kv.block_ids(req.request_id)))
             budget -= num_new
+            prefill_budget -= num_new if num_new > 1 else 0
+
+    def expire(self) -> list[EngineCoreOutput]:
+        """Finish (FinishReason.DEADLINE) every request the policy says became late; frees blocks at once."""
+        now = self.clock()
+        outputs = []
+        for req, error in self.policy.expired([*self.waiting, *self.running], now):
+            outputs.extend(self.finish_requests([req.request_id], FinishReason.DEADLINE, error))
+        return outputs
+
+    def set_paused(self, request_ids: Iterable[str], paused: bool) -> None:
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                req.is_paused = paused
 
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Advance token counts, append sampled tokens, finish stopped requests."""
         outputs = []
+        now = self.clock()
         for seq in sched.seqs:
             req = seq.request
             if req.is_finished:
@@ -116,7 +152,7 @@ class Scheduler:
             if token_id is None:
                 self.kv.cache_blocks(req)
                 continue
-            req.append_output_token(token_id)
+            req.append_output_token(token_id, now)
             logprob = result.logprobs.get(req.request_id)
             finish_reason, stop_reason = check_stop(req, self.max_model_len)
             self.kv.cache_blocks(req)
@@ -155,7 +191,8 @@ class Scheduler:
     def _output(req: Request, token_ids: list[int], logprobs) -> EngineCoreOutput:
         return EngineCoreOutput(
             request_id=req.request_id, new_token_ids=token_ids, new_logprobs=logprobs,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_preemptions=req.num_preemptions)
 
 
-__all__ = ["Scheduler", "last_admitted_victim", "FinishReason"]
+__all__ = ["Scheduler", "FinishReason"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rtserve.engine.cost_model import StepFeatures
 from rtserve.engine.request import Request
 from rtserve.protocol import TokenLogprob
 
@@ -34,6 +35,14 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    @property
+    def step_features(self) -> StepFeatures:
+        """What the cost model sees: one-token sequences are decodes, the rest prefill chunks."""
+        num_decodes = sum(1 for s in self.seqs if s.num_new_tokens == 1)
+        return StepFeatures(num_decodes=num_decodes,
+                            num_prefill_tokens=self.num_scheduled_tokens - num_decodes,
+                            num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs))
 
 
 @dataclass

@@ -59,10 +59,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, KVH, D]
     v_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    return paged_attention_slots(q, k, v, k_slots, v_slots, meta, scale)
+
+
+def paged_attention_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor,
+                          v_slots: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """`paged_attention` on slot views [num_slots, KVH, D] of the K and V caches (modified in place)."""
     k_slots.index_copy_(0, meta.slot_mapping, k)
     v_slots.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
     d = meta.num_decodes
+    if d == q.shape[0] and meta.decode_slot_range is not None:
+        # One decode whose slots are consecutive: attend to a slice of the cache, no gather, no mask.
+        start, end = meta.decode_slot_range
+        kd = k_slots[start:end].transpose(0, 1).unsqueeze(0)     # [1, KVH, L, hd]
+        vd = v_slots[start:end].transpose(0, 1).unsqueeze(0)
+        od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, scale=scale, enable_gqa=True)
+        return od.view(q.shape)
+    out = torch.empty_like(q)
     if d:
         qd = q[:d].unsqueeze(2)                                  # [D, H, 1, hd]
         kd = k_slots[meta.decode_gather_idx].transpose(1, 2)     # [D, KVH, L, hd]

@@ -34,4 +34,7 @@ class AttentionMetadata:
     num_decodes: int = 0                 # D: the first D tokens are single-token decodes
     decode_gather_idx: torch.Tensor | None = None  # [D, L_max] int64 slots (padding: 0)
     decode_mask: torch.Tensor | None = None        # [D, 1, 1, L_max] bool (True = attend)
+    # When D == 1 and that sequence's slots are consecutive: [start, end) of them (attention slices
+    # the cache instead of gathering it). None otherwise.
+    decode_slot_range: tuple[int, int] | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)

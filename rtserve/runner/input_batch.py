@@ -51,6 +51,8 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
                              prefills=prefill_chunks)
     if decodes:
         meta.decode_gather_idx, meta.decode_mask = _decode_tables(decodes, block_size, device)
+        if len(decodes) == 1:
+            meta.decode_slot_range = _consecutive_slots(decodes[0], block_size)
     return ModelInputs(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.cat(positions).to(device),
@@ -75,3 +77,13 @@ def _decode_tables(decodes: list[ScheduledSeq], block_size: int, device: torch.d
         gather[i, :n] = _slots(seq.block_ids, 0, n, block_size)
     mask = torch.arange(max_len).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)  # [D, L_max]
     return gather.to(device), mask[:, None, None, :].to(device)
+
+
+def _consecutive_slots(seq: ScheduledSeq, block_size: int) -> tuple[int, int] | None:
+    """[start, end) slots of a decode's context when its blocks are consecutive ids, else None."""
+    num_blocks = -(-(seq.start_pos + 1) // block_size)
+    ids = seq.block_ids[:num_blocks]
+    if ids[-1] - ids[0] != num_blocks - 1 or any(b - a != 1 for a, b in zip(ids, ids[1:])):
+        return None
+    start = ids[0] * block_size
+    return start, start + seq.start_pos + 1

@@ -8,7 +8,9 @@ import torch
 
 from rtserve.config import CacheConfig, ModelConfig
 from rtserve.engine.scheduler_output import RunnerOutput, SchedulerOutput
+from rtserve.model.fast_llama import FastLlamaForCausalLM
 from rtserve.model.llama import LlamaForCausalLM
+from rtserve.model.quantized_loader import FastCheckpoint
 from rtserve.protocol import TokenLogprob
 from rtserve.runner.input_batch import ModelInputs, prepare_inputs
 from rtserve.sample.sampler import SamplingBatch, make_generator, sample
@@ -21,26 +23,40 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
 
 
 class ModelRunner:
+    """`weights`: HF-named fp32 tensors (the reference `LlamaForCausalLM`, in `dtype`), or a
+    `FastCheckpoint` (the quantized CPU fast path; fp32 KV cache, `dtype` is ignored)."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int,
-                 weights: dict[str, torch.Tensor], device: str = "cpu", dtype: str = "float32") -> None:
+                 weights: "dict[str, torch.Tensor] | FastCheckpoint", device: str = "cpu",
+                 dtype: str = "float32") -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
+        self.is_fast_path = isinstance(weights, FastCheckpoint)
+        self.dtype = torch.float32 if self.is_fast_path else _DTYPES[dtype]
         self.block_size = cache_config.block_size
-        self.model = LlamaForCausalLM(model_config)
-        self.model.load_hf_weights(weights)
-        self.model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.rope.to(torch.float32)  # keep the cos/sin tables in fp32 whatever the weights are
+        if self.is_fast_path:
+            if self.device.type != "cpu":
+                raise ValueError("the quantized fast path runs on the CPU only (use quantization='none')")
+            self.model = FastLlamaForCausalLM(model_config, weights.tensors)
+        else:
+            self.model = LlamaForCausalLM(model_config)
+            self.model.load_hf_weights(weights)
+            self.model.to(device=self.device, dtype=self.dtype).eval()
+            self.model.rope.to(torch.float32)  # keep the cos/sin tables in fp32 whatever the weights are
         shape = (2, num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         # One [2, num_blocks, block_size, KVH, hd] tensor per layer (0 = K, 1 = V).
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(model_config.num_layers)]
+        slots = (-1, model_config.num_kv_heads, model_config.head_dim)
+        # The fast path takes per-layer (K, V) views [num_slots, KVH, hd] of the same storage.
+        self._kv_slots = [(c[0].view(slots), c[1].view(slots)) for c in self.kv_caches]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         inputs = prepare_inputs(sched, self.block_size, self.device)
-        logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
+        kv = self._kv_slots if self.is_fast_path else self.kv_caches
+        logits = self.model(inputs.input_ids, inputs.positions, kv, inputs.meta,
                             inputs.logit_indices)  # [S, V] fp32
         if not inputs.sample_seqs:
             return RunnerOutput()

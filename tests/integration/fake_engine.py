@@ -170,7 +170,7 @@ def asgi_client(app, **kwargs):
 class LiveServer:
     """A real uvicorn (httptools) server on 127.0.0.1 in a background thread, for socket-level tests."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, http="httptools") -> None:
         import socket
         import threading
 
@@ -179,7 +179,7 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="asyncio", http=http,
                                 log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

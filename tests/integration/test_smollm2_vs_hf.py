@@ -1,5 +1,6 @@
 """Greedy decoding on the real SmolLM2-135M-Instruct is token-identical to Hugging Face transformers
-(same GGUF, dequantized, fp32): each prompt alone, all batched together, and again with prefix-cache
+(same GGUF, dequantized, fp32 -- `quantization="none"`, the reference mode, not the default fast
+path): each prompt alone, all batched together, and again with prefix-cache
 hits and with forced preemption. fp32 is the reference mode; if a kernel difference ever flips a
 near-tie, the assertion message shows where (each token must then be in the other's top-5)."""
 import os
@@ -18,7 +19,7 @@ SYSTEM = ("You are a meticulous assistant. Answer briefly, cite facts precisely,
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_num_batched_tokens=256)
+    return LLM(max_num_batched_tokens=256, quantization="none", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,8 @@ def test_shared_prefix_cache_hits(llm, prompts, reference, hf_model):
 
 
 def test_forced_preemption(prompts, reference, hf_model):
-    small = LLM(num_blocks=40, block_size=16, max_num_batched_tokens=128, enable_prefix_caching=False)
+    small = LLM(num_blocks=40, block_size=16, max_num_batched_tokens=128, enable_prefix_caching=False,
+                quantization="none", dtype="float32")
     outs = small.generate(prompts, GREEDY)
     assert small.core.scheduler.num_preemptions > 0
     for out, p, ref in zip(outs, prompts, reference):

@@ -19,7 +19,7 @@ USER = [{"role": "user", "content": "hi"}]
 class AsgiCall:
     """Drive the app directly: send one request body, then report a disconnect when told to."""
 
-    def __init__(self, app, path: str, body: dict) -> None:
+    def __init__(self, app, path: str, body: dict, stall_after_first_body: bool = False) -> None:
         self.sent: list[dict] = []
         self.disconnect = asyncio.Event()
         raw = json.dumps(body).encode()
@@ -38,6 +38,8 @@ class AsgiCall:
 
         async def send(message):
             self.sent.append(message)
+            if stall_after_first_body and message.get("body"):
+                await asyncio.Event().wait()  # a reader that never reads again
 
         self.task = asyncio.create_task(app(scope, receive, send))
 
@@ -128,3 +130,14 @@ def test_real_socket_close_mid_stream_aborts():
         assert engine.aborted == engine.started and engine.finished == []
         with httpx.Client(base_url=server.url) as client:  # the server is still fine
             assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+
+async def test_stalled_reader_is_dropped_and_aborted():
+    """A client that stops reading (socket buffer full: `send` blocks) is cut off after send_timeout_s."""
+    app, engine = build_test_app(FakeEngine(reply="x" * 1000, step_s=0.001), send_timeout_s=0.2)
+    t0 = time.monotonic()
+    call = AsgiCall(app, "/v1/chat/completions", {"messages": USER, "stream": True}, stall_after_first_body=True)
+    await asyncio.wait_for(call.task, 3.0)
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert len(engine.started) == 1 and engine.aborted == engine.started

@@ -48,7 +48,8 @@ async def test_two_turns_keep_the_conversation(server_and_engine):
     async with connect(ws_url(server)) as ws:
         created = await recv(ws)
         assert created["type"] == "session.created" and created["session"]["output_modalities"] == ["text"]
-        await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}}))
+        await ws.send(json.dumps({"type": "session.update",
+                                  "session": {"type": "realtime", "instructions": "Be brief."}}))
         updated = await recv(ws)
         assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "Be brief."
         await ws.send(user_item("hello"))
@@ -115,6 +116,8 @@ async def test_bad_events_get_error_events_and_session_survives(server_and_engin
             err = await recv(ws)
             assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error", err
             assert err["error"]["param"] == param
+        await ws.send(b"\x00binary")
+        assert (await recv(ws))["type"] == "error"
         await ws.send(json.dumps({"type": "response.create"}))  # no user message yet
         events = await recv_until(ws, "response.done")
         assert events[-1]["response"]["status"] == "failed"
@@ -147,3 +150,27 @@ async def test_api_key_on_upgrade():
         assert info.value.response.status_code == 401
         async with connect(ws_url(server), additional_headers={"Authorization": "Bearer k"}) as ws:
             assert (await recv(ws))["type"] == "session.created"
+
+
+async def test_openai_sdk_realtime_client_parses_every_event():
+    import openai
+
+    app, _ = build_test_app(FakeEngine(reply="Hello!"))
+    with LiveServer(app) as server:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+        async with client.realtime.connect(model="fake-model") as conn:
+            await conn.session.update(session={"type": "realtime", "instructions": "Be kind."})
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "hey"}]})
+            await conn.response.create()
+            names, text = [], ""
+            async for event in conn:
+                names.append(type(event).__name__)
+                text += getattr(event, "delta", "") if event.type == "response.output_text.delta" else ""
+                if event.type == "response.done":
+                    assert event.response.status == "completed" and event.response.usage.output_tokens == 6
+                    break
+        await client.close()
+    assert text == "Hello!"
+    assert names[:4] == ["SessionCreatedEvent", "SessionUpdatedEvent", "ConversationItemCreatedEvent",
+                         "ResponseCreatedEvent"]

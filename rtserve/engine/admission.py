@@ -1,0 +1,105 @@
+"""Admission control on arrival: bounded queues for everyone, and TTFT prediction for firm requests.
+
+The decision is made in the engine client (API process) from the engine's latest `QueueSnapshot`
+plus the requests it sent that the snapshot does not reflect yet, so it costs microseconds and never
+waits for the engine's current step (a decision inside the engine core would wait up to one step).
+
+Predicted TTFT of a new request = time already spent since arrival
+    + max(compute: every prefill token ahead of it in the policy's order, its own prompt included,
+               at the prefill token budget per step, each step costed by the step-time model,
+          slot:    time until enough running sequences finish to give it a sequence slot).
+A firm request whose predicted TTFT exceeds its budget is refused before any byte is sent; its
+Retry-After is the excess (how much the queue ahead must drain first). Soft and batch requests are
+admitted whenever the queue has room. Pure functions of their inputs: unit-tested with fake snapshots.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rtserve.config import RTConfig
+from rtserve.engine.cost_model import StepCostModel, StepFeatures
+from rtserve.protocol import QueueSnapshot, RTClass, RTParams
+
+MIN_RETRY_AFTER_S = 0.05
+MAX_RETRY_AFTER_S = 60.0  # OpenAI/Anthropic SDKs ≤ 2.x ignore a Retry-After above 60 s
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A request sent to the engine core after the latest snapshot was taken (`seq` = its send count)."""
+
+    seq: int
+    order_key: float
+    num_prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    admitted: bool
+    predicted_ttft_s: float = 0.0
+    retry_after_s: float = 0.0
+    reason: str = ""  # "" | "queue_full" | "ttft" | "deadline"
+    message: str = ""
+
+
+def order_key(policy: str, rt: RTParams, arrival_s: float, config: RTConfig) -> float:
+    """The new request's place in the waiting order (same key as the policy in the engine core)."""
+    if policy == "fcfs":
+        return arrival_s
+    return arrival_s + (rt.ttft_s if rt.ttft_s is not None else config.batch_max_wait_s)
+
+
+def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: float,
+                   num_prompt_tokens: int, elapsed_s: float = 0.0) -> float:
+    """Predicted time from now to the first token of a request with this order key and prompt."""
+    model = StepCostModel.from_coeffs(snap.cost_coeffs, snap.cost_calibrated)
+    ahead = [n for k, n in snap.waiting if k <= key] + [p.num_prefill_tokens for p in pending if p.order_key <= key]
+    num_tokens = snap.num_running_prefill_tokens + sum(ahead) + num_prompt_tokens
+    per_step = max(snap.prefill_token_budget, 1)
+    num_steps = math.ceil(num_tokens / per_step)
+    step_s = model.predict_s(StepFeatures(snap.num_decodes, min(per_step, num_tokens), snap.num_context_tokens))
+    compute_s = num_steps * step_s
+    num_short = len(ahead) + 1 - (snap.max_num_seqs - snap.num_running)
+    slot_s = 0.0
+    if num_short > 0:
+        decode_s = model.predict_s(StepFeatures(max(snap.num_decodes, 1), 0, snap.num_context_tokens))
+        remaining = snap.running_remaining_tokens
+        num_steps_to_slot = remaining[min(num_short, len(remaining)) - 1] if remaining else 0
+        slot_s = num_steps_to_slot * decode_s
+    return elapsed_s + max(compute_s, slot_s)
+
+
+def _queue_drain_s(snap: QueueSnapshot, pending: list[PendingRequest]) -> float:
+    return predict_ttft_s(snap, pending, math.inf, 0)
+
+
+def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRequest], rt: RTParams,
+           arrival_s: float, num_prompt_tokens: int, now: float) -> AdmissionDecision:
+    """Admit or refuse a request whose `rt` budgets are already resolved."""
+    if snap is None:
+        return AdmissionDecision(True)
+    num_waiting = len(snap.waiting) + len(pending)
+    waiting_tokens = sum(n for _, n in snap.waiting) + sum(p.num_prefill_tokens for p in pending)
+    if num_waiting >= config.max_num_waiting or waiting_tokens + num_prompt_tokens > config.max_waiting_tokens:
+        retry = _clamp(_queue_drain_s(snap, pending) if snap.cost_calibrated else 1.0)
+        return AdmissionDecision(False, 0.0, retry, "queue_full",
+                                 f"The server is overloaded: {num_waiting} requests ({waiting_tokens} prompt "
+                                 f"tokens) are already waiting. Retry after {retry:.2f} s.")
+    if snap.policy != "deadline" or rt.rt_class != RTClass.FIRM or not snap.cost_calibrated:
+        return AdmissionDecision(True)
+    key = order_key(snap.policy, rt, arrival_s, config)
+    predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0))
+    for budget, name in ((rt.ttft_s, "ttft"), (rt.deadline_s, "deadline")):
+        if budget is not None and predicted > budget:
+            retry = _clamp(predicted - budget)
+            return AdmissionDecision(
+                False, predicted, retry, name,
+                f"firm request refused: predicted time to first token {predicted * 1000:.0f} ms exceeds its "
+                f"{'ttft_ms' if name == 'ttft' else 'deadline_ms'} budget of {budget * 1000:.0f} ms. "
+                f"Retry after {retry:.2f} s, or send it as class 'soft'.")
+    return AdmissionDecision(True, predicted)
+
+
+def _clamp(retry_s: float) -> float:
+    return min(max(retry_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)

@@ -1,0 +1,123 @@
+"""Load a GGUF for the CPU fast path without dequantizing its Q4_1 layers.
+
+`load_fast_checkpoint(path)` returns `FastCheckpoint` (config + flat tensor dict, names below) or None
+when the file does not qualify (every layer matrix must be Q4_1; then the reference fp32 path runs).
+Building the packed forms takes seconds, so the result is cached as safetensors next to the fp32
+cache (`<key>.fast.safetensors`); a second start only maps that file.
+
+Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `LlamaForCausalLM`):
+  layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
+  layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
+  layers.<i>.input_layernorm / .post_attention_layernorm [H] fp32, norm [H] fp32
+  embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rtserve.config import ModelConfig
+from rtserve.model import quant
+from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir
+from rtserve.model.loader import config_from_gguf, unpermute_rope_rows
+
+logger = logging.getLogger(__name__)
+
+FAST_FORMAT_VERSION = "1"  # bump when the packed layout changes
+_Q4_1 = 3
+FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
+         "down": ("ffn_down",)}
+
+
+@dataclass
+class FastCheckpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | None:
+    """The fast-path tensors of a GGUF whose layer matrices are all Q4_1; None otherwise."""
+    if not path.endswith(".gguf") or os.path.isdir(path):
+        return None
+    cache_path = os.path.join(default_cache_dir(cache_dir), f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.safetensors")
+    cached = _read(cache_path)
+    if cached is not None:
+        return cached
+    gguf = GGUFFile(path)
+    if any(info.ggml_type != _Q4_1 for name, info in gguf.tensors.items()
+           if name.startswith("blk.") and len(info.shape) == 2):
+        logger.info("%s: layer matrices are not all Q4_1; using the fp32 reference path", path)
+        return None
+    checkpoint = FastCheckpoint(config_from_gguf(gguf.metadata, tuple(gguf.tensors)), build_tensors(gguf))
+    try:
+        _write(cache_path, checkpoint)
+    except OSError as e:
+        logger.warning("could not write the fast-path cache %s: %s", cache_path, e)
+    return checkpoint
+
+
+def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
+    config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
+    out: dict[str, torch.Tensor] = {"norm": gguf.dequantize("output_norm.weight")}
+    embed = gguf.dequantize("token_embd.weight")
+    head = gguf.dequantize("output.weight") if "output.weight" in gguf.tensors else embed
+    out["embed_tokens"] = embed
+    scale = (head.abs().amax(1) / 127).clamp_min(1e-12)  # per-row int8 for the M < LARGE_M head
+    out["lm_head.int8"] = torch.round(head / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    out["lm_head.scale"] = scale
+    out["lm_head.bf16"] = head.to(torch.bfloat16)
+    for i in range(config.num_layers):
+        for norm, hf in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            out[f"layers.{i}.{hf}"] = gguf.dequantize(f"blk.{i}.{norm}.weight")
+        for fused, parts in FUSED.items():
+            blocks = torch.cat([q4_1_blocks(gguf, f"blk.{i}.{part}.weight", config) for part in parts])
+            packed, scales_zeros = quant.int4pack_from_q4_1(blocks)
+            out[f"layers.{i}.{fused}.int4"] = packed
+            out[f"layers.{i}.{fused}.scales_zeros"] = scales_zeros
+            out[f"layers.{i}.{fused}.bf16"] = quant.q4_1_dequantize(blocks).to(torch.bfloat16)
+    return out
+
+
+def q4_1_blocks(gguf: GGUFFile, name: str, config: ModelConfig) -> torch.Tensor:
+    """[N, K/32, 20] uint8 Q4_1 blocks, with q/k rows put in HF order like the fp32 loader does."""
+    info = gguf.tensors[name]
+    blocks = quant.blocks_view(gguf.raw(name), info.shape[0], quant.Q4_1_BLOCK_NBYTES)
+    if ".attn_q." in name:
+        blocks = unpermute_rope_rows(blocks, config.num_heads)
+    elif ".attn_k." in name:
+        blocks = unpermute_rope_rows(blocks, config.num_kv_heads)
+    return blocks
+
+
+def _read(cache_path: str) -> FastCheckpoint | None:
+    if not os.path.isfile(cache_path):
+        return None
+    try:
+        with safe_open(cache_path, framework="pt") as f:
+            fields = json.loads(f.metadata()["rtserve_config"])
+            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return FastCheckpoint(ModelConfig(**fields), tensors)
+    except Exception:  # a torn or stale cache is not fatal: rebuild it
+        return None
+
+
+def _write(cache_path: str, checkpoint: FastCheckpoint) -> None:
+    """Atomic: a temporary file in the same directory renamed over the target."""
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(checkpoint.tensors, tmp, metadata={"rtserve_config": json.dumps(asdict(checkpoint.config))})
+        os.replace(tmp, cache_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,68 @@
+"""Step-time cost model: RLS calibration, error tracking, prefill-token inversion."""
+import random
+
+import pytest
+
+from rtserve.engine.cost_model import StepCostModel, StepFeatures
+
+TRUE = (0.004, 0.0008, 0.00015, 0.002)  # intercept, per decode, per prefill token, per 1k context
+
+
+def true_step_s(f: StepFeatures, coeffs=TRUE) -> float:
+    return sum(c * x for c, x in zip(coeffs, f.vector()))
+
+
+def random_steps(n, seed=0):
+    rng = random.Random(seed)
+    return [StepFeatures(rng.randint(0, 32), rng.choice([0, 0, 16, 64, 256, 512]), rng.randint(0, 20000))
+            for _ in range(n)]
+
+
+def test_calibrates_to_the_true_coefficients_online():
+    model = StepCostModel(forgetting=0.99)
+    assert not model.is_calibrated
+    for f in random_steps(200):
+        model.observe(f, true_step_s(f))
+    assert model.is_calibrated
+    for got, want in zip(model.coeffs, TRUE):
+        assert got == pytest.approx(want, rel=0.02, abs=1e-6)
+    probe = StepFeatures(8, 128, 4000)
+    assert model.predict_s(probe) == pytest.approx(true_step_s(probe), rel=0.01)
+    assert model.mean_rel_error < 0.05  # error is exported and shrinks as the model learns
+
+
+def test_tracks_a_machine_that_slows_down():
+    model = StepCostModel(forgetting=0.95)
+    for f in random_steps(100, seed=1):
+        model.observe(f, true_step_s(f))
+    slow = tuple(2 * c for c in TRUE)
+    for f in random_steps(150, seed=2):
+        model.observe(f, true_step_s(f, slow))
+    probe = StepFeatures(4, 256, 1000)
+    assert model.predict_s(probe) == pytest.approx(true_step_s(probe, slow), rel=0.03)
+
+
+def test_noisy_measurements_give_a_bounded_error():
+    rng = random.Random(3)
+    model = StepCostModel()
+    for f in random_steps(400, seed=4):
+        model.observe(f, true_step_s(f) * rng.uniform(0.9, 1.1))
+    probe = StepFeatures(16, 64, 8000)
+    assert model.predict_s(probe) == pytest.approx(true_step_s(probe), rel=0.1)
+    assert 0.0 < model.mean_rel_error < 0.15
+    assert model.mean_abs_error_s > 0.0
+
+
+def test_max_prefill_tokens_inverts_the_model():
+    model = StepCostModel.from_coeffs((0.010, 0.001, 0.0001, 0.0))
+    # 50 ms budget, 4 decodes: 10 + 4 ms fixed, 0.1 ms per prefill token -> 360 tokens.
+    assert model.max_prefill_tokens(0.050, 4, 0) == 360
+    assert model.predict_s(StepFeatures(4, 360, 0)) <= 0.050 + 1e-12
+    assert model.max_prefill_tokens(0.012, 4, 0) == 0  # the decodes alone are over budget
+    free = StepCostModel.from_coeffs((0.010, 0.001, 0.0, 0.0))
+    assert free.max_prefill_tokens(0.050, 4, 0) >= 1 << 20
+
+
+def test_prior_must_have_four_coefficients():
+    with pytest.raises(ValueError):
+        StepCostModel(prior=(0.1, 0.2))

@@ -1,0 +1,188 @@
+"""Admission control: TTFT prediction from a queue snapshot, firm refusal with Retry-After, bounded
+queues, and the engine client raising AdmissionRejected before its first yield; slow-reader pausing."""
+import asyncio
+import time
+
+import pytest
+
+from rtserve.client.async_llm import AdmissionRejected, AsyncLLM
+from rtserve.config import EngineConfig, RTConfig
+from rtserve.engine.admission import PendingRequest, decide, predict_ttft_s
+from rtserve.protocol import (EngineCoreAbort, EngineCoreOutput, EngineCoreOutputs, EngineCorePause,
+                              EngineCoreRequest, EngineStats, QueueSnapshot, RTParams)
+from rtserve.sampling_params import SamplingParams
+from tests.unit.rt_helpers import FAKE_COEFFS
+
+FIRM = RTParams("firm", ttft_s=0.3, itl_s=0.05)
+SOFT = RTParams("soft", ttft_s=0.3, itl_s=0.05)
+
+
+def snapshot(waiting=(), policy="deadline", calibrated=True, **kw) -> QueueSnapshot:
+    kw.setdefault("prefill_token_budget", 100)
+    kw.setdefault("max_num_seqs", 64)
+    kw.setdefault("num_requests_added", 0)
+    return QueueSnapshot(timestamp=0.0, policy=policy, waiting=list(waiting),
+                         cost_coeffs=FAKE_COEFFS, cost_calibrated=calibrated, **kw)
+
+
+def test_predicted_ttft_counts_prefill_work_ahead_in_policy_order():
+    # 10 ms + 0.1 ms/token per step; 100 prefill tokens per step.
+    snap = snapshot([(1.0, 300), (5.0, 1000)])
+    assert predict_ttft_s(snap, [], key=2.0, num_prompt_tokens=100) == pytest.approx(4 * 0.020)
+    assert predict_ttft_s(snap, [], key=9.0, num_prompt_tokens=100) == pytest.approx(14 * 0.020)
+    pending = [PendingRequest(1, 1.5, 200)]
+    assert predict_ttft_s(snap, pending, key=2.0, num_prompt_tokens=100) == pytest.approx(6 * 0.020)
+    # Running decodes make each step dearer; running prefills are ahead of everyone.
+    snap = snapshot([], num_decodes=10, num_running=10, num_running_prefill_tokens=100)
+    assert predict_ttft_s(snap, [], key=0.0, num_prompt_tokens=100) == pytest.approx(2 * 0.030)
+
+
+def test_waiting_for_a_sequence_slot_is_predicted_from_running_remaining_tokens():
+    snap = snapshot([], max_num_seqs=2, num_running=2, num_decodes=2, running_remaining_tokens=[5, 40])
+    # A slot frees after 5 decode steps of 12 ms each; the prefill itself is one 20 ms step.
+    assert predict_ttft_s(snap, [], key=0.0, num_prompt_tokens=100) == pytest.approx(5 * 0.012)
+
+
+def test_firm_is_refused_with_retry_after_the_excess_soft_is_admitted():
+    cfg = RTConfig()
+    snap = snapshot([(0.0, 2000)])  # 21 steps of 20 ms ahead: 420 ms > 300 ms
+    d = decide(cfg, snap, [], FIRM, arrival_s=1.0, num_prompt_tokens=100, now=1.0)
+    assert not d.admitted and d.reason == "ttft"
+    assert d.predicted_ttft_s == pytest.approx(0.42)
+    assert d.retry_after_s == pytest.approx(0.12)
+    assert "ttft_ms budget of 300 ms" in d.message
+    assert decide(cfg, snap, [], SOFT, 1.0, 100, 1.0).admitted
+    assert decide(cfg, snapshot([(0.0, 1000)]), [], FIRM, 1.0, 100, 1.0).admitted  # 220 ms fits
+    # Time already spent since arrival counts.
+    assert not decide(cfg, snapshot([(0.0, 1000)]), [], FIRM, 1.0, 100, now=1.1).admitted
+    firm_deadline = RTParams("firm", ttft_s=1.0, itl_s=0.05, deadline_s=0.2)
+    assert decide(cfg, snapshot([(0.0, 1000)]), [], firm_deadline, 1.0, 100, 1.0).reason == "deadline"
+
+
+def test_no_prediction_under_fcfs_or_before_calibration():
+    cfg = RTConfig()
+    big = [(0.0, 20000)]
+    assert decide(cfg, snapshot(big, policy="fcfs"), [], FIRM, 1.0, 100, 1.0).admitted
+    assert decide(cfg, snapshot(big, calibrated=False), [], FIRM, 1.0, 100, 1.0).admitted
+    assert decide(cfg, None, [], FIRM, 1.0, 100, 1.0).admitted
+
+
+def test_bounded_queue_refuses_every_class():
+    cfg = RTConfig(max_num_waiting=3, max_waiting_tokens=1000)
+    full = snapshot([(0.0, 10)] * 3)
+    for rt in (FIRM, SOFT, RTParams("batch")):
+        d = decide(cfg, full, [], rt, 1.0, 10, 1.0)
+        assert not d.admitted and d.reason == "queue_full" and d.retry_after_s > 0
+    assert not decide(cfg, snapshot([(0.0, 950)]), [], SOFT, 1.0, 100, 1.0).admitted  # tokens bound
+    assert not decide(cfg, snapshot([(0.0, 10)] * 2), [PendingRequest(1, 0.0, 10)], SOFT, 1.0, 10, 1.0).admitted
+
+
+def test_decision_takes_well_under_10_ms_with_a_full_queue():
+    cfg = RTConfig()
+    snap = snapshot([(float(i), 200) for i in range(255)], running_remaining_tokens=list(range(64)),
+                    num_running=64, num_decodes=64)
+    pending = [PendingRequest(i, float(i), 100) for i in range(50)]
+    start = time.perf_counter()
+    for _ in range(100):
+        decide(cfg, snap, pending, FIRM, 100.0, 500, 100.0)
+    assert (time.perf_counter() - start) / 100 < 0.010
+
+
+class FakeTokenizer:
+    special_token_ids = frozenset()
+    vocab_size = 1000
+    bos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + i % 26) for i in ids)
+
+
+class RecordingTransport:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+def client(**rt_kw) -> AsyncLLM:
+    llm = AsyncLLM(EngineConfig(rt=RTConfig(**rt_kw)), tokenizer=FakeTokenizer())
+    llm.max_model_len = 512
+    llm._transport = RecordingTransport()
+    llm._loop = asyncio.get_running_loop()
+    return llm
+
+
+async def test_generate_raises_admission_rejected_before_sending_or_yielding():
+    llm = client()
+    llm.stats = EngineStats(queue=snapshot([(0.0, 5000)]))
+    gen = llm.generate([1, 2, 3], SamplingParams(max_tokens=4), "r1", rt=FIRM)
+    with pytest.raises(AdmissionRejected) as exc:
+        await gen.__anext__()
+    assert exc.value.retry_after_s > 0 and exc.value.reason == "ttft" and exc.value.rt_class == "firm"
+    assert llm._transport.sent == [] and "r1" not in llm._queues
+    with pytest.raises(ValueError, match="garbage collector"):
+        await llm.generate([1, 2], SamplingParams(), "r2", rt=RTParams("hard")).__anext__()
+
+
+async def test_admitted_request_counts_as_pending_until_a_snapshot_reflects_it():
+    llm = client(max_num_waiting=2)
+    llm.stats = EngineStats(queue=snapshot([(0.0, 10)]))
+    gen = llm.generate([1, 2], SamplingParams(max_tokens=2), "a", rt=SOFT)
+    task = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0)
+    sent = llm._transport.sent[0]
+    assert isinstance(sent, EngineCoreRequest) and sent.rt.rt_class == "soft" and sent.rt.ttft_s == 0.3
+    assert not llm.admit(SOFT, time.monotonic(), 2).admitted  # 1 waiting + 1 pending = bound
+    llm.stats = EngineStats(queue=snapshot([], num_requests_added=1))
+    assert llm.admit(SOFT, time.monotonic(), 2).admitted
+    task.cancel()
+
+
+async def test_final_delta_carries_the_rt_report():
+    llm = client()
+    gen = llm.generate([1, 2], SamplingParams(max_tokens=2), "a", rt=FIRM)
+    first = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0)
+    llm._on_outputs(EngineCoreOutputs([EngineCoreOutput("a", [5], num_prompt_tokens=2)], 0.0))
+    assert (await first).rt is None
+    llm._on_outputs(EngineCoreOutputs([EngineCoreOutput("a", [6], finish_reason="length",
+                                                        num_preemptions=1)], 0.0))
+    last = await gen.__anext__()
+    assert last.finished and last.rt.rt_class == "firm" and last.rt.num_tokens == 2
+    assert last.rt.ttft_s is not None and last.rt.num_preemptions == 1 and last.rt.met
+    wire = last.rt.to_wire()
+    assert set(wire) >= {"class", "ttft_ms", "itl_ms", "deadline_met", "missed"}
+
+
+async def test_slow_reader_is_paused_then_aborted_with_a_bounded_buffer():
+    llm = client(max_buffered_outputs=4, slow_reader_timeout_s=0.05)
+    gen = llm.generate([1, 2], SamplingParams(max_tokens=100), "slow", rt=SOFT)
+    first = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0)
+    for i in range(6):  # the consumer does not read
+        llm._on_outputs(EngineCoreOutputs([EngineCoreOutput("slow", [5 + i])], 0.0))
+    await first  # took the first item; 5 remain buffered
+    pauses = [m for m in llm._transport.sent if isinstance(m, EngineCorePause)]
+    assert len(pauses) == 1 and pauses[0].paused and pauses[0].request_ids == ["slow"]
+    await asyncio.sleep(0.1)  # slow_reader_timeout_s passes
+    assert any(isinstance(m, EngineCoreAbort) and m.request_ids == ["slow"] for m in llm._transport.sent)
+    llm._on_outputs(EngineCoreOutputs([EngineCoreOutput("slow", [9])], 0.0))  # late output: dropped
+    items = [item async for item in gen]
+    assert len(items) == 6 and items[-1].finished and "slow reader" in items[-1].error
+    assert llm._queues == {} and llm._paused == {}
+
+
+async def test_reader_that_catches_up_is_resumed():
+    llm = client(max_buffered_outputs=4, slow_reader_timeout_s=5.0)
+    gen = llm.generate([1, 2], SamplingParams(max_tokens=100), "r", rt=SOFT)
+    first = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0)
+    for i in range(5):
+        llm._on_outputs(EngineCoreOutputs([EngineCoreOutput("r", [5 + i])], 0.0))
+    await first
+    for _ in range(3):
+        await gen.__anext__()
+    pauses = [m.paused for m in llm._transport.sent if isinstance(m, EngineCorePause)]
+    assert pauses == [True, False] and llm._paused == {}
+    await gen.aclose()
