@@ -133,9 +133,11 @@ class AsyncLLM:
         return EngineCoreFailed(f"engine core not ready after {timeout_s:.0f} s")
 
     async def shutdown(self) -> None:
+        self._mark_dead("engine shut down")
         if self._transport is not None:
             await asyncio.to_thread(self._transport.close)
-        self._mark_dead("engine shut down")
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 2.0)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (InvalidRequest, with `.param`) for a request the engine would refuse."""
@@ -247,20 +249,26 @@ class AsyncLLM:
     def _read_loop(self) -> None:
         while not self.is_dead:
             try:
-                msg = self._transport.recv(1.0)
+                msg = self._transport.recv(0.5)
             except queue.Empty:
                 if not self._transport.is_alive():
-                    self._loop.call_soon_threadsafe(self._mark_dead, "engine core process exited")
+                    self._post(self._mark_dead, "engine core process exited")
                     return
                 continue
             except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self._mark_dead, "engine core connection lost")
+                self._post(self._mark_dead, "engine core connection lost")
                 return
             if isinstance(msg, EngineCoreFailed):
-                self._loop.call_soon_threadsafe(self._mark_dead, msg.error)
+                self._post(self._mark_dead, msg.error)
                 return
             if isinstance(msg, EngineCoreOutputs):
-                self._loop.call_soon_threadsafe(self._on_outputs, msg)
+                self._post(self._on_outputs, msg)
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
 
     def _on_outputs(self, msg: EngineCoreOutputs) -> None:
         if msg.stats is not None:
