@@ -42,11 +42,8 @@ def model_file():
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(model_file):
-    from transformers import AutoModelForCausalLM
-    directory, name = model_file
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return model.config, {k: v.detach() for k, v in model.state_dict().items()}
+def hf_state_dict(hf_smollm2):
+    return hf_smollm2.config, {k: v.detach() for k, v in hf_smollm2.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,10 @@
 path): each prompt alone, all batched together, and again with prefix-cache
 hits and with forced preemption. fp32 is the reference mode; if a kernel difference ever flips a
 near-tie, the assertion message shows where (each token must then be in the other's top-5)."""
-import os
-
 import pytest
 import torch
 
 from rtserve import LLM, SamplingParams
-from rtserve.model.loader import default_model_path
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 40
@@ -23,11 +20,8 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    from transformers import AutoModelForCausalLM
-    path = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+def hf_model(hf_smollm2):
+    return hf_smollm2
 
 
 @pytest.fixture(scope="module")
