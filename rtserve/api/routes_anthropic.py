@@ -135,7 +135,7 @@ async def messages(request: Request) -> Response:
     if state.engine.is_dead:
         raise ApiError(503, "The engine is not running.")
     if req.stream:
-        return EventStreamResponse(stream_events(state, job, request),  # type: ignore[return-value]
+        return EventStreamResponse(stream_events(state, job, request),
                                    send_timeout_s=state.settings.send_timeout_s)
     try:
         body = await run_until_disconnect(request.receive, collect(state, job))

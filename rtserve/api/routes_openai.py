@@ -171,7 +171,7 @@ async def respond(request: Request, state: AppState, job: Job, stream: bool) -> 
     if state.engine.is_dead:
         raise ApiError(503, "The engine is not running.", code="engine_dead")
     if stream:
-        return EventStreamResponse(stream_events(state, job, request),  # type: ignore[return-value]
+        return EventStreamResponse(stream_events(state, job, request),
                                    send_timeout_s=state.settings.send_timeout_s)
     try:
         body = await run_until_disconnect(request.receive, collect(state, job))

@@ -6,6 +6,7 @@ refusal. Exposes, with the label `rt_class`:
 - `rtserve:rt_deadline_misses_total{kind=ttft|itl|deadline}`, `rtserve:rt_rejections_total{reason}`,
   `rtserve:rt_expirations_total` (dropped for a deadline), `rtserve:rt_preemptions_total`,
   `rtserve:rt_requests_finished_total`
+- `rtserve:step_cost_model_*`: the step-time model's coefficients and its prediction error
 - `rtserve:rt_slo_attainment` (fraction of requests finished in the last `window_s` that met every
   budget; dropped requests count as misses, refused ones are not counted) and `rtserve:rt_goodput`
   (requests per second in that window that met every budget).
@@ -17,7 +18,7 @@ from collections import deque
 
 from rtserve.api.metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram, render_scalar
 from rtserve.client.rt_report import RTReport
-from rtserve.protocol import RTClass
+from rtserve.protocol import QueueSnapshot, RTClass
 
 MISS_KINDS = ("ttft", "itl", "deadline")
 REJECT_REASONS = ("ttft", "deadline", "queue_full")
@@ -110,3 +111,26 @@ class RTMetrics:
             for hist, lab in hists[1:]:
                 lines += hist.render(lab)[2:]  # one HELP/TYPE header per metric family
         return lines
+
+
+def render_cost_model(model_name: str, snap: QueueSnapshot | None) -> list[str]:
+    """Gauges of the engine's step-time cost model (from the latest queue snapshot)."""
+    if snap is None:
+        return []
+    base = [("model_name", model_name)]
+    names = ("intercept_seconds", "per_decode_seconds", "per_prefill_token_seconds", "per_kilo_context_seconds")
+    lines = render_scalar("gauge", "rtserve:step_cost_model_coefficient",
+                          "Step-time model: step_s = sum(coefficient * feature).",
+                          [([*base, ("term", n)], c) for n, c in zip(names, snap.cost_coeffs)])
+    for name, doc, value in (
+        ("rtserve:step_cost_model_mean_abs_error_seconds", "EWMA of |measured - predicted| step time.",
+         snap.cost_mean_abs_error_s),
+        ("rtserve:step_cost_model_mean_rel_error", "EWMA of |measured - predicted| / measured step time.",
+         snap.cost_mean_rel_error),
+        ("rtserve:step_cost_model_calibrated", "1 once enough steps were measured to trust predictions.",
+         float(snap.cost_calibrated)),
+        ("rtserve:prefill_token_budget", "Prefill tokens the policy lets into the next step.",
+         snap.prefill_token_budget),
+    ):
+        lines += render_scalar("gauge", name, doc, [(base, value)])
+    return lines

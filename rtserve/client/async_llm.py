@@ -153,22 +153,39 @@ class AsyncLLM:
         return decide(self.rt_config, snap, list(self._pending), rt, arrival_s, num_prompt_tokens,
                       time.monotonic())
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       rt: RTParams | None = None, arrival_s: float | None = None,
-                       ) -> AsyncIterator[RequestOutput]:
-        """Stream deltas; raises InvalidRequest, AdmissionRejected or EngineDeadError before any yield."""
-        self.validate(prompt_token_ids, params)
+    def check_admission(self, num_prompt_tokens: int, rt: RTParams | None = None,
+                        arrival_s: float | None = None) -> RTParams:
+        """Resolve `rt` and run admission now (synchronously); returns the resolved budgets.
+
+        Raises InvalidRequest (bad or `hard` rt) or AdmissionRejected. An API calls this before it sends
+        anything, then passes the result to `generate(..., rt=resolved, admitted=True)`.
+        """
         rt = resolve_rt(rt, self.rt_config)
+        arrival_s = time.monotonic() if arrival_s is None else arrival_s
+        decision = self.admit(rt, arrival_s, num_prompt_tokens)
+        if not decision.admitted:
+            if self.rt_listener is not None:
+                self.rt_listener.on_rejected(rt.rt_class, decision.reason)
+            raise AdmissionRejected(decision, rt.rt_class)
+        return rt
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       rt: RTParams | None = None, arrival_s: float | None = None, admitted: bool = False,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas; raises InvalidRequest, AdmissionRejected or EngineDeadError before any yield.
+
+        `admitted=True`: `rt` came from `check_admission` (resolved, admitted); it is not decided again.
+        """
+        self.validate(prompt_token_ids, params)
         if self.is_dead:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
-        decision = self.admit(rt, arrival_s, len(prompt_token_ids))
-        if not decision.admitted:
-            if self.rt_listener is not None:
-                self.rt_listener.on_rejected(rt.rt_class, decision.reason)
-            raise AdmissionRejected(decision, rt.rt_class)
+        if admitted and rt is not None:
+            rt = resolve_rt(rt, self.rt_config)  # idempotent on resolved budgets
+        else:
+            rt = self.check_admission(len(prompt_token_ids), rt, arrival_s)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         self._trackers[request_id] = RTTracker(rt, arrival_s)

@@ -79,7 +79,10 @@ class StepCostModel:
         denom = lam + sum(x[i] * px[i] for i in range(NUM_FEATURES))
         gain = [v / denom for v in px]
         innovation = measured_s - sum(t * xi for t, xi in zip(self.theta, x))
-        self.theta = [t + g * innovation for t, g in zip(self.theta, gain)]
+        # Every coefficient is a cost, so none may be negative (projected RLS); with few or collinear
+        # samples an unconstrained fit trades a negative slope for a large intercept and then
+        # mispredicts steps of another shape.
+        self.theta = [max(t + g * innovation, 0.0) for t, g in zip(self.theta, gain)]
         # P <- (P - g x^T P) / lambda; P is symmetric so x^T P = px^T.
         for i in range(NUM_FEATURES):
             for j in range(NUM_FEATURES):

@@ -6,7 +6,7 @@ fp32 for `logit_indices`), different numerics:
   - linear layers take bf16 activations: int4 group-32 (the Q4_1 blocks as they are) when the step
     has fewer than `quant.LARGE_M` tokens, the exact bf16 dequantization through oneDNN otherwise;
   - the LM head (the GGUF's Q8_0 embedding) is int8 per row with dynamic int8 activations (fbgemm)
-    for few rows, bf16 oneDNN for many.
+    for few rows, the step's 16 outlier hidden channels in fp32; bf16 oneDNN for many rows.
 It is a plain object, not an nn.Module tree, and the layer loop is one function: at batch 1 a step is
 ~20 small ops per layer, so Python and dispatch overhead matter as much as the matmuls.
 """
@@ -21,6 +21,9 @@ from rtserve.config import ModelConfig
 from rtserve.model import quant
 from rtserve.model.layers import RotaryEmbedding, paged_attention_slots
 from rtserve.runner.attention_metadata import AttentionMetadata
+
+
+NUM_OUTLIER_CHANNELS = 16  # hidden channels kept out of the int8 LM head (see _lm_head_int8)
 
 
 class FastLayer:
@@ -46,6 +49,7 @@ class FastLlamaForCausalLM:
         self.layers = [FastLayer(tensors, i) for i in range(cfg.num_layers)]
         self.head_int8 = _prepack_int8_dynamic(tensors["lm_head.int8"], tensors["lm_head.scale"])
         self.head_bf16 = quant.prepack_bf16(tensors["lm_head.bf16"])
+        self.head_t = tensors["lm_head.t"]  # [H, V] fp32: rows are the LM head's input channels
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
         half = cfg.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one roll instead of split/neg/cat.
@@ -84,8 +88,19 @@ class FastLlamaForCausalLM:
             x = x + mm(layer.down, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         x = F.rms_norm(x[logit_indices], hidden, self.norm, eps)              # [S, H] fp32
         if x.shape[0] < quant.LARGE_M:
-            return torch.ops.quantized.linear_dynamic(x, self.head_int8)
+            return self._lm_head_int8(x)
         return quant.bf16_mm(x.to(bf16), self.head_bf16).float()
+
+    def _lm_head_int8(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, H] fp32 -> [S, V] fp32 logits through int8 with dynamic activations, outliers apart.
+
+        fbgemm quantizes activations per tensor, and a few hidden channels are 10-15x larger than the
+        rest (channel 199 of SmolLM2), which alone costs ~15x the KL of a bf16 head. The
+        `NUM_OUTLIER_CHANNELS` largest channels of this step go through an fp32 matmul instead.
+        """
+        idx = x.abs().amax(0).topk(NUM_OUTLIER_CHANNELS).indices              # [k]
+        logits = torch.ops.quantized.linear_dynamic(x.index_fill(1, idx, 0.0), self.head_int8)
+        return logits.addmm_(x.index_select(1, idx), self.head_t.index_select(0, idx))
 
 
 def _prepack_int8_dynamic(weight_int8: torch.Tensor, scale: torch.Tensor):

@@ -97,3 +97,17 @@ def test_deadline_drop_reaches_the_caller_as_finish_reason_deadline_with_its_rt_
     report = tracker.finish(0.25, delta.finish_reason)
     assert report.dropped and report.missed == ["ttft"] and not report.met
     assert report.to_wire()["deadline_met"] is False and report.to_wire()["budget"]["ttft_ms"] == 200.0
+
+
+def test_core_loop_pause_message_stops_and_resumes_scheduling(tiny_weights):
+    from rtserve.engine.core_loop import _handle
+    from rtserve.protocol import EngineCorePause
+    cfg = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=64),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=512))
+    core = EngineCore(cfg, TINY, tiny_weights)
+    core.add_request(EngineCoreRequest("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=20), 0.0))
+    core.step()
+    assert _handle(core, EngineCorePause(["a"], paused=True)) == []
+    assert core.step().outputs == [] and core.stats().num_scheduled_tokens == 0
+    _handle(core, EngineCorePause(["a"], paused=False))
+    assert [o.request_id for o in core.step().outputs] == ["a"]

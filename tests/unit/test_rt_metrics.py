@@ -39,3 +39,15 @@ def test_counts_misses_rejections_expiries_and_window_attainment():
     assert text.count("# TYPE rtserve:rt_time_to_first_token_seconds histogram") == 1
     assert 'rtserve:rt_inter_token_latency_seconds_count{model_name="m",rt_class="firm"} 5' in text
     assert m.attainment("firm", now_s=111.5) == (0.0, 0.0)  # only the dropped one is left in the window
+
+
+def test_cost_model_gauges_render_from_the_snapshot():
+    from rtserve.api.rt_metrics import render_cost_model
+    from rtserve.protocol import QueueSnapshot
+    snap = QueueSnapshot(0.0, "deadline", 3, cost_coeffs=(0.01, 0.001, 0.0001, 0.0), cost_calibrated=True,
+                         cost_mean_rel_error=0.12, prefill_token_budget=300)
+    text = "\n".join(render_cost_model("m", snap))
+    assert 'rtserve:step_cost_model_coefficient{model_name="m",term="intercept_seconds"} 0.01' in text
+    assert 'rtserve:step_cost_model_mean_rel_error{model_name="m"} 0.12' in text
+    assert 'rtserve:prefill_token_budget{model_name="m"} 300' in text
+    assert render_cost_model("m", None) == []

@@ -1,0 +1,97 @@
+"""Draft-token proposers behind one interface: n-gram prompt lookup here, a draft model in draft_model.py.
+
+A proposer looks at each request's tokens (prompt + output so far) and proposes up to k tokens that
+the target model then verifies in one forward (rtserve/sample/rejection.py). Proposers never touch
+the target's KV cache or the scheduler's state; the engine decides k per request (spec/adaptive.py)
+and tells a proposer when a request is gone (`free`).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from rtserve.sampling_params import SamplingParams
+
+
+class SpecRequest(Protocol):
+    """What a proposer reads from an engine request (rtserve.engine.request.Request has these)."""
+
+    request_id: str
+    all_token_ids: list[int]
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+
+
+@dataclass
+class Proposal:
+    """Up to k proposed tokens for one request and the distribution they were drawn from.
+
+    `probs` [len(token_ids), V] f32 is the draft distribution q of each token; None means the proposer
+    is deterministic (q is one-hot at the proposed token), which rejection sampling handles exactly.
+    """
+
+    token_ids: list[int]
+    probs: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Proposer(abc.ABC):
+    """Proposes draft tokens; implementations: NgramProposer, DraftModelProposer."""
+
+    name: str = "proposer"
+
+    @abc.abstractmethod
+    def propose(self, requests: Sequence[SpecRequest], num_tokens: Sequence[int]) -> list[Proposal]:
+        """At most `num_tokens[i]` tokens to follow `requests[i].all_token_ids` (fewer or none is fine)."""
+
+    def free(self, request_id: str) -> None:
+        """Forget per-request state (the request finished or was aborted). Default: none kept."""
+
+    def cost_s(self, num_rounds: int, num_tokens: int) -> float:
+        """Predicted seconds to propose `num_tokens` in total, `num_rounds` deep. Default: negligible."""
+        return 0.0
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: match the last n tokens (n from max_n down to min_n) against earlier context and
+    propose what followed the most recent match. No model, no per-request state, q one-hot.
+
+    The continuation may run into the suffix itself; it then repeats with the period of the match
+    (after "a b c a b" with match "a b" at 0, the proposal is "c a b c ..."), which is exactly what a
+    repetitive sequence would produce.
+    """
+
+    name = "ngram"
+
+    def __init__(self, min_n: int = 2, max_n: int = 4, max_lookback: int = 4096) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n, self.max_n, self.max_lookback = min_n, max_n, max_lookback
+
+    def propose(self, requests: Sequence[SpecRequest], num_tokens: Sequence[int]) -> list[Proposal]:
+        return [Proposal(ngram_lookup(r.all_token_ids[-self.max_lookback:], self.min_n, self.max_n, k) if k > 0 else [])
+                for r, k in zip(requests, num_tokens)]
+
+
+def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to k tokens continuing `token_ids` after its longest suffix (max_n..min_n) seen before."""
+    tokens = np.asarray(token_ids, dtype=np.int64)
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # Windows of the context minus its last token: every match ends before the suffix does, so
+        # at least one real token follows it.
+        windows = sliding_window_view(tokens[:length - 1], n)  # [length - n, n]
+        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n  # first token after the most recent match (< length)
+            period = length - start
+            return tokens[start + np.arange(k) % period].tolist()
+    return []

@@ -1,0 +1,63 @@
+"""N-gram (prompt lookup) proposer: longest suffix first, most recent match, periodic continuation."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from rtserve.sampling_params import SamplingParams
+from rtserve.spec.proposer import NgramProposer, ngram_lookup
+
+
+@dataclass
+class Req:
+    all_token_ids: list[int]
+    request_id: str = "r"
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    generator: None = None
+
+
+def test_copies_what_followed_the_match():
+    # "Repeat exactly": the suffix [3, 4] occurred in the prompt, followed by 5 6 7.
+    assert ngram_lookup([1, 2, 3, 4, 5, 6, 7, 9, 3, 4], 1, 3, 3) == [5, 6, 7]
+
+
+def test_longest_suffix_wins_over_more_recent_shorter_match():
+    # Suffix [8, 3, 4] matches at 0 (-> 5); [3, 4] alone matches more recently at 6 (-> 9).
+    tokens = [8, 3, 4, 5, 0, 0, 3, 4, 9, 8, 3, 4]
+    assert ngram_lookup(tokens, 2, 3, 1) == [5]
+    assert ngram_lookup(tokens, 2, 2, 1) == [9]
+
+
+def test_most_recent_match_among_equal_lengths():
+    assert ngram_lookup([1, 2, 7, 1, 2, 8, 1, 2], 2, 2, 1) == [8]
+
+
+def test_continuation_repeats_with_the_period_of_the_match():
+    assert ngram_lookup([1, 2, 3, 1, 2], 2, 2, 5) == [3, 1, 2, 3, 1]
+    assert ngram_lookup([7, 7, 7], 1, 2, 4) == [7, 7, 7, 7]
+
+
+def test_no_match_or_too_short_gives_nothing():
+    assert ngram_lookup([1, 2, 3, 4], 1, 3, 4) == []
+    assert ngram_lookup([5], 1, 3, 4) == []
+    assert ngram_lookup([1, 2, 1, 3], 2, 3, 4) == []  # only a 1-gram match, min_n = 2
+
+
+def test_proposer_batches_and_respects_k():
+    proposer = NgramProposer(min_n=1, max_n=3)
+    reqs = [Req([1, 2, 3, 1, 2]), Req([4, 5, 6]), Req([9, 9, 9])]
+    props = proposer.propose(reqs, [2, 3, 0])
+    assert [p.token_ids for p in props] == [[3, 1], [], []]
+    assert all(p.probs is None for p in props)  # deterministic: q is one-hot
+    assert props[0].num_tokens == 2
+
+
+def test_lookback_window_limits_the_search():
+    tokens = [1, 2, 3] + [0] * 10 + [1, 2]
+    assert NgramProposer(2, 2, max_lookback=100).propose([Req(tokens)], [1])[0].token_ids == [3]
+    assert NgramProposer(2, 2, max_lookback=8).propose([Req(tokens)], [1])[0].token_ids == []
+
+
+@pytest.mark.parametrize("args", [(0, 2), (3, 2)])
+def test_bad_ngram_sizes_raise(args):
+    with pytest.raises(ValueError):
+        NgramProposer(*args)
