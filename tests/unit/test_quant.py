@@ -1,0 +1,181 @@
+"""Quantized weights for the CPU fast path: Q4_1 -> torch int4 packing, Q8_0, the fast-path loader
+and the fast model against the fp32 reference on a tiny GGUF."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from rtserve.config import ModelConfig
+from rtserve.model import quant
+from rtserve.model.fast_llama import FastLlamaForCausalLM
+from rtserve.model.gguf import _deq_q4_1, _deq_q8_0
+from rtserve.model.llama import LlamaForCausalLM
+from rtserve.model.loader import expected_shapes, load_model, unpermute_rope_rows
+from rtserve.model.quantized_loader import load_fast_checkpoint
+from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
+from tests.unit.test_loader import gguf_name, llama_cpp_permute
+
+
+def q4_1_blocks(n: int, k: int, seed: int = 0, nice: bool = False) -> torch.Tensor:
+    """Random Q4_1 blocks [n, k/32, 20]. `nice`: d a power of two and m = -8d + a small multiple of
+    d, so every product and sum in either dequantization formula is exact in fp32."""
+    rng = np.random.default_rng(seed)
+    num = n * k // 32
+    if nice:
+        d = (2.0 ** rng.integers(-12, -4, num)).astype(np.float16)
+        m = (-8.0 * d + rng.integers(-4, 5, num) * d).astype(np.float16)
+    else:
+        d = rng.uniform(1e-3, 5e-2, num).astype(np.float16)
+        m = (-8.0 * d * rng.uniform(0.5, 1.5, num)).astype(np.float16)
+    qs = rng.integers(0, 256, (num, 16), dtype=np.uint8)
+    raw = np.concatenate([d.view(np.uint8).reshape(-1, 2), m.view(np.uint8).reshape(-1, 2), qs], axis=1)
+    return torch.from_numpy(raw.reshape(n, k // 32, 20))
+
+
+def test_q4_1_dequantize_matches_gguf_reader():
+    blocks = q4_1_blocks(64, 96)
+    expected = _deq_q4_1(blocks.reshape(-1, 20).numpy()).reshape(64, 96)
+    assert torch.equal(quant.q4_1_dequantize(blocks), torch.from_numpy(expected))
+
+
+def test_q8_0_dequantize_matches_gguf_reader():
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (16 * 3, 34), dtype=np.uint8)
+    raw[:, 0:2] = rng.uniform(-1, 1, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    expected = _deq_q8_0(raw).reshape(16, 96)
+    assert torch.equal(quant.q8_0_dequantize(torch.from_numpy(raw).reshape(16, 3, 34)), torch.from_numpy(expected))
+
+
+def test_int4_pack_of_q4_1_dequantizes_to_exactly_the_gguf_values():
+    n, k = 64, 128
+    blocks = q4_1_blocks(n, k, nice=True)
+    packed, scales_zeros = quant.int4pack_from_q4_1(blocks, scale_dtype=torch.float32)
+    assert packed.dtype == torch.uint8 and scales_zeros.shape == (k // 32, n, 2)
+    # x = I reads the kernel's weights back: row j of the product is column j of W.T.
+    w = quant.int4pack_mm(torch.eye(k), packed, scales_zeros).t()
+    assert torch.equal(w, quant.q4_1_dequantize(blocks))
+
+
+def test_int4_pack_is_close_for_arbitrary_fp16_scales():
+    n, k = 64, 128
+    blocks = q4_1_blocks(n, k, seed=3)
+    ref = quant.q4_1_dequantize(blocks)
+    fp32 = quant.int4pack_mm(torch.eye(k), *quant.int4pack_from_q4_1(blocks, torch.float32)).t()
+    torch.testing.assert_close(fp32, ref, rtol=0, atol=1e-6)
+    bf16 = quant.int4pack_mm(torch.eye(k, dtype=torch.bfloat16), *quant.int4pack_from_q4_1(blocks)).t()
+    torch.testing.assert_close(bf16.float(), ref, rtol=2 ** -7, atol=2e-3)  # bf16 scale/zero rounding
+
+
+def test_fast_linear_small_and_large_agree_with_fp32():
+    blocks = q4_1_blocks(96, 64, seed=4)
+    w = quant.q4_1_dequantize(blocks)
+    lin = quant.FastLinear.from_q4_1(blocks)
+    for m in (1, 3, quant.LARGE_M, 40):
+        x = torch.randn(m, 64)
+        ref = x @ w.t()
+        for y in (lin.small(x.bfloat16()), lin.large(x.bfloat16()), lin(x.bfloat16())):
+            assert y.shape == (m, 96) and y.dtype == torch.bfloat16
+            assert ((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_row_permutation_of_blocks_commutes_with_dequantization():
+    blocks = q4_1_blocks(64, 64, seed=5)
+    assert torch.equal(quant.q4_1_dequantize(unpermute_rope_rows(blocks, 4)),
+                       unpermute_rope_rows(quant.q4_1_dequantize(blocks), 4))
+
+
+# --- the fast model on a tiny Q4_1 GGUF --------------------------------------------------------
+
+TINY = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, max_position=64, rope_theta=1e4, rms_norm_eps=2.0 ** -17,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,))
+
+
+def write_q4_1_gguf(path, config: ModelConfig) -> None:
+    """Layer matrices Q4_1, embedding Q8_0, norms F32 (the layout of the embedded SmolLM2 file)."""
+    g = torch.Generator().manual_seed(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(config.num_layers)
+    w.add_context_length(config.max_position)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, shape in expected_shapes(config).items():
+        if len(shape) == 1:
+            w.add_tensor(gguf_name(name), (1.0 + 0.1 * torch.randn(shape, generator=g)).numpy())
+            continue
+        array = (0.3 * torch.randn(shape, generator=g)).numpy()
+        if ".q_proj." in name:
+            array = llama_cpp_permute(array, config.num_heads)
+        elif ".k_proj." in name:
+            array = llama_cpp_permute(array, config.num_kv_heads)
+        qtype = QT.Q8_0 if "embed" in name else QT.Q4_1
+        w.add_tensor(gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(array), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fast")
+    path = str(d / "tiny.Q4_1.gguf")
+    write_q4_1_gguf(path, TINY)
+    fast = load_fast_checkpoint(path, str(d / "cache"))
+    assert fast is not None and fast.config == TINY
+    again = load_fast_checkpoint(path, str(d / "cache"))  # from the cache file this time
+    assert set(again.tensors) == set(fast.tensors)
+    assert all(torch.equal(again.tensors[n], t) for n, t in fast.tensors.items())
+    ref = LlamaForCausalLM(TINY)
+    ref.load_hf_weights(load_model(path, str(d / "cache")).weights)
+    return FastLlamaForCausalLM(TINY, fast.tensors), ref.eval()
+
+
+def prefill_meta(num_tokens: int) -> AttentionMetadata:
+    slots = torch.arange(num_tokens)
+    return AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, num_tokens, num_tokens, slots, None)])
+
+
+def kv(num_slots: int, dtype=torch.float32):
+    cache = [torch.zeros(2, num_slots, 1, TINY.num_kv_heads, TINY.head_dim, dtype=dtype) for _ in range(2)]
+    return cache, [(c[0].view(num_slots, TINY.num_kv_heads, -1), c[1].view(num_slots, TINY.num_kv_heads, -1))
+                   for c in cache]
+
+
+@pytest.mark.parametrize("num_tokens", [5, 40])  # int4 kernels (< LARGE_M rows) and bf16 kernels
+def test_fast_model_logits_close_to_fp32_reference(tiny_models, num_tokens):
+    fast, ref = tiny_models
+    ids = torch.randint(0, TINY.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(1))
+    pos, rows = torch.arange(num_tokens), torch.arange(num_tokens)
+    ref_cache, _ = kv(64)
+    _, fast_slots = kv(64)
+    expected = ref(ids, pos, ref_cache, prefill_meta(num_tokens), rows)
+    got = fast(ids, pos, fast_slots, prefill_meta(num_tokens), rows)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert (got - expected).norm() / expected.norm() < 0.03
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_contiguous_decode_attention_equals_gathered(tiny_models):
+    """A batch-1 decode over consecutive slots (slice) gives what the gather-and-mask path gives."""
+    fast, _ = tiny_models
+    ids = torch.randint(0, TINY.vocab_size, (9,), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for use_range in (False, True):
+        _, slots = kv(64)
+        fast(ids[:8], torch.arange(8), slots, prefill_meta(8), torch.tensor([7]))
+        meta = AttentionMetadata(slot_mapping=torch.tensor([8]), num_decodes=1,
+                                 decode_gather_idx=torch.arange(9)[None], decode_mask=torch.ones(1, 1, 1, 9, dtype=torch.bool),
+                                 decode_slot_range=(0, 9) if use_range else None)
+        outs.append(fast(ids[8:], torch.tensor([8]), slots, meta, torch.tensor([0])))
+    torch.testing.assert_close(outs[0], outs[1])
