@@ -77,6 +77,7 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
 
     app = FastAPI(title="rtserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.rtserve = AppState(engine_client, settings, ServingMetrics(model_name), model_name)
+    engine_client.rt_listener = app.state.rtserve.metrics.rt  # per-class real-time metrics
     install_error_handlers(app)
     for module in (routes_ops, routes_openai, routes_anthropic, routes_realtime):
         app.include_router(module.router)

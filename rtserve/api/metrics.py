@@ -3,6 +3,7 @@
 Latencies are measured here, in the API process, from delta arrival times (`time.monotonic()`); gauges and
 prefix-cache counters come from the engine's latest `EngineStats` snapshot. Every series has the label
 `model_name`; counters appear on the wire with the `_total` suffix, as prometheus_client writes them.
+Per-class real-time series (`rtserve:rt_*`) and the step-time cost model follow (rtserve/api/rt_metrics.py).
 """
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ class ServingMetrics:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_finished: dict[str, int] = dict.fromkeys(self.FINISHED_REASONS, 0)
+        from rtserve.api.rt_metrics import RTMetrics  # imports this module's Histogram
+        self.rt = RTMetrics(model_name)  # fed by the engine client (AsyncLLM.rt_listener)
 
     def render(self, stats: EngineStats | None) -> str:
         stats = stats or EngineStats()
@@ -107,6 +110,9 @@ class ServingMetrics:
                                [([*model, ("finished_reason", r)], n) for r, n in self.num_finished.items()])
         for hist in (self.ttft, self.itl, self.e2e):
             lines += hist.render(model)
+        from rtserve.api.rt_metrics import render_cost_model
+        lines += self.rt.render()
+        lines += render_cost_model(self.model_name, stats.queue)
         return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,11 @@
 Streaming event order: message_start -> content_block_start -> ping -> content_block_delta* ->
 content_block_stop -> message_delta (cumulative usage) -> message_stop; a `ping` is also sent whenever
 nothing else went out for `ping_interval_s`. After the 200, errors are an `event: error`.
+
+Real time (rtserve/api/rt_fields.py): the `rt` body field is parsed and admission runs before anything is
+sent (529 overloaded_error + Retry-After on refusal); a firm stream starts only with its first delta (a drop
+before it is a 504); `message_delta` carries the `rt` object, as does a non-streaming body (plus a
+`Server-Timing` header). A firm stream stopped at its deadline_ms ends with stop_reason "deadline".
 """
 from __future__ import annotations
 
@@ -22,8 +27,13 @@ from rtserve.api.limits import build_sampling_params, check_request_limits, read
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.prompts import render_chat, text_of
+from rtserve.api.rt_fields import (admit, deadline_error, first_output_of_firm, is_deadline_drop, parse_rt, rt_object,
+                                   server_timing)
 from rtserve.api.sse import dumps, sse_event
-from rtserve.api.streaming import ClientDisconnected, EventStreamResponse, OutputStream, run_until_disconnect
+from rtserve.api.streaming import (ClientDisconnected, ClosingBody, EventStreamResponse, OutputStream,
+                                   run_until_disconnect)
+from rtserve.client.outputs import RequestOutput
+from rtserve.protocol import RTParams
 from rtserve.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -40,9 +50,11 @@ class MessagesJob:
     params: SamplingParams
     cache_control: bool
     arrival_s: float
+    rt: RTParams | None = None  # as requested; resolved by admission
 
     def start(self, state: AppState) -> OutputStream:
-        iterator = state.engine.generate(self.prompt_ids, self.params, self.message_id)
+        iterator = state.engine.generate(self.prompt_ids, self.params, self.message_id, rt=self.rt,
+                                         arrival_s=self.arrival_s, admitted=True)
         return OutputStream([iterator], [RequestTimer(state.metrics, self.arrival_s)])
 
     def usage(self, num_cached: int, num_output: int) -> dict[str, Any]:
@@ -71,17 +83,18 @@ def prompt_ids_of(tokenizer: Any, req: A.CountTokensRequest) -> list[int]:
     return render_chat(tokenizer, messages)
 
 
-async def stream_events(state: AppState, job: MessagesJob, conn: Request) -> AsyncIterator[bytes]:
+async def stream_events(state: AppState, job: MessagesJob, conn: Request, outputs: OutputStream,
+                        first: tuple[int, RequestOutput] | None = None) -> AsyncIterator[bytes]:
     usage = job.usage(0, 0)
     yield sse_event("message_start", A.message_start(A.message_object(job.message_id, job.model, None, None,
                                                                         None, usage)))
     yield sse_event("content_block_start", A.content_block_start(0))
     yield sse_event("ping", A.PING)
-    outputs = job.start(state)
     try:
         last = None
-        while not outputs.is_done:
-            item = await outputs.get(timeout_s=state.settings.ping_interval_s)
+        while not outputs.is_done or first is not None:
+            item, first = (first, None) if first is not None else (
+                await outputs.get(timeout_s=state.settings.ping_interval_s), None)
             if item is None:
                 if not outputs.is_done:
                     yield sse_event("ping", A.PING)
@@ -97,7 +110,8 @@ async def stream_events(state: AppState, job: MessagesJob, conn: Request) -> Asy
         usage = job.usage(last.num_cached_tokens, last.num_output_tokens)
         log_fields(conn, stop_reason=stop_reason, **usage)
         yield sse_event("content_block_stop", A.content_block_stop(0))
-        yield sse_event("message_delta", A.message_delta(stop_reason, stop_sequence, usage))
+        delta = A.message_delta(stop_reason, stop_sequence, usage)
+        yield sse_event("message_delta", {**delta, "rt": last.rt.to_wire()} if last.rt is not None else delta)
         yield sse_event("message_stop", A.MESSAGE_STOP)
     except Exception as exc:  # after the 200: the error goes in-band
         err = exc if isinstance(exc, ApiError) else engine_failure(exc, state.engine.is_dead)
@@ -115,9 +129,13 @@ async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
             last = out
     if last is None or last.finish_reason == "error":
         raise ApiError(500, f"The engine failed this request: {last.error if last else 'no output'}")
+    if job.rt is not None and job.rt.rt_class == "firm" and is_deadline_drop(last):
+        raise deadline_error(last.error)
     stop_reason, stop_sequence = A.stop_reason_of(last.finish_reason, last.stop_reason)
-    return A.message_object(job.message_id, job.model, text, stop_reason, stop_sequence,
+    body = A.message_object(job.message_id, job.model, text, stop_reason, stop_sequence,
                             job.usage(last.num_cached_tokens, last.num_output_tokens))
+    rt = rt_object([last.rt])
+    return body if rt is None else {**body, "rt": rt, "_server_timing": server_timing([last.rt])}
 
 
 @router.post("/v1/messages")
@@ -129,13 +147,26 @@ async def messages(request: Request) -> Response:
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stop_sequences or [])
     prompt_ids = prompt_ids_of(state.engine.tokenizer, req)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=NAMES)
+    rt = parse_rt((req.model_extra or {}).get("rt"))
     job = MessagesJob(f"msg_{uuid.uuid4().hex}", req.model or state.model_name, prompt_ids, params,
                       A.has_cache_control(req), arrival_s)
     log_fields(request, id=job.message_id, model=job.model, stream=bool(req.stream))
     if state.engine.is_dead:
         raise ApiError(503, "The engine is not running.")
+    job.rt = admit(state.engine, len(prompt_ids), rt, arrival_s, anthropic=True)
     if req.stream:
-        return EventStreamResponse(stream_events(state, job, request),
+        outputs = job.start(state)
+        try:  # a firm stream sends nothing before its first delta
+            first = await run_until_disconnect(request.receive, first_output_of_firm(outputs, job.rt))
+        except ClientDisconnected:
+            await outputs.aclose()
+            return Response(status_code=499)
+        except ApiError:
+            raise
+        except Exception as exc:
+            await outputs.aclose()
+            raise engine_failure(exc, state.engine.is_dead) from exc
+        return EventStreamResponse(ClosingBody(stream_events(state, job, request, outputs, first), outputs),
                                    send_timeout_s=state.settings.send_timeout_s)
     try:
         body = await run_until_disconnect(request.receive, collect(state, job))
@@ -147,7 +178,9 @@ async def messages(request: Request) -> Response:
     except Exception as exc:
         raise engine_failure(exc, state.engine.is_dead) from exc
     log_fields(request, **body["usage"])
-    return Response(dumps(body).encode(), media_type="application/json")
+    timing = body.pop("_server_timing", "")
+    return Response(dumps(body).encode(), media_type="application/json",
+                    headers={"server-timing": timing} if timing else None)
 
 
 @router.post("/v1/messages/count_tokens")

@@ -4,6 +4,11 @@ A request with n choices (and, for completions, several prompts) fans out into o
 choice, with ids `{id}-{i}`. Streaming: the role chunk goes out with the first token (never at admission),
 `finish_reason` rides on the last content chunk, the usage chunk (`choices: []`) precedes `data: [DONE]`,
 and an error after the 200 is sent in-band as `data: {"error": ...}` followed by `[DONE]`.
+
+Real time (rtserve/api/rt_fields.py): `rt` / `service_tier` are parsed and admission runs before anything is
+sent (429 + Retry-After on refusal); a firm stream starts only with its first delta (a drop before it is a
+504); the last chunk before `[DONE]` carries the `rt` object (merged into the usage chunk when there is
+one); a non-streaming body carries `rt` and the response a `Server-Timing` header.
 """
 from __future__ import annotations
 
@@ -24,9 +29,13 @@ from rtserve.api.limits import build_sampling_params, check_request_limits, read
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
+from rtserve.api.rt_fields import (admit, deadline_error, first_output_of_firm, is_deadline_drop, parse_rt, rt_object,
+                                   server_timing)
 from rtserve.api.sse import SSE_DONE, dumps, sse_data
-from rtserve.api.streaming import ClientDisconnected, EventStreamResponse, OutputStream, run_until_disconnect
+from rtserve.api.streaming import (ClientDisconnected, ClosingBody, EventStreamResponse, OutputStream,
+                                   run_until_disconnect)
 from rtserve.client.outputs import RequestOutput
+from rtserve.protocol import RTParams
 from rtserve.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -46,6 +55,7 @@ class Job:
     continuous_usage: bool = False
     echo_texts: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
+    rt: RTParams | None = None  # as requested; resolved by admission in `respond`
 
     @property
     def num_choices(self) -> int:
@@ -62,7 +72,8 @@ def start_outputs(state: AppState, job: Job) -> OutputStream:
         i = choice % job.params.n
         seed = None if job.params.seed is None else job.params.seed + i
         params = dataclasses.replace(job.params, n=1, seed=seed)
-        iterators.append(state.engine.generate(job.prompt_of(choice), params, f"{job.request_id}-{choice}"))
+        iterators.append(state.engine.generate(job.prompt_of(choice), params, f"{job.request_id}-{choice}",
+                                               rt=job.rt, arrival_s=job.arrival_s, admitted=True))
         timers.append(RequestTimer(state.metrics, job.arrival_s))
     return OutputStream(iterators, timers)
 
@@ -116,15 +127,25 @@ def chunk_choice(job: Job, tokenizer: Any, choice: int, out: RequestOutput, is_f
     return S.completion_choice(choice, text, logprobs, finish)
 
 
-async def stream_events(state: AppState, job: Job, conn: Request) -> AsyncIterator[bytes]:
+async def _replay(first: tuple[int, RequestOutput] | None, outputs: OutputStream):
+    if first is not None:
+        yield first
+    async for item in outputs:
+        yield item
+
+
+async def stream_events(state: AppState, job: Job, conn: Request, outputs: OutputStream,
+                        first: tuple[int, RequestOutput] | None = None) -> AsyncIterator[bytes]:
     make_chunk = S.chat_chunk if job.kind == "chat" else S.completion_chunk
     tokenizer, usage = state.engine.tokenizer, UsageTally(job)
     started: set[int] = set()
     text_offsets = [0] * job.num_choices
-    outputs = start_outputs(state, job)
+    reports = [None] * job.num_choices
     try:
-        async for choice, out in outputs:
+        async for choice, out in _replay(first, outputs):
             usage.update(choice, out)
+            if out.finished:
+                reports[choice] = out.rt
             body = chunk_choice(job, tokenizer, choice, out, choice not in started, text_offsets)
             if body is None:
                 continue
@@ -132,8 +153,11 @@ async def stream_events(state: AppState, job: Job, conn: Request) -> AsyncIterat
             chunk_usage = usage.of_choice(choice) if job.continuous_usage else None
             yield sse_data(make_chunk(job.request_id, job.created, job.model, [body], chunk_usage,
                                       with_usage_key=job.include_usage))
-        if job.include_usage:
-            yield sse_data(make_chunk(job.request_id, job.created, job.model, [], usage.total()))
+        rt = rt_object(reports)
+        if job.include_usage or rt is not None:
+            final = make_chunk(job.request_id, job.created, job.model, [],
+                               usage.total() if job.include_usage else None)
+            yield sse_data({**final, "rt": rt} if rt is not None else final)
         log_fields(conn, **usage.total())
     except Exception as exc:  # after the 200: the error goes in-band
         err = exc if isinstance(exc, ApiError) else engine_failure(exc, state.engine.is_dead)
@@ -150,28 +174,49 @@ async def collect(state: AppState, job: Job) -> dict[str, Any]:
     texts = list(job.echo_texts[c // job.params.n] if job.echo_texts else "" for c in range(job.num_choices))
     logprobs: list[list] = [[] for _ in range(job.num_choices)]
     finish: list[str | None] = [None] * job.num_choices
+    reports = [None] * job.num_choices
     async with start_outputs(state, job) as outputs:
         async for choice, out in outputs:
+            if job.rt is not None and job.rt.rt_class == "firm" and is_deadline_drop(out):
+                raise deadline_error(out.error)
             usage.update(choice, out)
             texts[choice] += out.text
             logprobs[choice] += out.logprobs or []
             finish[choice] = finish_reason_of(out)
+            if out.finished:
+                reports[choice] = out.rt
     want_lp = job.params.logprobs is not None
     if job.kind == "chat":
         choices = [S.chat_choice(c, texts[c], S.chat_logprobs(tokenizer, logprobs[c]) if want_lp else None,
                                  finish[c]) for c in range(job.num_choices)]
-        return S.chat_completion(job.request_id, job.created, job.model, choices, usage.total())
-    choices = [S.completion_choice(c, texts[c], S.completion_logprobs(tokenizer, logprobs[c], 0) if want_lp
-                                   else None, finish[c]) for c in range(job.num_choices)]
-    return {**S.completion_chunk(job.request_id, job.created, job.model, choices), "usage": usage.total()}
+        body = S.chat_completion(job.request_id, job.created, job.model, choices, usage.total())
+    else:
+        choices = [S.completion_choice(c, texts[c], S.completion_logprobs(tokenizer, logprobs[c], 0) if want_lp
+                                       else None, finish[c]) for c in range(job.num_choices)]
+        body = {**S.completion_chunk(job.request_id, job.created, job.model, choices), "usage": usage.total()}
+    rt = rt_object(reports)
+    return body if rt is None else {**body, "rt": rt, "_server_timing": server_timing(reports)}
 
 
 async def respond(request: Request, state: AppState, job: Job, stream: bool) -> Response:
     log_fields(request, id=job.request_id, model=job.model, n=job.num_choices, stream=stream)
     if state.engine.is_dead:
         raise ApiError(503, "The engine is not running.", code="engine_dead")
+    job.rt = admit(state.engine, sum(map(len, job.prompts)) * job.params.n, job.rt, job.arrival_s)
+    log_fields(request, rt_class=job.rt.rt_class)
     if stream:
-        return EventStreamResponse(stream_events(state, job, request),
+        outputs = start_outputs(state, job)
+        try:  # a firm stream sends nothing before its first delta
+            first = await run_until_disconnect(request.receive, first_output_of_firm(outputs, job.rt))
+        except ClientDisconnected:
+            await outputs.aclose()
+            return Response(status_code=499)
+        except ApiError:
+            raise
+        except Exception as exc:
+            await outputs.aclose()
+            raise engine_failure(exc, state.engine.is_dead) from exc
+        return EventStreamResponse(ClosingBody(stream_events(state, job, request, outputs, first), outputs),
                                    send_timeout_s=state.settings.send_timeout_s)
     try:
         body = await run_until_disconnect(request.receive, collect(state, job))
@@ -183,7 +228,9 @@ async def respond(request: Request, state: AppState, job: Job, stream: bool) -> 
     except Exception as exc:
         raise engine_failure(exc, state.engine.is_dead) from exc
     log_fields(request, **body["usage"])
-    return Response(dumps(body).encode(), media_type="application/json")
+    timing = body.pop("_server_timing", "")
+    return Response(dumps(body).encode(), media_type="application/json",
+                    headers={"server-timing": timing} if timing else None)
 
 
 def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | None, logprobs: int | None,
@@ -196,6 +243,12 @@ def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | Non
         ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False,
         include_stop_str_in_output=bool(req.include_stop_str_in_output))
+
+
+def _rt_of(req: S._SamplingFields) -> RTParams | None:
+    """The `rt` extension and OpenAI's `service_tier` (extra fields of the request body)."""
+    extra = req.model_extra or {}
+    return parse_rt(extra.get("rt"), extra.get("service_tier"))
 
 
 def _stream_flags(req: S._SamplingFields) -> tuple[bool, bool]:
@@ -218,7 +271,7 @@ async def chat_completions(request: Request) -> Response:
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=names)
     include_usage, continuous = _stream_flags(req)
     job = Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt_ids], params, arrival_s,
-              include_usage, continuous)
+              include_usage, continuous, rt=_rt_of(req))
     return await respond(request, state, job, bool(req.stream))
 
 
@@ -236,6 +289,6 @@ async def completions(request: Request) -> Response:
     echo = [state.engine.tokenizer.decode(p) for p in prompts] if req.echo else []
     include_usage, continuous = _stream_flags(req)
     job = Job("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, params, arrival_s, include_usage,
-              continuous, echo)
+              continuous, echo, rt=_rt_of(req))
     return await respond(request, state, job, bool(req.stream))
 

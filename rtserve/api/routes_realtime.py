@@ -5,6 +5,12 @@ streams response.created -> output_item.added -> content_part.added -> output_te
 output_text.done -> content_part.done -> output_item.done -> response.done. response.cancel aborts the
 engine request at once and answers response.done with status "cancelled"; bad events get an `error`
 event and the session stays open. A dropped socket aborts any running response.
+
+Real time: `response.create` may carry `response.rt` ({"class", "ttft_ms", "itl_ms", "deadline_ms"});
+a refusal at admission is an `error` event (code `queue_full` / `deadline_unattainable`, with
+`retry_after_ms`) plus a failed response.done; a firm response stopped at its deadline is "incomplete"
+with reason "deadline" (dropped before its first token: "failed", code `deadline_exceeded`);
+response.done carries the `rt` object.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from rtserve.api.errors import ApiError, engine_failure
 from rtserve.api.limits import build_sampling_params, check_request_limits
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.prompts import render_chat
+from rtserve.api.rt_fields import admit, is_deadline_drop, parse_rt
 from rtserve.api.streaming import OutputStream
 from rtserve.client.outputs import RequestOutput
 
@@ -157,6 +164,10 @@ class RealtimeSession:
         if not isinstance(overrides, dict):
             raise ApiError(400, "response must be an object.", param="response")
         self._apply_overrides(overrides, "response")
+        try:
+            parse_rt(overrides.get("rt"))
+        except ApiError as err:
+            raise ApiError(400, err.message, param=f"response.{err.param}") from None
         self.response_id = E.new_id("resp")
         self.response_task = asyncio.create_task(self.respond(self.response_id, overrides))
 
@@ -188,15 +199,20 @@ class RealtimeSession:
                                            temperature=1.0 if temperature is None else temperature)
             check_request_limits(self.state.engine, prompt_ids, params, prompt_param="conversation",
                                  param_names={"max_tokens": "max_output_tokens"})
+            rt = admit(self.state.engine, len(prompt_ids), parse_rt(overrides.get("rt")), arrival_s)
         except ApiError as err:
-            await self.send_error(err.message, param=err.param)
+            retry = {"retry_after_ms": int(err.headers["retry-after-ms"])} if "retry-after-ms" in err.headers else {}
+            await self.send_error(err.message, param=err.param, code=err.code if retry else "invalid_event",
+                                  error_type="rate_limit_error" if retry else "invalid_request_error")
             return await self.send("response.done", response=E.response_object(
-                response_id, "failed", [], None, {"type": "failed", "error": {"message": err.message}}, mot))
+                response_id, "failed", [], None, {"type": "failed", "error": {"message": err.message,
+                                                                              "code": err.code, **retry}}, mot))
         where = E.part_fields(response_id, item_id)
         await self.send("response.output_item.added", response_id=response_id, output_index=0,
                         item=E.message_item(item_id, "assistant", "", "in_progress"))
         await self.send("response.content_part.added", **where, part={"type": "text", "text": ""})
-        outputs = OutputStream([self.state.engine.generate(prompt_ids, params, response_id)],
+        outputs = OutputStream([self.state.engine.generate(prompt_ids, params, response_id, rt=rt,
+                                                           arrival_s=arrival_s, admitted=True)],
                                [RequestTimer(self.state.metrics, arrival_s)])
         progress = _Progress()
         self.consume_task = asyncio.create_task(self._consume(outputs, where, progress))
@@ -214,7 +230,10 @@ class RealtimeSession:
         await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
         usage = E.usage_object(len(prompt_ids), last.num_cached_tokens if last else 0,
                                last.num_output_tokens if last else 0)
-        await self.send("response.done", response=E.response_object(response_id, status, [item], usage, details, mot))
+        done = E.response_object(response_id, status, [item], usage, details, mot)
+        if last is not None and last.rt is not None:
+            done["rt"] = last.rt.to_wire()
+        await self.send("response.done", response=done)
 
     async def _consume(self, outputs: OutputStream, where: dict[str, Any], progress: _Progress) -> None:
         try:
@@ -237,6 +256,11 @@ class RealtimeSession:
             return "failed", {"type": "failed", "error": {"type": "server_error", "message": progress.failure}}
         if progress.last is not None and progress.last.finish_reason == "length":
             return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        if progress.last is not None and is_deadline_drop(progress.last):
+            return "failed", {"type": "failed", "error": {"type": "server_error", "code": "deadline_exceeded",
+                                                          "message": progress.last.error}}
+        if progress.last is not None and progress.last.finish_reason == "deadline":
+            return "incomplete", {"type": "incomplete", "reason": "deadline"}
         return "completed", None
 
 

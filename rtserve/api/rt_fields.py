@@ -17,6 +17,8 @@ import math
 from typing import Any
 
 from rtserve.api.errors import ApiError
+from rtserve.client.async_llm import AdmissionRejected
+from rtserve.client.outputs import RequestOutput
 from rtserve.client.rt_report import RTReport
 from rtserve.engine.rt_params import HARD_CLASS_MESSAGE
 from rtserve.protocol import RTClass, RTParams
@@ -96,3 +98,35 @@ def rt_object(reports: list[RTReport | None]) -> dict[str, Any] | None:
     if len(wire) == 1:
         return wire[0]
     return {**wire[0], "deadline_met": all(w["deadline_met"] for w in wire), "choices": wire}
+
+
+def admit(engine: Any, num_prompt_tokens: int, rt: RTParams | None, arrival_s: float,
+          anthropic: bool = False) -> RTParams:
+    """Resolve budgets and run admission control before anything is sent: 400 / 429 / 529 on refusal."""
+    try:
+        return engine.check_admission(num_prompt_tokens, rt, arrival_s)
+    except AdmissionRejected as exc:
+        raise rejection_error(exc, anthropic) from None
+    except ValueError as exc:
+        param = getattr(exc, "param", None)
+        raise ApiError(400, str(exc), param=param, code="unsupported_rt_class" if param == "rt.class" and
+                       "hard" in str(exc) else "invalid_value") from None
+
+
+def is_deadline_drop(out: RequestOutput) -> bool:
+    """Dropped for a deadline before its first token: nothing was generated for the client."""
+    return out.finish_reason == "deadline" and out.num_output_tokens == 0
+
+
+async def first_output_of_firm(outputs: Any, rt: RTParams | None) -> tuple[int, RequestOutput] | None:
+    """A firm stream sends nothing until its first delta: a drop before the first token becomes a 504.
+
+    Returns the first `(choice, delta)` to replay (None for other classes, which start at once).
+    """
+    if rt is None or rt.rt_class != RTClass.FIRM:
+        return None
+    item = await outputs.get()
+    if item is not None and is_deadline_drop(item[1]):
+        await outputs.aclose()
+        raise deadline_error(item[1].error)
+    return item

@@ -64,6 +64,8 @@ def stop_reason_of(finish_reason: str | None, stop_reason: int | str | None) -> 
     """Engine finish -> (Anthropic stop_reason, stop_sequence)."""
     if finish_reason == "length":
         return "max_tokens", None
+    if finish_reason == "deadline":  # rtserve: a firm request stopped at its deadline_ms
+        return "deadline", None
     if isinstance(stop_reason, str):
         return "stop_sequence", stop_reason
     return "end_turn", None

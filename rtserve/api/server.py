@@ -14,7 +14,7 @@ import sys
 from rtserve.api.app import ServerSettings, build_app
 from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
-from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, SchedulerConfig
+from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig, SchedulerConfig
 
 logger = logging.getLogger("rtserve.api")
 
@@ -36,6 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-cache-bytes", type=int, default=None)
     m.add_argument("--no-prefix-caching", action="store_true")
     m.add_argument("--in-process", action="store_true", help="run the engine core on a thread of this process")
+    rt = p.add_argument_group("real-time scheduling (rtserve/engine/rt_policy.py)")
+    rt.add_argument("--policy", choices=("deadline", "fcfs"), default=None,
+                    help="deadline: EDF, ITL-sized prefill chunks, firm admission and expiry (default); "
+                         "fcfs: arrival order, no admission or expiry (baseline)")
+    for cls, (ttft, itl) in (("firm", (500, 50)), ("soft", (500, 50))):
+        rt.add_argument(f"--rt-{cls}-ttft-ms", type=float, default=None, help=f"default {cls} TTFT budget ({ttft})")
+        rt.add_argument(f"--rt-{cls}-itl-ms", type=float, default=None, help=f"default {cls} ITL budget ({itl})")
+        rt.add_argument(f"--rt-{cls}-deadline-ms", type=float, default=None,
+                        help=f"default {cls} whole-response deadline (none)")
+    rt.add_argument("--rt-batch-max-wait-s", type=float, default=None, help="batch waits at most this long (30)")
+    rt.add_argument("--max-num-waiting", type=int, default=None, help="bounded waiting queue, requests (256)")
+    rt.add_argument("--max-waiting-tokens", type=int, default=None, help="bounded waiting queue, prompt tokens")
+    rt.add_argument("--max-buffered-outputs", type=int, default=None,
+                    help="deltas held for a stream whose client stopped reading before it is paused (64)")
+    rt.add_argument("--slow-reader-timeout-s", type=float, default=None,
+                    help="a paused (unread) stream is aborted after this long (30)")
+    rt.add_argument("--min-prefill-chunk", type=int, default=None,
+                    help="prefill tokens per step even when streams have no ITL slack left (16)")
+    rt.add_argument("--rt-cost-min-samples", type=int, default=None,
+                    help="measured steps before the step-time model is trusted (8)")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask")
     lim.add_argument("--max-n", type=int, default=None, help="largest n (choices per request)")
@@ -79,9 +99,23 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                max_num_batched_tokens=args.max_num_batched_tokens)
     limits = _replace_given(LimitsConfig(), max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
                             max_logprobs=args.max_logprobs)
+    rt = rt_config_from_args(args)
     return _replace_given(base, model=args.model, dtype=args.dtype, device=args.device,
                           num_threads=args.num_threads, seed=args.seed, cache=cache, scheduler=scheduler,
-                          limits=limits)
+                          limits=limits, rt=rt)
+
+
+def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
+    """`--policy` and the per-class defaults (milliseconds on the command line, seconds inside)."""
+    def budgets(cls: str, base: RTClassDefaults) -> RTClassDefaults:
+        ms = {k: getattr(args, f"rt_{cls}_{k}_ms") for k in ("ttft", "itl", "deadline")}
+        return _replace_given(base, **{f"{k}_s": None if v is None else v / 1000.0 for k, v in ms.items()})
+    base = RTConfig()
+    return _replace_given(base, policy=args.policy, firm=budgets("firm", base.firm), soft=budgets("soft", base.soft),
+                          batch_max_wait_s=args.rt_batch_max_wait_s, max_num_waiting=args.max_num_waiting,
+                          max_waiting_tokens=args.max_waiting_tokens, max_buffered_outputs=args.max_buffered_outputs,
+                          slow_reader_timeout_s=args.slow_reader_timeout_s, min_prefill_chunk=args.min_prefill_chunk,
+                          cost_min_samples=args.rt_cost_min_samples)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

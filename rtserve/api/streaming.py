@@ -2,7 +2,11 @@
 
 - `OutputStream` fans in one or more generate() iterators (n choices) through a queue, so a consumer can
   wait with a timeout (Anthropic pings) without cancelling the engine iterator. `aclose()` cancels the
-  pump tasks, which closes the iterators and so aborts their engine requests.
+  pump tasks, which closes the iterators and so aborts their engine requests. At most `max_buffered`
+  deltas wait in it: a consumer that stops (its client stopped reading) stops the pumps, so the engine
+  client's own bounded buffer fills and the request is paused, then aborted (AsyncLLM slow reader).
+- `ClosingBody` ties a response body to the OutputStream it reads, for streams started before the
+  response (admission and a firm request's first delta happen before any byte).
 - `EventStreamResponse` sends SSE bytes and, concurrently, waits for `http.disconnect`; a disconnect
   cancels the body (whatever the ASGI spec version the server advertises).
 - `run_until_disconnect` does the same for non-streaming handlers: a client that leaves while its request
@@ -46,8 +50,9 @@ class OutputStream:
     _END = object()
 
     def __init__(self, iterators: Sequence[AsyncIterator[RequestOutput]],
-                 timers: Sequence[RequestTimer] | None = None) -> None:
+                 timers: Sequence[RequestTimer] | None = None, max_buffered: int = 16) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._credits = asyncio.Semaphore(max_buffered)  # deltas may wait here; errors and ends always fit
         self._timers = list(timers or [])
         self._num_open = len(iterators)
         self._tasks = [asyncio.create_task(self._pump(i, it)) for i, it in enumerate(iterators)]
@@ -57,6 +62,7 @@ class OutputStream:
             async for out in iterator:  # type: ignore[attr-defined]
                 if self._timers:
                     self._timers[index].on_output(out)
+                await self._credits.acquire()
                 await self._queue.put((index, out))  # after the finished delta the iterator returns
         except asyncio.CancelledError:
             raise
@@ -87,6 +93,7 @@ class OutputStream:
                 continue
             if isinstance(item, BaseException):
                 raise item
+            self._credits.release()
             return index, item
         return None
 
@@ -111,6 +118,22 @@ class OutputStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class ClosingBody:
+    """An SSE body iterator that also closes `outputs` when closed, even if it never started."""
+
+    def __init__(self, body: AsyncIterator[bytes], outputs: OutputStream) -> None:
+        self._body = body
+        self._outputs = outputs
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._body.__aiter__()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(BaseException):
+            await self._body.aclose()  # type: ignore[attr-defined]
+        await self._outputs.aclose()
 
 
 class EventStreamResponse(Response):

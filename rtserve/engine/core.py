@@ -17,7 +17,7 @@ from rtserve.engine.validation import validate_request
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats,
                               FinishReason, QueueSnapshot)
-from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block
+from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_dtype
 
 logger = logging.getLogger("rtserve.engine")
 
@@ -29,7 +29,8 @@ class EngineCore:
         self.max_model_len = min(model_config.max_position, config.scheduler.max_model_len)
         cache = config.cache
         num_blocks = cache.num_blocks or max(
-            cache.kv_cache_bytes // kv_bytes_per_block(model_config, cache.block_size, config.dtype), 1)
+            cache.kv_cache_bytes // kv_bytes_per_block(model_config, cache.block_size,
+                                                       kv_cache_dtype(weights, config.dtype)), 1)
         if num_blocks * cache.block_size < self.max_model_len:
             logger.warning("KV cache holds %d tokens, less than the context length %d",
                            num_blocks * cache.block_size, self.max_model_len)

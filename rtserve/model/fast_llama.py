@@ -2,11 +2,13 @@
 
 Same contract as `LlamaForCausalLM.forward` (flat batch of T tokens, paged KV cache, logits [S, V]
 fp32 for `logit_indices`), different numerics:
-  - the residual stream, RMSNorm, RoPE, attention and the KV cache stay fp32;
-  - linear layers take bf16 activations: int4 group-32 (the Q4_1 blocks as they are) when the step
+  - the residual stream and RMSNorm are fp32; matmul inputs/outputs, RoPE, attention and the KV
+    cache are bf16 (half the KV bytes to gather and read per step);
+  - linear layers: int4 group-32 (the Q4_1 blocks as they are) when the step
     has fewer than `quant.LARGE_M` tokens, the exact bf16 dequantization through oneDNN otherwise;
   - the LM head (the GGUF's Q8_0 embedding) is int8 per row with dynamic int8 activations (fbgemm)
-    for few rows, the step's 16 outlier hidden channels in fp32; bf16 oneDNN for many rows.
+    for fewer than 16 rows, with 16 outlier hidden channels (calibrated at load) in fp32; bf16
+    oneDNN for more rows.
 It is a plain object, not an nn.Module tree, and the layer loop is one function: at batch 1 a step is
 ~20 small ops per layer, so Python and dispatch overhead matter as much as the matmuls.
 """
@@ -18,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from rtserve.config import ModelConfig
-from rtserve.model import quant
+from rtserve.model import fast_decode, quant
 from rtserve.model.layers import RotaryEmbedding, paged_attention_slots
-from rtserve.runner.attention_metadata import AttentionMetadata
+from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
 
 
 NUM_OUTLIER_CHANNELS = 16  # hidden channels kept out of the int8 LM head (see _lm_head_int8)
+HEAD_LARGE_M = 16  # rows from which the bf16 LM head beats int8 (benchmarks/kernels.py: M=8 vs 32)
 
 
 class FastLayer:
@@ -31,8 +34,9 @@ class FastLayer:
 
     def __init__(self, tensors: dict[str, torch.Tensor], i: int) -> None:
         p = f"layers.{i}."
-        self.input_norm = tensors[p + "input_layernorm"]
-        self.post_norm = tensors[p + "post_attention_layernorm"]
+        sqrt_h = tensors[p + "input_layernorm"].shape[0] ** 0.5  # RMSNorm as a vector norm: see _rms_norm
+        self.input_norm = tensors[p + "input_layernorm"] * sqrt_h
+        self.post_norm = tensors[p + "post_attention_layernorm"] * sqrt_h
         self.qkv, self.o, self.gate_up, self.down = (
             quant.FastLinear(tensors[f"{p}{m}.int4"], tensors[f"{p}{m}.scales_zeros"],
                              quant.prepack_bf16(tensors[f"{p}{m}.bf16"]), tensors[f"{p}{m}.bf16"].shape[0])
@@ -45,62 +49,108 @@ class FastLlamaForCausalLM:
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
         self.cfg = cfg
         self.embed_tokens = tensors["embed_tokens"]  # [V, H] fp32
-        self.norm = tensors["norm"]
+        self.norm_scaled = tensors["norm"] * cfg.hidden_size ** 0.5
         self.layers = [FastLayer(tensors, i) for i in range(cfg.num_layers)]
         self.head_int8 = _prepack_int8_dynamic(tensors["lm_head.int8"], tensors["lm_head.scale"])
         self.head_bf16 = quant.prepack_bf16(tensors["lm_head.bf16"])
-        self.head_t = tensors["lm_head.t"]  # [H, V] fp32: rows are the LM head's input channels
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
         half = cfg.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one roll instead of split/neg/cat.
-        self.cos = rope.cos                                                   # [max_pos, hd] fp32
-        self.sin_signed = torch.cat([-rope.sin[:, :half], rope.sin[:, half:]], dim=-1)
+        # rotate_half(x) * sin == swap_halves(x) * [-sin_lo, sin_hi]: one flip instead of split/neg/cat.
+        self.cos = rope.cos.to(torch.bfloat16)                                # [max_pos, hd]
+        self.sin_signed = torch.cat([-rope.sin[:, :half], rope.sin[:, half:]], dim=-1).to(torch.bfloat16)
         self.scale = cfg.head_dim ** -0.5
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self._decode_weights = ([n for layer in self.layers for n in (layer.input_norm, layer.post_norm)],
+                                [lin.packed for lin in linears], [lin.scales_and_zeros for lin in linears],
+                                [lin.bf16_prepacked for lin in linears])
+        self._decode_layers = fast_decode.compile_decode_layers()
+        self.outlier_idx, self.head_outliers = self._calibrate_head_outliers(tensors["lm_head.bf16"])
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_slots: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                  logit_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_slots: per layer (K, V) slot views [num_slots, KVH, hd] fp32
+        """input_ids, positions: [T]; kv_slots: per layer (K, V) slot views [num_slots, KVH, hd] bf16
         (written in place). Returns logits [S, V] fp32 for the S rows `logit_indices`."""
+        x = self.hidden_states(input_ids, positions, kv_slots, meta, logit_indices)  # [S, H] fp32
+        if x.shape[0] < HEAD_LARGE_M and self.outlier_idx is not None:
+            return self._lm_head_int8(x)
+        return quant.bf16_mm(x.to(torch.bfloat16), self.head_bf16).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      kv_slots: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                      logit_indices: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [S, H] fp32 of rows `logit_indices` (the LM head's input)."""
         cfg = self.cfg
         num_tokens = input_ids.shape[0]
-        small = num_tokens < quant.LARGE_M
-        mm = quant.FastLinear.small if small else quant.FastLinear.large
         x = F.embedding(input_ids, self.embed_tokens)                         # [T, H] fp32
-        cos = self.cos[positions].unsqueeze(1)                                 # [T, 1, hd]
-        sin = self.sin_signed[positions].unsqueeze(1)
-        hidden, eps, half = (cfg.hidden_size,), cfg.rms_norm_eps, cfg.head_dim // 2
+        cos = self.cos[positions].view(num_tokens, 1, 2, -1)                   # [T, 1, 2, hd/2] bf16
+        sin = self.sin_signed[positions].view(num_tokens, 1, 2, -1)
+        if meta.num_decodes == num_tokens:  # decode-only step: the scripted layer stack
+            x = self._run_decode_layers(x, cos, sin, kv_slots, meta)[logit_indices]
+            return x * (self.norm_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
+        mm = quant.FastLinear.small if num_tokens < quant.LARGE_M else quant.FastLinear.large
         q_size, kv_size, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        num_qk_heads = cfg.num_heads + cfg.num_kv_heads
-        bf16 = torch.bfloat16
+        qk_shape = (num_tokens, cfg.num_heads + cfg.num_kv_heads, 2, cfg.head_dim // 2)
+        v_shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
         for layer, (k_slots, v_slots) in zip(self.layers, kv_slots):
-            h = F.rms_norm(x, hidden, layer.input_norm, eps).to(bf16)
-            qkv = mm(layer.qkv, h).float()                                     # [T, q + 2 kv]
-            qk = qkv[:, :q_size + kv_size].view(num_tokens, num_qk_heads, cfg.head_dim)
-            qk = qk * cos + qk.roll(half, -1) * sin                            # RoPE on q and k at once
-            v = qkv[:, q_size + kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            attn = paged_attention_slots(qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v,
-                                         k_slots, v_slots, meta, self.scale)  # [T, H, hd]
-            x = x + mm(layer.o, attn.reshape(num_tokens, q_size).to(bf16))
-            h = F.rms_norm(x, hidden, layer.post_norm, eps).to(bf16)
-            gate_up = mm(layer.gate_up, h)                                     # [T, 2 I] bf16
+            qkv = mm(layer.qkv, self._rms_norm(x, layer.input_norm))          # [T, q + 2 kv] bf16
+            qk = qkv[:, :q_size + kv_size].view(qk_shape)
+            # RoPE on q and k at once; rotate_half is the flip of the two halves, signs in `sin`.
+            qk = torch.addcmul(qk * cos, qk.flip(2), sin).view(num_tokens, -1, cfg.head_dim)
+            attn = paged_attention_slots(qk[:, :cfg.num_heads], qk[:, cfg.num_heads:],
+                                         qkv[:, q_size + kv_size:].view(v_shape), k_slots, v_slots, meta,
+                                         self.scale)                           # [T, H, hd] bf16
+            x = x + mm(layer.o, attn.view(num_tokens, q_size))
+            gate_up = mm(layer.gate_up, self._rms_norm(x, layer.post_norm))   # [T, 2 I] bf16
             x = x + mm(layer.down, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
-        x = F.rms_norm(x[logit_indices], hidden, self.norm, eps)              # [S, H] fp32
-        if x.shape[0] < quant.LARGE_M:
-            return self._lm_head_int8(x)
-        return quant.bf16_mm(x.to(bf16), self.head_bf16).float()
+        x = x[logit_indices]
+        return x * (self.norm_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
+
+    def _run_decode_layers(self, x, cos, sin, kv_slots, meta: AttentionMetadata) -> torch.Tensor:
+        cfg = self.cfg
+        start, end = meta.decode_slot_range or (0, 0)
+        use_table = meta.decode_slot_range is None
+        return self._decode_layers(
+            x, cos, sin, meta.slot_mapping, start, end, meta.decode_block_table if use_table else None,
+            meta.decode_mask if use_table else None, x.shape[0] < quant.LARGE_M, *self._decode_weights,
+            [k for k, _ in kv_slots], [v for _, v in kv_slots], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.intermediate_size, self.scale)
+
+    @staticmethod
+    def _rms_norm(x: torch.Tensor, weight_scaled: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of fp32 x [T, H] into a new bf16 tensor: x * w / rms(x), with
+        `weight_scaled` = w * sqrt(H), so rms is a vector norm (eps, ~1e-5 of mean(x^2), is dropped)."""
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        return torch.mul(x, weight_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True), out=out)
 
     def _lm_head_int8(self, x: torch.Tensor) -> torch.Tensor:
         """[S, H] fp32 -> [S, V] fp32 logits through int8 with dynamic activations, outliers apart.
 
         fbgemm quantizes activations per tensor, and a few hidden channels are 10-15x larger than the
-        rest (channel 199 of SmolLM2), which alone costs ~15x the KL of a bf16 head. The
-        `NUM_OUTLIER_CHANNELS` largest channels of this step go through an fp32 matmul instead.
+        rest (channel 199 of SmolLM2), which alone costs ~15x the KL of a bf16 head. Those channels
+        (found once by `_calibrate_head_outliers`) go through a small fp32 matmul instead.
         """
-        idx = x.abs().amax(0).topk(NUM_OUTLIER_CHANNELS).indices              # [k]
-        logits = torch.ops.quantized.linear_dynamic(x.index_fill(1, idx, 0.0), self.head_int8)
-        return logits.addmm_(x.index_select(1, idx), self.head_t.index_select(0, idx))
+        logits = torch.ops.quantized.linear_dynamic(x.index_fill(1, self.outlier_idx, 0.0), self.head_int8)
+        return logits.addmm_(x.index_select(1, self.outlier_idx), self.head_outliers)
+
+    @torch.inference_mode()
+    def _calibrate_head_outliers(self, head_bf16: torch.Tensor):
+        """The LM head input's `NUM_OUTLIER_CHANNELS` largest channels, measured on one synthetic
+        64-token prefill (ids spread over the vocabulary), and the head's fp32 columns for them
+        [k, V]. (None, None) for models too small to need it (the head then runs in bf16)."""
+        cfg = self.cfg
+        if cfg.hidden_size < 4 * NUM_OUTLIER_CHANNELS:
+            return None, None
+        num_tokens = 64
+        ids = torch.linspace(0, cfg.vocab_size - 1, num_tokens).long()
+        slots = torch.arange(num_tokens)
+        meta = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, num_tokens, num_tokens, slots, None)])
+        scratch = torch.zeros(2, num_tokens, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)
+        # Every layer writes all 64 slots before reading them, so one scratch cache serves all layers.
+        hidden = self.hidden_states(ids, slots, [(scratch[0], scratch[1])] * cfg.num_layers, meta, slots)
+        idx = hidden.abs().amax(0).topk(NUM_OUTLIER_CHANNELS).indices.sort().values
+        return idx, head_bf16.index_select(1, idx).t().float().contiguous()
 
 
 def _prepack_int8_dynamic(weight_int8: torch.Tensor, scale: torch.Tensor):

@@ -75,19 +75,26 @@ def paged_attention_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_s
         vd = v_slots[start:end].transpose(0, 1).unsqueeze(0)
         od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, scale=scale, enable_gqa=True)
         return od.view(q.shape)
-    out = torch.empty_like(q)
+    out = None if not meta.prefills else torch.empty_like(q)
     if d:
-        qd = q[:d].unsqueeze(2)                                  # [D, H, 1, hd]
-        kd = k_slots[meta.decode_gather_idx].transpose(1, 2)     # [D, KVH, L, hd]
-        vd = v_slots[meta.decode_gather_idx].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=True)
+        num_kv_heads, head_dim = k_slots.shape[1], k_slots.shape[2]
+        table = meta.decode_block_table                          # [D, B]
+        width = meta.decode_mask.shape[-1]                       # B * block_size
+        blocks = table.view(-1)
+        k_blocks = k_slots.view(-1, width // table.shape[1], num_kv_heads, head_dim)
+        v_blocks = v_slots.view(k_blocks.shape)
+        kd = k_blocks.index_select(0, blocks).view(d, width, num_kv_heads, head_dim).transpose(1, 2)
+        vd = v_blocks.index_select(0, blocks).view(d, width, num_kv_heads, head_dim).transpose(1, 2)
+        od = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
+                                            scale=scale, enable_gqa=True)  # [D, H, 1, hd]
+        if not meta.prefills:
+            return od.view(q.shape)
         out[:d] = od.squeeze(2)
     for p in meta.prefills:
         s, e = p.query_start, p.query_start + p.query_len
         qp = q[s:e].transpose(0, 1).unsqueeze(0)                          # [1, H, q, hd]
-        kp = k_slots[p.gather_idx].transpose(0, 1).unsqueeze(0)           # [1, KVH, L, hd]
-        vp = v_slots[p.gather_idx].transpose(0, 1).unsqueeze(0)
+        kp = k_slots.index_select(0, p.gather_idx).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
+        vp = v_slots.index_select(0, p.gather_idx).transpose(0, 1).unsqueeze(0)
         if p.causal_mask is None:
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:

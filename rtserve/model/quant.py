@@ -18,7 +18,7 @@ import torch
 Q4_1_BLOCK_LEN, Q4_1_BLOCK_NBYTES = 32, 20
 Q8_0_BLOCK_LEN, Q8_0_BLOCK_NBYTES = 32, 34
 INT4_INNER_K_TILES = 2
-LARGE_M = 16  # rows at which the bf16 GEMM beats the int4 GEMV (kernels.py; M=8 vs M=32 here)
+LARGE_M = 8  # rows from which the bf16 GEMM beats the int4 GEMV (benchmarks/kernels.py: between 4 and 8)
 
 
 def q4_1_unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

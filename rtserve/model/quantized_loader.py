@@ -9,8 +9,7 @@ Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `
   layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
   layers.<i>.input_layernorm / .post_attention_layernorm [H] fp32, norm [H] fp32
-  embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16,
-  lm_head.t [H, V] fp32 (the head transposed, for its outlier channels)
+  embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from rtserve.model.loader import config_from_gguf, unpermute_rope_rows
 
 logger = logging.getLogger(__name__)
 
-FAST_FORMAT_VERSION = "2"  # bump when the packed layout changes
+FAST_FORMAT_VERSION = "3"  # bump when the packed layout changes
 _Q4_1 = 3
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}
@@ -70,11 +69,10 @@ def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
     embed = gguf.dequantize("token_embd.weight")
     head = gguf.dequantize("output.weight") if "output.weight" in gguf.tensors else embed
     out["embed_tokens"] = embed
-    scale = (head.abs().amax(1) / 127).clamp_min(1e-12)  # per-row int8 for the M < LARGE_M head
+    scale = (head.abs().amax(1) / 127).clamp_min(1e-12)  # per-row int8 for the few-row head
     out["lm_head.int8"] = torch.round(head / scale[:, None]).clamp(-127, 127).to(torch.int8)
     out["lm_head.scale"] = scale
     out["lm_head.bf16"] = head.to(torch.bfloat16)
-    out["lm_head.t"] = head.t().contiguous()
     for i in range(config.num_layers):
         for norm, hf in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
             out[f"layers.{i}.{hf}"] = gguf.dequantize(f"blk.{i}.{norm}.weight")

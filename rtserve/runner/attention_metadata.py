@@ -8,7 +8,7 @@ Tokens of a step are flattened into one dimension T. Sequences are laid out deco
 The KV cache of a layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; flattening
 blocks gives slots [num_blocks * block_size, num_kv_heads, head_dim], and slot = block_id * block_size
 + offset. `slot_mapping[t]` is where token t's K/V is written; `*_gather_idx` lists, for each context
-position of a sequence, the slot to read.
+position of a sequence, the slot to read; decodes read whole blocks through a block table.
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor           # [T] int64
     num_decodes: int = 0                 # D: the first D tokens are single-token decodes
-    decode_gather_idx: torch.Tensor | None = None  # [D, L_max] int64 slots (padding: 0)
-    decode_mask: torch.Tensor | None = None        # [D, 1, 1, L_max] bool (True = attend)
+    # Decodes read whole blocks: row i lists sequence i's blocks (padding: block 0), and the mask
+    # covers num_blocks_max * block_size context slots per row (True = attend).
+    decode_block_table: torch.Tensor | None = None  # [D, num_blocks_max] int64
+    decode_mask: torch.Tensor | None = None         # [D, 1, 1, num_blocks_max * block_size] bool
     # When D == 1 and that sequence's slots are consecutive: [start, end) of them (attention slices
     # the cache instead of gathering it). None otherwise.
     decode_slot_range: tuple[int, int] | None = None

@@ -50,7 +50,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(device), num_decodes=len(decodes),
                              prefills=prefill_chunks)
     if decodes:
-        meta.decode_gather_idx, meta.decode_mask = _decode_tables(decodes, block_size, device)
+        meta.decode_block_table, meta.decode_mask = _decode_tables(decodes, block_size, device)
         if len(decodes) == 1:
             meta.decode_slot_range = _consecutive_slots(decodes[0], block_size)
     return ModelInputs(
@@ -69,14 +69,16 @@ def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
 
 
 def _decode_tables(decodes: list[ScheduledSeq], block_size: int, device: torch.device):
-    """Gather slots [D, L_max] (padded with slot 0) and mask [D, 1, 1, L_max] for single-token queries."""
+    """Block table [D, num_blocks_max] (padded with block 0) and mask [D, 1, 1, num_blocks_max *
+    block_size] for single-token queries: gathering whole blocks is a plain memcpy per block."""
     lens = [s.start_pos + 1 for s in decodes]
-    max_len = max(lens)
-    gather = torch.zeros(len(decodes), max_len, dtype=torch.int64)
-    for i, (seq, n) in enumerate(zip(decodes, lens)):
-        gather[i, :n] = _slots(seq.block_ids, 0, n, block_size)
-    mask = torch.arange(max_len).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)  # [D, L_max]
-    return gather.to(device), mask[:, None, None, :].to(device)
+    num_blocks = [-(-n // block_size) for n in lens]
+    table = torch.zeros(len(decodes), max(num_blocks), dtype=torch.int64)
+    for i, (seq, n) in enumerate(zip(decodes, num_blocks)):
+        table[i, :n] = torch.tensor(seq.block_ids[:n], dtype=torch.int64)
+    width = table.shape[1] * block_size
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)  # [D, width]
+    return table.to(device), mask[:, None, None, :].to(device)
 
 
 def _consecutive_slots(seq: ScheduledSeq, block_size: int) -> tuple[int, int] | None:

@@ -22,9 +22,14 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * _DTYPES[dtype].itemsize
 
 
+def kv_cache_dtype(weights, dtype: str) -> str:
+    """The KV cache's dtype name: bf16 on the fast path (a `FastCheckpoint`), else the engine dtype."""
+    return "bfloat16" if isinstance(weights, FastCheckpoint) else dtype
+
+
 class ModelRunner:
     """`weights`: HF-named fp32 tensors (the reference `LlamaForCausalLM`, in `dtype`), or a
-    `FastCheckpoint` (the quantized CPU fast path; fp32 KV cache, `dtype` is ignored)."""
+    `FastCheckpoint` (the quantized CPU fast path; bf16 KV cache, `dtype` is ignored)."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int,
                  weights: "dict[str, torch.Tensor] | FastCheckpoint", device: str = "cpu",
@@ -33,7 +38,7 @@ class ModelRunner:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.is_fast_path = isinstance(weights, FastCheckpoint)
-        self.dtype = torch.float32 if self.is_fast_path else _DTYPES[dtype]
+        self.dtype = torch.bfloat16 if self.is_fast_path else _DTYPES[dtype]  # activations and KV cache
         self.block_size = cache_config.block_size
         if self.is_fast_path:
             if self.device.type != "cpu":

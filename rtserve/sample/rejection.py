@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtserve.sample.sampler import apply_min_p, apply_top_k, apply_top_p, exponential_race
+from rtserve.sample.sampler import SamplingBatch, apply_min_p, apply_top_k, apply_top_p, exponential_race
 
 PAD_ID = -1  # output positions after the bonus token
 
@@ -77,6 +77,47 @@ def rejection_sample(target_probs: Tensor, draft_ids: Tensor, draft_probs: Tenso
     # p == q at the rejected position means rejection had probability 0; fall back to p (float noise).
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
     return _emit(draft_ids, num_accepted, exponential_race(residual, generators)), num_accepted
+
+
+def verify(logits: Tensor, draft_ids: list[list[int]], draft_probs: list[Tensor | None],
+           batch: SamplingBatch) -> list[list[int]]:
+    """Verify a batch whose sequence b contributed rows p_0..p_{k_b} (k_b = len(draft_ids[b])), in order.
+
+    logits: [sum(k_b + 1), V] raw target logits (masked as the sampler would see them);
+    draft_probs[b]: [k_b, V] or None (deterministic proposer). Returns the emitted ids per sequence:
+    the accepted drafts and the target's token after them (1 to k_b + 1 ids).
+    """
+    num_seqs, max_k = len(draft_ids), max((len(d) for d in draft_ids), default=0)
+    device = logits.device
+    num_draft = torch.tensor([len(d) for d in draft_ids], dtype=torch.int64, device=device)  # [B]
+    starts = torch.cumsum(num_draft + 1, 0) - (num_draft + 1)  # [B] first row of each sequence
+    pos = torch.arange(max_k + 1, device=device)  # [K+1]
+    rows = starts[:, None] + torch.minimum(pos[None, :], num_draft[:, None])  # [B, K+1]; padding repeats
+    drafts = torch.tensor([d + [0] * (max_k - len(d)) for d in draft_ids], dtype=torch.int64,
+                          device=device).view(num_seqs, max_k)  # [B, K]
+    if batch.all_greedy:
+        out, num_accepted = greedy_verify(logits.argmax(dim=-1)[rows], drafts, num_draft)
+    else:
+        expand = lambda t: t[:, None].expand(-1, max_k + 1).reshape(-1)  # noqa: E731  [B] -> [B*(K+1)]
+        p = target_probs(logits[rows.view(-1)], expand(batch.temperature), expand(batch.top_k),
+                         expand(batch.top_p), expand(batch.min_p)).view(num_seqs, max_k + 1, -1)
+        out, num_accepted = rejection_sample(p, drafts, _stack_draft_probs(draft_ids, draft_probs, p), num_draft,
+                                             batch.generators)
+    return [row[:n + 1] for row, n in zip(out.tolist(), num_accepted.tolist())]
+
+
+def _stack_draft_probs(draft_ids: list[list[int]], draft_probs: list[Tensor | None], p: Tensor) -> Tensor | None:
+    """[B, K, V] q, zero-padded; rows of a deterministic proposer one-hot. None if every row is one-hot."""
+    if all(q is None for q in draft_probs):
+        return None
+    b, k1, v = p.shape
+    q = p.new_zeros(b, k1 - 1, v)
+    for row, (ids, probs) in enumerate(zip(draft_ids, draft_probs)):
+        if probs is not None:
+            q[row, :len(ids)] = probs
+        elif ids:
+            q[row, torch.arange(len(ids)), torch.tensor(ids)] = 1.0
+    return q
 
 
 def _uniform(b: int, k: int, generators: list[torch.Generator | None], like: Tensor) -> Tensor:

@@ -77,6 +77,46 @@ class AcceptanceTracker:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+class StepTimeTable:
+    """Measured step time by the number of tokens in the step (an EWMA per token count).
+
+    CPU kernels make step time far from linear in tokens (an int4 GEMV per row below some M, a bf16
+    GEMM above it), so the k chooser trusts what steps of the same size actually took, interpolates
+    between measured sizes, and falls back to a cost model only where nothing was measured. Entries
+    older than `max_age_steps` are ignored, so a size that looked slow once is tried again later.
+    """
+
+    def __init__(self, decay: float = 0.7, max_age_steps: int = 500) -> None:
+        self.decay, self.max_age_steps = decay, max_age_steps
+        self._step = 0
+        self._table: dict[int, tuple[float, int]] = {}  # num_tokens -> (EWMA seconds, step last seen)
+
+    def observe(self, num_tokens: int, step_s: float) -> None:
+        self._step += 1
+        old = self._table.get(num_tokens)
+        value = step_s if old is None or self._is_stale(old) else self.decay * old[0] + (1 - self.decay) * step_s
+        self._table[num_tokens] = (value, self._step)
+
+    def predict(self, num_tokens: int, fallback: Callable[[int], float]) -> float:
+        """Seconds for a step of `num_tokens`; `fallback(n)` (a cost model) fills unmeasured ranges."""
+        fresh = {n: v for n, (v, _) in self._table.items() if not self._is_stale((v, _))}
+        if num_tokens in fresh:
+            return fresh[num_tokens]
+        below = max((n for n in fresh if n < num_tokens), default=None)
+        above = min((n for n in fresh if n > num_tokens), default=None)
+        if below is not None and above is not None:
+            w = (num_tokens - below) / (above - below)
+            return (1 - w) * fresh[below] + w * fresh[above]
+        anchor = below if below is not None else above
+        if anchor is None:
+            return fallback(num_tokens)
+        # Measured level at the nearest size, the cost model's slope from there (never below it).
+        return max(fresh[anchor] + fallback(num_tokens) - fallback(anchor), 0.0)
+
+    def _is_stale(self, entry: tuple[float, int]) -> bool:
+        return self._step - entry[1] > self.max_age_steps
+
+
 @dataclass
 class SpecLengthChooser:
     """Chooses how many draft tokens each request verifies this step.

@@ -32,6 +32,7 @@ class _DraftSeq:
 
 class DraftModelProposer(Proposer):
     name = "draft"
+    is_cheap = False
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int = 16,
                  device: str | torch.device = "cpu") -> None:
@@ -147,7 +148,8 @@ class DraftModelProposer(Proposer):
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
-        return torch.tensor(block_ids, dtype=torch.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
+        table = torch.tensor(block_ids, dtype=torch.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _draft_probs(self, logits: torch.Tensor, reqs: list[SpecRequest]) -> torch.Tensor:
         params = [r.sampling_params for r in reqs]

@@ -47,6 +47,7 @@ class Proposer(abc.ABC):
     """Proposes draft tokens; implementations: NgramProposer, DraftModelProposer."""
 
     name: str = "proposer"
+    is_cheap: bool = True  # proposing costs ~nothing: propose first, then choose k within what was found
 
     @abc.abstractmethod
     def propose(self, requests: Sequence[SpecRequest], num_tokens: Sequence[int]) -> list[Proposal]:

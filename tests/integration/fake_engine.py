@@ -50,6 +50,8 @@ class FakeEngine:
     model_name: str = "fake-model"
     is_dead: bool = False
     ready: bool = True
+    reject_with: Exception | None = None  # raised by check_admission (e.g. an AdmissionRejected)
+    rt_listener: object | None = None
 
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer()
@@ -88,8 +90,19 @@ class FakeEngine:
         self.stats.num_waiting += waiting
         self.stats.kv_usage = self.stats.num_running / 10
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    def check_admission(self, num_prompt_tokens: int, rt=None, arrival_s: float | None = None):
+        """Same contract as AsyncLLM.check_admission: resolved budgets, or raise."""
+        from rtserve.config import RTConfig
+        from rtserve.engine.rt_params import resolve_rt
+        resolved = resolve_rt(rt, RTConfig())
+        if self.reject_with is not None:
+            raise self.reject_with
+        self.rt_params = getattr(self, "rt_params", [])
+        self.rt_params.append(resolved)
+        return resolved
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, rt=None,
+                       arrival_s: float | None = None, admitted: bool = False) -> AsyncIterator[RequestOutput]:
         if self.is_dead:
             raise EngineDeadError("engine core died")
         self.validate(prompt_ids, params)

@@ -158,7 +158,7 @@ def test_fast_model_logits_close_to_fp32_reference(tiny_models, num_tokens):
     ids = torch.randint(0, TINY.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(1))
     pos, rows = torch.arange(num_tokens), torch.arange(num_tokens)
     ref_cache, _ = kv(64)
-    _, fast_slots = kv(64)
+    _, fast_slots = kv(64, torch.bfloat16)
     expected = ref(ids, pos, ref_cache, prefill_meta(num_tokens), rows)
     got = fast(ids, pos, fast_slots, prefill_meta(num_tokens), rows)
     assert got.shape == expected.shape and got.dtype == torch.float32
@@ -172,10 +172,11 @@ def test_contiguous_decode_attention_equals_gathered(tiny_models):
     ids = torch.randint(0, TINY.vocab_size, (9,), generator=torch.Generator().manual_seed(2))
     outs = []
     for use_range in (False, True):
-        _, slots = kv(64)
+        _, slots = kv(64, torch.bfloat16)
         fast(ids[:8], torch.arange(8), slots, prefill_meta(8), torch.tensor([7]))
         meta = AttentionMetadata(slot_mapping=torch.tensor([8]), num_decodes=1,
-                                 decode_gather_idx=torch.arange(9)[None], decode_mask=torch.ones(1, 1, 1, 9, dtype=torch.bool),
+                                 decode_block_table=torch.arange(9)[None],
+                                 decode_mask=torch.ones(1, 1, 1, 9, dtype=torch.bool),
                                  decode_slot_range=(0, 9) if use_range else None)
         outs.append(fast(ids[8:], torch.tensor([8]), slots, meta, torch.tensor([0])))
     torch.testing.assert_close(outs[0], outs[1])

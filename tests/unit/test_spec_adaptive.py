@@ -89,3 +89,86 @@ def test_chosen_goodput_never_below_no_speculation():
 def test_full_acceptance_ties_keep_drafts_contiguous():
     ks = SpecLengthChooser(max_k=3).choose([1.0, 1.0], [3, 3], linear(0.05, 0.0001))
     assert ks == [3, 3]
+
+
+# --- Speculator: proposer + tracker + chooser --------------------------------------------------
+
+class _Req:
+    def __init__(self, rid, tokens):
+        self.request_id, self.all_token_ids, self.sampling_params, self.generator = rid, tokens, None, None
+
+
+def test_speculator_truncates_cheap_proposals_to_the_chosen_k():
+    from rtserve.spec.proposer import NgramProposer
+    from rtserve.spec.speculator import Speculator
+    spec = Speculator(NgramProposer(1, 2), max_k=4)
+    reqs = [_Req("copy", [1, 2, 3, 4, 5, 1, 2]), _Req("none", [7, 8, 9])]
+    props = spec.propose(reqs, [4, 4], 2, linear(0.05, 0.0001))
+    assert [p.token_ids for p in props] == [[3, 4, 5, 1], []]
+    for _ in range(20):
+        spec.observe("copy", 4, 0)  # never accepted: the chooser stops proposing for it
+    assert spec.propose(reqs, [4, 4], 2, linear(0.05, 0.0001))[0].token_ids == []
+    assert spec.propose(reqs[:1], [2], 1, linear(0.05, 0.0001))[0].token_ids in ([], [3, 4])
+    spec.free("copy")
+    assert "copy" not in spec.tracker._per_request
+    fresh = Speculator(NgramProposer(1, 2), max_k=4)
+    assert fresh.propose(reqs, [2, 4], 2, linear(0.05, 0.0001))[0].token_ids == [3, 4]  # caps respected
+
+
+def test_speculator_tells_an_expensive_proposer_k_before_it_drafts():
+    from rtserve.spec.proposer import Proposal, Proposer
+    from rtserve.spec.speculator import Speculator
+
+    class Expensive(Proposer):
+        is_cheap = False
+        asked = None
+
+        def propose(self, requests, num_tokens):
+            self.asked = list(num_tokens)
+            return [Proposal([0] * k) for k in num_tokens]
+
+        def cost_s(self, num_rounds, num_tokens):
+            return 0.01 * num_rounds
+
+    proposer = Expensive()
+    spec = Speculator(proposer, max_k=5)
+    spec.propose([_Req("a", [1])], [3], 1, linear(0.05, 0.0005))
+    assert 1 <= proposer.asked[0] <= 3
+    spec.propose([_Req("a", [1])] * 64, [5] * 64, 64, linear(0.0, 0.01))  # compute-bound: nothing
+    assert proposer.asked == [0] * 64
+
+
+# --- StepTimeTable: measured step time by token count --------------------------------------------
+
+def test_step_time_table_prefers_measurements_and_interpolates():
+    from rtserve.spec.adaptive import StepTimeTable
+    table = StepTimeTable(decay=0.5)
+    model = linear(0.010, 0.001)  # the cost model believes tokens are cheap
+    assert table.predict(5, model) == pytest.approx(0.015)  # nothing measured: the model
+    table.observe(1, 0.020)
+    table.observe(5, 0.040)
+    assert table.predict(1, model) == pytest.approx(0.020)
+    assert table.predict(3, model) == pytest.approx(0.030)  # between measured sizes
+    assert table.predict(9, model) == pytest.approx(0.044)  # measured level + the model's slope
+    table.observe(5, 0.020)
+    assert table.predict(5, model) == pytest.approx(0.030)  # EWMA
+
+
+def test_step_time_table_forgets_stale_sizes():
+    from rtserve.spec.adaptive import StepTimeTable
+    table = StepTimeTable(max_age_steps=3)
+    table.observe(5, 1.0)
+    for _ in range(4):
+        table.observe(1, 0.01)
+    assert table.predict(5, linear(0.01, 0.001)) == pytest.approx(0.014)  # 5 is stale: re-explore
+
+
+def test_chooser_with_measured_nonlinear_step_times_stops_speculating():
+    # Verify tokens measured as expensive (each one costs a whole decode): with 50% acceptance no k
+    # pays, though the linear model alone would have said it does.
+    from rtserve.spec.adaptive import StepTimeTable
+    table, model = StepTimeTable(), linear(0.020, 0.0005)
+    assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [4]
+    for m in range(1, 6):
+        table.observe(m, 0.020 * m)
+    assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [0]

@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from rtserve.sample.rejection import PAD_ID, greedy_verify, rejection_sample, target_probs
-from rtserve.sample.sampler import SamplingBatch, make_generator, sample
+from rtserve.sample.rejection import PAD_ID, greedy_verify, rejection_sample, target_probs, verify
+from rtserve.sample.sampler import SamplingBatch, exponential_race, make_generator, sample
 from rtserve.sampling_params import SamplingParams
 
 
@@ -36,7 +36,8 @@ def test_greedy_rows_of_rejection_sampling_equal_greedy_verify(soft_draft):
     logits = torch.randn(b, k + 1, v, generator=gen)
     target_ids = logits.argmax(-1)
     # Drafts agree with the target with probability ~1/2 per position, so all prefix lengths occur.
-    drafts = torch.where(torch.rand(b, k, generator=gen) < 0.5, target_ids[:, :k], torch.randint(0, v, (b, k), generator=gen))
+    noise = torch.randint(0, v, (b, k), generator=gen)
+    drafts = torch.where(torch.rand(b, k, generator=gen) < 0.5, target_ids[:, :k], noise)
     num_draft = torch.randint(0, k + 1, (b,), generator=gen)
     zeros = torch.zeros(b * (k + 1))
     p = target_probs(logits.view(-1, v), zeros, zeros.long(), zeros + 1, zeros).view(b, k + 1, v)
@@ -58,7 +59,6 @@ def test_target_probs_is_the_samplers_distribution():
         drawn = sample(logits, batch).token_ids
         for g, s in zip(batch.generators, before):
             g.set_state(s)
-        from rtserve.sample.sampler import exponential_race
         assert torch.equal(exponential_race(p, batch.generators), drawn)
 
 
@@ -154,3 +154,37 @@ def test_chi_square_detects_a_wrong_distribution():
     # The same harness, fed the draft's chain as if it were the target, must fail: the test has power.
     seqs = _speculative_sequences(_chain(11), _chain(11), seed=13)
     assert _chi_square_p_value(seqs, _chain(10)) < 1e-6
+
+
+# --- verify(): the flat-rows entry point the runner calls ----------------------------------------
+
+def test_verify_greedy_batch_of_ragged_drafts():
+    v = 6
+    # seq 0: k=2, rows argmax 3, 4, 5; seq 1: k=0, row argmax 1; seq 2: k=1, rows argmax 2, 0.
+    argmax = [3, 4, 5, 1, 2, 0]
+    logits = torch.nn.functional.one_hot(torch.tensor(argmax), v).float()
+    batch = SamplingBatch.build([SamplingParams(temperature=0)] * 3, [None] * 3, "cpu")
+    assert verify(logits, [[3, 4], [], [5]], [None] * 3, batch) == [[3, 4, 5], [1], [2]]
+
+
+def test_verify_without_drafts_draws_exactly_what_sample_draws():
+    params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.2, top_p=0.9, seed=2)]
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(4)) * 2
+    gens_a = [make_generator(p.seed, "cpu") if p.seed is not None else None for p in params]
+    gens_b = [make_generator(p.seed, "cpu") if p.seed is not None else None for p in params]
+    expect = sample(logits, SamplingBatch.build(params, gens_a, "cpu")).token_ids.tolist()
+    got = verify(logits, [[], [], []], [None] * 3, SamplingBatch.build(params, gens_b, "cpu"))
+    assert got == [[t] for t in expect]
+
+
+def test_verify_mixed_greedy_and_sampled_rows_with_draft_probs():
+    v = 5
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
+    logits = torch.full((5, v), -30.0)
+    logits[[0, 1, 2], [2, 3, 4]] = 30.0  # greedy seq, k=2: argmax 2, 3, 4
+    logits[3, 1] = 30.0  # sampled seq, k=1: p_0 ~ one-hot at 1, p_1 ~ one-hot at 0
+    logits[4, 0] = 30.0
+    q = [torch.full((2, v), 0.2), torch.full((1, v), 0.2)]
+    out = verify(logits, [[2, 0], [1]], q, SamplingBatch.build(params, [None, None], "cpu"))
+    assert out == [[2, 3], [1, 0]]
