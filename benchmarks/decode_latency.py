@@ -111,7 +111,8 @@ class HFEngine:
         c = loaded.config
         self.model = LlamaForCausalLM(LlamaConfig(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
             max_position_embeddings=c.max_position, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
             tie_word_embeddings=True)).eval()
         self.model.load_state_dict(loaded.weights, strict=False)
@@ -137,7 +138,8 @@ class HFEngine:
         return statistics.median(self._run([prompt_ids(32, 1)], num_tokens)[1]) * 1e3
 
     def prefill_tok_s(self) -> float:
-        return PREFILL_LEN / statistics.median(self._run([prompt_ids(PREFILL_LEN, 10 + s)], 0)[0] for s in range(3))
+        times = [self._run([prompt_ids(PREFILL_LEN, 10 + s)], 0)[0] for s in range(3)]
+        return PREFILL_LEN / statistics.median(times)
 
     def streams(self, n: int, steps: int) -> list[float]:
         return self._run([prompt_ids(STREAM_PROMPT_LEN, 100 + i) for i in range(n)], steps)[1]
@@ -158,7 +160,8 @@ def measure(name: str, engine, args) -> dict[str, str]:
            f"prefill tok/s ({PREFILL_LEN})": f"{engine.prefill_tok_s():.0f}"}
     for n in args.stream_counts:
         times = engine.streams(n, args.stream_steps)
-        row[f"{n} streams: ITL p50/p99 ms"] = f"{percentile(times, 50) * 1e3:.0f} / {percentile(times, 99) * 1e3:.0f}"
+        p50, p99 = percentile(times, 50) * 1e3, percentile(times, 99) * 1e3
+        row[f"{n} streams: ITL p50/p99 ms"] = f"{p50:.0f} / {p99:.0f}"
         row[f"{n} streams: tok/s"] = f"{n / statistics.mean(times):.0f}"
     print(f"  {name} done", file=sys.stderr)
     return row

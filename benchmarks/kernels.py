@@ -127,7 +127,8 @@ def main() -> None:
         run, state = RUN[name], prepare()
         head_ms[name] = {m: median_ms(lambda: run(state, torch.randn(m, 576).to(act_dtype(name))), args.reps)
                          for m in ms}
-    header = f"{'kernel':<12} {'M':>4} " + " ".join(f"{s:>8}" for s in SHAPES) + f" {'layer':>8} {'lm_head':>8} {'step':>8}"
+    header = (f"{'kernel':<12} {'M':>4} " + " ".join(f"{s:>8}" for s in SHAPES)
+              + f" {'layer':>8} {'lm_head':>8} {'step':>8}")
     print(header)
     for name, by_m in per_kernel.items():
         for m, by_shape in by_m.items():

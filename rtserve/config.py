@@ -115,7 +115,7 @@ class RTConfig:
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
     slow_reader_timeout_s: float = 30.0  # a paused stream is aborted after this long
     cost_prior_s: tuple[float, float, float, float] = (0.005, 0.0005, 0.0001, 0.0)
-    cost_forgetting: float = 0.98     # recursive least squares forgetting factor
+    cost_window: int = 256            # the step-time model is fitted over this many recent steps
     cost_min_samples: int = 8         # steps measured before predictions are trusted
 
     def __post_init__(self) -> None:
@@ -124,10 +124,8 @@ class RTConfig:
         if min(self.batch_max_wait_s, self.slow_reader_timeout_s) <= 0:
             raise ValueError("RTConfig timeouts must be positive")
         if min(self.min_prefill_chunk, self.max_num_waiting, self.max_waiting_tokens,
-               self.max_buffered_outputs, self.cost_min_samples) <= 0:
+               self.max_buffered_outputs, self.cost_min_samples, self.cost_window) <= 0:
             raise ValueError("RTConfig counts must be positive")
-        if not 0.5 <= self.cost_forgetting <= 1.0:
-            raise ValueError("RTConfig.cost_forgetting must be in [0.5, 1]")
 
     def defaults_for(self, rt_class: str) -> RTClassDefaults:
         if rt_class not in ("firm", "soft", "batch"):

@@ -36,7 +36,7 @@ class EngineCore:
                            num_blocks * cache.block_size, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         rt = config.rt
-        self.cost_model = StepCostModel(rt.cost_prior_s, rt.cost_forgetting, rt.cost_min_samples)
+        self.cost_model = StepCostModel(rt.cost_prior_s, rt.cost_window, rt.cost_min_samples)
         self.policy = make_policy(rt, self.cost_model)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.policy)
         self.runner = ModelRunner(model_config, cache, num_blocks, weights, config.device, config.dtype)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from rtserve.config import RTConfig
-from rtserve.engine.cost_model import StepCostModel
+from rtserve.engine.cost_model import StepCostModel, StepFeatures
 from rtserve.engine.request import Request
 from rtserve.engine.rt_params import HARD_CLASS_MESSAGE, resolve_rt  # noqa: F401 - re-exported
 from rtserve.protocol import RTClass
@@ -51,6 +51,9 @@ class FCFSPolicy:
 
     def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
         return []
+
+    def late_token(self, req: Request, now: float) -> str | None:
+        return None
 
 
 class DeadlinePolicy:
@@ -84,12 +87,15 @@ class DeadlinePolicy:
         if not self.cost_model.is_calibrated:
             return token_budget
         decodes = [r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0]
-        dues = [r.next_token_deadline for r in decodes if r.last_token_time is not None]
-        dues = [d for d in dues if d is not None]
-        if not dues:
+        streams = [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+        if not streams:
             return token_budget
+        # A stream already late (slack used up) still bounds the step: to half its ITL budget, so that
+        # prefill keeps progressing and the next gap stays near the budget.
+        time_budget_s = max(min(r.next_token_deadline for r in streams) - now,
+                            0.5 * min(r.rt.itl_s for r in streams))
         num_context = sum(r.num_computed_tokens for r in running if not r.is_paused)
-        fit = self.cost_model.max_prefill_tokens(min(dues) - now, len(decodes), num_context)
+        fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 
     def pick_victim(self, candidates: list[Request], now: float) -> Request:
@@ -100,13 +106,18 @@ class DeadlinePolicy:
         return max(enumerate(candidates), key=rank)[1]
 
     def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
-        """Firm requests that became late: (request, error text). Soft and batch never expire."""
+        """Firm requests that became late, or will be before even the shortest step could end.
+
+        Returns (request, error text). Soft and batch never expire.
+        """
         out = []
+        # No step ends sooner than the model's smallest step: a first token due before then is lost.
+        horizon_s = self.cost_model.predict_s(StepFeatures(0, 1, 0)) if self.cost_model.is_calibrated else 0.0
         for req in requests:
             if not req.is_firm:
                 continue
             ttft_due, deadline = req.ttft_deadline, req.deadline
-            if req.first_token_time is None and ttft_due is not None and now > ttft_due:
+            if req.first_token_time is None and ttft_due is not None and now + horizon_s > ttft_due:
                 where = "queued" if req.num_computed_tokens == 0 else "prefilling"
                 out.append((req, f"deadline: ttft budget of {req.rt.ttft_s * 1000:.0f} ms passed while "
                                  f"{where} ({(now - req.arrival_time) * 1000:.0f} ms since arrival); "
@@ -115,6 +126,18 @@ class DeadlinePolicy:
                 out.append((req, f"deadline: deadline_ms budget of {req.rt.deadline_s * 1000:.0f} ms passed "
                                  f"after {req.num_output_tokens} tokens; stopped"))
         return out
+
+    def late_token(self, req: Request, now: float) -> str | None:
+        """A firm request's token sampled after its deadline is not delivered: the error text, or None."""
+        if not req.is_firm:
+            return None
+        if req.first_token_time is None and req.ttft_deadline is not None and now > req.ttft_deadline:
+            return (f"deadline: ttft budget of {req.rt.ttft_s * 1000:.0f} ms passed before the first token was "
+                    f"ready ({(now - req.arrival_time) * 1000:.0f} ms); dropped without sending a token")
+        if req.deadline is not None and now > req.deadline:
+            return (f"deadline: deadline_ms budget of {req.rt.deadline_s * 1000:.0f} ms passed after "
+                    f"{req.num_output_tokens} tokens; stopped")
+        return None
 
 
 def make_policy(config: RTConfig, cost_model: StepCostModel) -> FCFSPolicy | DeadlinePolicy:

@@ -152,6 +152,10 @@ class Scheduler:
             if token_id is None:
                 self.kv.cache_blocks(req)
                 continue
+            late = self.policy.late_token(req, now)
+            if late is not None:  # a firm token past its deadline is never delivered
+                outputs.extend(self.finish_requests([req.request_id], FinishReason.DEADLINE, late))
+                continue
             req.append_output_token(token_id, now)
             logprob = result.logprobs.get(req.request_id)
             finish_reason, stop_reason = check_stop(req, self.max_model_len)

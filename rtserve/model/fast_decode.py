@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                   slot_start: int, slot_end: int, block_table: Optional[torch.Tensor],
                   mask: Optional[torch.Tensor], small: bool, norms: List[torch.Tensor],
-                  packed: List[torch.Tensor], scales_zeros: List[torch.Tensor], bf16_weights: List[torch.Tensor],
+                  packed: List[torch.Tensor], scales_zeros: List[torch.Tensor],
+                  bf16_weights: List[torch.Tensor],
                   k_caches: List[torch.Tensor], v_caches: List[torch.Tensor], num_heads: int,
                   num_kv_heads: int, head_dim: int, intermediate_size: int, scale: float) -> torch.Tensor:
     """All layers for D single-token decodes. x: [D, H] fp32 (embeddings) -> [D, H] fp32.

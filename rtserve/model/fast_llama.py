@@ -34,7 +34,7 @@ class FastLayer:
 
     def __init__(self, tensors: dict[str, torch.Tensor], i: int) -> None:
         p = f"layers.{i}."
-        sqrt_h = tensors[p + "input_layernorm"].shape[0] ** 0.5  # RMSNorm as a vector norm: see _rms_norm
+        sqrt_h = tensors[p + "input_layernorm"].shape[0] ** 0.5  # RMSNorm as a vector norm (_rms_norm)
         self.input_norm = tensors[p + "input_layernorm"] * sqrt_h
         self.post_norm = tensors[p + "post_attention_layernorm"] * sqrt_h
         self.qkv, self.o, self.gate_up, self.down = (
@@ -64,7 +64,12 @@ class FastLlamaForCausalLM:
                                 [lin.packed for lin in linears], [lin.scales_and_zeros for lin in linears],
                                 [lin.bf16_prepacked for lin in linears])
         self._decode_layers = fast_decode.compile_decode_layers()
-        self.outlier_idx, self.head_outliers = self._calibrate_head_outliers(tensors["lm_head.bf16"])
+        if "lm_head.outlier_idx" in tensors:  # calibrated when the checkpoint was built
+            self.outlier_idx = tensors["lm_head.outlier_idx"]
+        else:
+            self.outlier_idx = self._calibrate_head_outliers()
+        self.head_outliers = None if self.outlier_idx is None else \
+            tensors["lm_head.bf16"].index_select(1, self.outlier_idx).t().float().contiguous()  # [k, V]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -129,28 +134,29 @@ class FastLlamaForCausalLM:
 
         fbgemm quantizes activations per tensor, and a few hidden channels are 10-15x larger than the
         rest (channel 199 of SmolLM2), which alone costs ~15x the KL of a bf16 head. Those channels
-        (found once by `_calibrate_head_outliers`) go through a small fp32 matmul instead.
+        (found once by `_calibrate_head_outliers`) go through a small fp32 matmul instead (their
+        weights are the bf16 head's columns).
         """
         logits = torch.ops.quantized.linear_dynamic(x.index_fill(1, self.outlier_idx, 0.0), self.head_int8)
         return logits.addmm_(x.index_select(1, self.outlier_idx), self.head_outliers)
 
     @torch.inference_mode()
-    def _calibrate_head_outliers(self, head_bf16: torch.Tensor):
-        """The LM head input's `NUM_OUTLIER_CHANNELS` largest channels, measured on one synthetic
-        64-token prefill (ids spread over the vocabulary), and the head's fp32 columns for them
-        [k, V]. (None, None) for models too small to need it (the head then runs in bf16)."""
+    def _calibrate_head_outliers(self) -> torch.Tensor | None:
+        """The LM head input's `NUM_OUTLIER_CHANNELS` largest channels [k] (sorted), measured on one
+        synthetic 64-token prefill (ids spread over the vocabulary); None for models too small to need
+        it (their head runs in bf16)."""
         cfg = self.cfg
         if cfg.hidden_size < 4 * NUM_OUTLIER_CHANNELS:
-            return None, None
+            return None
         num_tokens = 64
         ids = torch.linspace(0, cfg.vocab_size - 1, num_tokens).long()
         slots = torch.arange(num_tokens)
-        meta = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, num_tokens, num_tokens, slots, None)])
+        meta = AttentionMetadata(slot_mapping=slots,
+                                 prefills=[PrefillChunk(0, num_tokens, num_tokens, slots, None)])
         scratch = torch.zeros(2, num_tokens, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)
         # Every layer writes all 64 slots before reading them, so one scratch cache serves all layers.
         hidden = self.hidden_states(ids, slots, [(scratch[0], scratch[1])] * cfg.num_layers, meta, slots)
-        idx = hidden.abs().amax(0).topk(NUM_OUTLIER_CHANNELS).indices.sort().values
-        return idx, head_bf16.index_select(1, idx).t().float().contiguous()
+        return hidden.abs().amax(0).topk(NUM_OUTLIER_CHANNELS).indices.sort().values
 
 
 def _prepack_int8_dynamic(weight_int8: torch.Tensor, scale: torch.Tensor):

@@ -94,7 +94,7 @@ class FastLinear:
         return cls(packed, sz, prepack_bf16(q4_1_dequantize(blocks)), blocks.shape[0])
 
     def small(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, Q4_1_BLOCK_LEN, self.scales_and_zeros)
+        return int4pack_mm(x, self.packed, self.scales_and_zeros)
 
     def large(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.bf16_prepacked, None, "none", [], "")
@@ -104,5 +104,6 @@ class FastLinear:
 
 
 def blocks_view(raw: np.ndarray, rows: int, block_nbytes: int) -> torch.Tensor:
-    """A GGUF tensor's raw bytes as [rows, blocks_per_row, block_nbytes] uint8 (a copy: the map is read-only)."""
+    """A GGUF tensor's raw bytes as [rows, blocks_per_row, block_nbytes] uint8 (a copy: the file map is
+    read-only)."""
     return torch.from_numpy(np.array(raw, dtype=np.uint8).reshape(rows, -1, block_nbytes))

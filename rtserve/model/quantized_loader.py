@@ -9,7 +9,8 @@ Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `
   layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
   layers.<i>.input_layernorm / .post_attention_layernorm [H] fp32, norm [H] fp32
-  embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16
+  embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16,
+  lm_head.outlier_idx [16] int64 (the head input's outlier channels, see FastLlamaForCausalLM)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from rtserve.model.loader import config_from_gguf, unpermute_rope_rows
 
 logger = logging.getLogger(__name__)
 
-FAST_FORMAT_VERSION = "3"  # bump when the packed layout changes
+FAST_FORMAT_VERSION = "4"  # bump when the packed layout changes
 _Q4_1 = 3
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}
@@ -46,7 +47,8 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
     """The fast-path tensors of a GGUF whose layer matrices are all Q4_1; None otherwise."""
     if not path.endswith(".gguf") or os.path.isdir(path):
         return None
-    cache_path = os.path.join(default_cache_dir(cache_dir), f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.safetensors")
+    cache_name = f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.safetensors"
+    cache_path = os.path.join(default_cache_dir(cache_dir), cache_name)
     cached = _read(cache_path)
     if cached is not None:
         return cached
@@ -56,6 +58,10 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
         logger.info("%s: layer matrices are not all Q4_1; using the fp32 reference path", path)
         return None
     checkpoint = FastCheckpoint(config_from_gguf(gguf.metadata, tuple(gguf.tensors)), build_tensors(gguf))
+    from rtserve.model.fast_llama import FastLlamaForCausalLM  # the model calibrates its LM head once
+    outlier_idx = FastLlamaForCausalLM(checkpoint.config, checkpoint.tensors).outlier_idx
+    if outlier_idx is not None:
+        checkpoint.tensors["lm_head.outlier_idx"] = outlier_idx
     try:
         _write(cache_path, checkpoint)
     except OSError as e:

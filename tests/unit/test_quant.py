@@ -46,7 +46,8 @@ def test_q8_0_dequantize_matches_gguf_reader():
     raw = rng.integers(0, 256, (16 * 3, 34), dtype=np.uint8)
     raw[:, 0:2] = rng.uniform(-1, 1, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
     expected = _deq_q8_0(raw).reshape(16, 96)
-    assert torch.equal(quant.q8_0_dequantize(torch.from_numpy(raw).reshape(16, 3, 34)), torch.from_numpy(expected))
+    got = quant.q8_0_dequantize(torch.from_numpy(raw).reshape(16, 3, 34))
+    assert torch.equal(got, torch.from_numpy(expected))
 
 
 def test_int4_pack_of_q4_1_dequantizes_to_exactly_the_gguf_values():
@@ -119,7 +120,8 @@ def write_q4_1_gguf(path, config: ModelConfig) -> None:
         elif ".k_proj." in name:
             array = llama_cpp_permute(array, config.num_kv_heads)
         qtype = QT.Q8_0 if "embed" in name else QT.Q4_1
-        w.add_tensor(gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(array), qtype), raw_dtype=qtype)
+        blocks = gguf.quants.quantize(np.ascontiguousarray(array), qtype)
+        w.add_tensor(gguf_name(name), blocks, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -143,7 +145,8 @@ def tiny_models(tmp_path_factory):
 
 def prefill_meta(num_tokens: int) -> AttentionMetadata:
     slots = torch.arange(num_tokens)
-    return AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, num_tokens, num_tokens, slots, None)])
+    return AttentionMetadata(slot_mapping=slots,
+                             prefills=[PrefillChunk(0, num_tokens, num_tokens, slots, None)])
 
 
 def kv(num_slots: int, dtype=torch.float32):
@@ -180,3 +183,25 @@ def test_contiguous_decode_attention_equals_gathered(tiny_models):
                                  decode_slot_range=(0, 9) if use_range else None)
         outs.append(fast(ids[8:], torch.tensor([8]), slots, meta, torch.tensor([0])))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_scripted_decode_layers_equal_the_python_function(tiny_models):
+    """Decode-only steps run `fast_decode.decode_layers` through TorchScript: same ops, same bits."""
+    from rtserve.model import fast_decode
+    fast, _ = tiny_models
+    assert isinstance(fast._decode_layers, torch.jit.ScriptFunction)
+    ids = torch.randint(0, TINY.vocab_size, (3,), generator=torch.Generator().manual_seed(3))
+    scripted, outs = fast._decode_layers, []
+    try:
+        for fn in (scripted, fast_decode.decode_layers):
+            fast._decode_layers = fn
+            _, slots = kv(64, torch.bfloat16)
+            for pos, token in enumerate(ids.tolist()):  # three decode steps, block size 1: a block table
+                meta = AttentionMetadata(slot_mapping=torch.tensor([pos]), num_decodes=1,
+                                         decode_block_table=torch.arange(pos + 1)[None],
+                                         decode_mask=torch.ones(1, 1, 1, pos + 1, dtype=torch.bool))
+                out = fast(torch.tensor([token]), torch.tensor([pos]), slots, meta, torch.tensor([0]))
+            outs.append(out)
+    finally:
+        fast._decode_layers = scripted
+    assert torch.equal(outs[0], outs[1])

@@ -6,6 +6,7 @@ from rtserve.engine.core import EngineCore
 from rtserve.protocol import EngineCoreOutput, EngineCoreRequest, FinishReason, RTParams
 from rtserve.sampling_params import SamplingParams
 from tests.unit.conftest import TINY
+from rtserve.engine.scheduler_output import RunnerOutput
 from tests.unit.rt_helpers import FakeClock, make_sched, rt_req, step
 
 
@@ -111,3 +112,23 @@ def test_core_loop_pause_message_stops_and_resumes_scheduling(tiny_weights):
     assert core.step().outputs == [] and core.stats().num_scheduled_tokens == 0
     _handle(core, EngineCorePause(["a"], paused=False))
     assert [o.request_id for o in core.step().outputs] == ["a"]
+
+
+def test_firm_first_token_ready_after_its_deadline_is_never_delivered():
+    sched, kv, clock, _ = make_sched()
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", ttft_s=0.05))
+    sched.add_request(rt_req("soft", 8, clock.now, ttft_s=0.05))
+    out = sched.schedule()
+    clock.advance(0.08)  # the step ran past the firm TTFT deadline
+    outs = sched.update(out, RunnerOutput({"firm": 7, "soft": 7}))
+    got = {o.request_id: (o.new_token_ids, o.finish_reason) for o in outs}
+    assert got["firm"] == ([], "deadline") and got["soft"] == ([7], None)
+    assert "firm" not in sched.requests and kv.block_ids("firm") == []
+
+
+def test_firm_that_cannot_make_its_ttft_even_with_the_shortest_step_is_dropped_early():
+    sched, _, clock, _ = make_sched(max_seqs=1)  # smallest step: 10 ms + 0.1 ms
+    sched.add_request(rt_req("busy", 8, clock.now, ttft_s=0.001))
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", ttft_s=0.1))
+    step(sched, clock, 0.095)  # 5 ms of budget left: less than any step
+    assert [o.request_id for o in sched.expire()] == ["firm"]

@@ -114,3 +114,13 @@ def test_paused_request_keeps_its_blocks_and_is_skipped_until_resumed():
     assert kv.block_ids("a") == blocks
     sched.set_paused(["a"], False)
     assert sorted(ids(step(sched, clock))) == [("a", 1), ("b", 1)]
+
+
+def test_a_stream_already_late_bounds_the_step_to_half_its_itl_budget():
+    sched, _, clock, _ = make_sched("deadline", budget=1024)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.100))
+    step(sched, clock, 0.01)
+    clock.advance(0.3)  # its next token is already 200 ms late
+    sched.add_request(rt_req("long", 2000, clock.now, "batch"))
+    got = dict(ids(step(sched, clock)))
+    assert got["stream"] == 1 and 385 <= got["long"] <= 390  # (50 ms - 11 ms) / 0.1 ms
