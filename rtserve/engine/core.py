@@ -126,7 +126,8 @@ class EngineCore:
             num_context_tokens=sum(r.num_computed_tokens for r in running),
             running_remaining_tokens=sorted(self._remaining_tokens(r) for r in sched.running),
             max_num_seqs=self.config.scheduler.max_num_seqs,
-            prefill_token_budget=max(self.policy.prefill_token_budget(running, now, budget - num_decodes), 1),
+            prefill_token_budget=max(self.policy.prefill_token_budget(running, now, budget - num_decodes,
+                                                                      sched.waiting), 1),
             cost_coeffs=model.coeffs, cost_calibrated=model.is_calibrated,
             cost_mean_abs_error_s=model.mean_abs_error_s, cost_mean_rel_error=model.mean_rel_error)
 

@@ -5,8 +5,10 @@
 A linear model (the intercept absorbs per-step Python and I/O overhead, `c_ctx` the attention reads
 over the KV of every scheduled sequence), calibrated online from measured steps: every `refit_every`
 steps it is refitted by least squares over the last `window` steps (the window is the forgetting),
-with every coefficient kept non-negative (an active-set refit) and a light ridge pull toward the
-prior, so a feature no recent step exercised keeps its prior cost instead of an arbitrary value.
+with every coefficient kept non-negative (an active-set refit), a light ridge pull toward the prior
+(a feature no recent step exercised keeps its prior cost), and one trimmed refit that drops stalls
+(a step preempted by another process or a GC pause), so it predicts a typical step, not a mean
+inflated by rare multi-second outliers.
 
 Why not recursive least squares: with the non-negativity projection and a forgetting factor, RLS
 diverged on a contended CPU (coefficients of 1e14 after a few hundred noisy steps); a windowed refit
@@ -89,9 +91,19 @@ class StepCostModel:
             self.theta = self._fit()
 
     def _fit(self) -> list[float]:
-        """Ridge least squares toward the prior; coefficients that come out negative are fixed at 0."""
+        """Fit, then refit without outliers (stalls: residual above 3 median absolute residuals)."""
         x = np.array(self._xs, dtype=np.float64)  # [n, NUM_FEATURES]
         y = np.array(self._ys, dtype=np.float64)  # [n]
+        theta = self._solve(x, y)
+        if len(y) >= 16:
+            resid = np.abs(y - x @ theta)
+            keep = resid <= 3.0 * np.median(resid) + 1e-4
+            if keep.sum() >= NUM_FEATURES * 2 and not keep.all():
+                theta = self._solve(x[keep], y[keep])
+        return theta.tolist()
+
+    def _solve(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Ridge least squares toward the prior; coefficients that come out negative are fixed at 0."""
         active = list(range(NUM_FEATURES))
         theta = np.zeros(NUM_FEATURES)
         while active:
@@ -104,7 +116,7 @@ class StepCostModel:
                 theta[active] = sol
                 break
             active = [i for i, c in zip(active, sol) if c > 0]  # drop the negative ones, refit the rest
-        return theta.tolist()
+        return theta
 
     def max_prefill_tokens(self, time_budget_s: float, num_decodes: int, num_context_tokens: int) -> int:
         """Most prefill tokens a step with these decodes can add and still be predicted within budget.

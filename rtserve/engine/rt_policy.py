@@ -43,7 +43,8 @@ class FCFSPolicy:
     def order_running(self, running: list[Request], now: float) -> None:
         pass
 
-    def prefill_token_budget(self, running: list[Request], now: float, token_budget: int) -> int:
+    def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
+                             waiting: Iterable[Request] = ()) -> int:
         return token_budget
 
     def pick_victim(self, candidates: list[Request], now: float) -> Request:
@@ -82,18 +83,29 @@ class DeadlinePolicy:
         """Decodes first (stall-free), each group by deadline; the tail holds the preemption candidates."""
         running.sort(key=lambda r: (r.num_remaining_prefill_tokens > 0, self.order_key(r), r.arrival_time))
 
-    def prefill_token_budget(self, running: list[Request], now: float, token_budget: int) -> int:
-        """Prefill tokens that keep the step's predicted time within the tightest ITL slack."""
+    def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
+                             waiting: Iterable[Request] = ()) -> int:
+        """Prefill tokens that keep the step's predicted time within the tightest ITL slack.
+
+        EDF across both kinds of work: when some prompt's TTFT deadline, still reachable, comes before
+        the tightest stream's next token, the prompt is the more urgent work and gets the whole budget.
+        A prompt already past its deadline does not (under overload every queued prompt is late, and
+        letting them all win would stall every stream: EDF's domino effect).
+        """
         if not self.cost_model.is_calibrated:
             return token_budget
         decodes = [r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0]
         streams = [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
         if not streams:
             return token_budget
+        stream_due = min(r.next_token_deadline for r in streams)
+        prompt_dues = [self.order_key(r) for r in (*running, *waiting)
+                       if not r.is_paused and r.num_remaining_prefill_tokens > 0]
+        if any(now <= due <= stream_due for due in prompt_dues):
+            return token_budget
         # A stream already late (slack used up) still bounds the step: to half its ITL budget, so that
         # prefill keeps progressing and the next gap stays near the budget.
-        time_budget_s = max(min(r.next_token_deadline for r in streams) - now,
-                            0.5 * min(r.rt.itl_s for r in streams))
+        time_budget_s = max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
         num_context = sum(r.num_computed_tokens for r in running if not r.is_paused)
         fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))

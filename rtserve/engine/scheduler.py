@@ -56,7 +56,7 @@ class Scheduler:
         self.policy.order_running(self.running, now)
         self.policy.order_waiting(self.waiting, now)
         # Prefill chunks share the token budget with decodes and are further capped by the policy.
-        prefill_budget = self.policy.prefill_token_budget(self.running, now, budget)
+        prefill_budget = self.policy.prefill_token_budget(self.running, now, budget, self.waiting)
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]

@@ -13,7 +13,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from rtserve.sampling_params import SamplingParams
 
@@ -83,16 +82,28 @@ class NgramProposer(Proposer):
 
 
 def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to k tokens continuing `token_ids` after its longest suffix (max_n..min_n) seen before."""
+    """Up to k tokens continuing `token_ids` after its longest suffix (max_n..min_n) seen before.
+
+    Candidates are earlier occurrences of the last token; each is extended backwards while it keeps
+    matching the suffix (up to max_n). The longest match wins, the most recent among equals.
+    """
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # Windows of the context minus its last token: every match ends before the suffix does, so
-        # at least one real token follows it.
-        windows = sliding_window_view(tokens[:length - 1], n)  # [length - n, n]
-        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n  # first token after the most recent match (< length)
-            period = length - start
-            return tokens[start + np.arange(k) % period].tolist()
-    return []
+    if length < min_n + 1:
+        return []
+    # Every candidate ends before the suffix does, so at least one real token follows it.
+    ends = np.flatnonzero(tokens[:length - 1] == tokens[length - 1])  # [C]
+    match_len = np.ones(ends.size, dtype=np.int64)  # [C]
+    still = np.ones(ends.size, dtype=bool)  # [C] matched every position so far
+    for back in range(1, min(max_n, length - 1)):
+        pos = ends - back
+        still &= pos >= 0
+        still[still] = tokens[pos[still]] == tokens[length - 1 - back]
+        match_len += still
+    good = np.flatnonzero(match_len >= min_n)
+    if good.size == 0:
+        return []
+    longest = good[match_len[good] == match_len[good].max()]
+    start = int(ends[longest[-1]]) + 1  # first token after the most recent longest match (< length)
+    period = length - start
+    return tokens[start + np.arange(k) % period].tolist()

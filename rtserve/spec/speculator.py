@@ -86,9 +86,11 @@ def _truncate(p: Proposal, k: int) -> Proposal:
 
 
 def build_speculator(config: "SpeculativeConfig", block_size: int, device: str = "cpu",
-                     weights_cache_dir: str = "", proposer: Proposer | None = None) -> Speculator | None:
+                     weights_cache_dir: str = "", proposer: Proposer | None = None,
+                     vocab_size: int | None = None) -> Speculator | None:
     """The speculator `config` asks for (None when off). `proposer` overrides the one it would build
-    (tests pass a draft model built from in-memory weights)."""
+    (tests pass a draft model built from in-memory weights). A draft model must share the target's
+    vocabulary (`vocab_size`): its distributions are compared token by token."""
     if not config.enabled:
         return None
     if proposer is None and config.method == "ngram":
@@ -101,4 +103,7 @@ def build_speculator(config: "SpeculativeConfig", block_size: int, device: str =
         loaded = load_model(config.draft_model, weights_cache_dir)
         proposer = DraftModelProposer.from_weights(loaded.config, loaded.weights, config.draft_num_blocks,
                                                    block_size, device)
+    draft_vocab = getattr(getattr(proposer, "cfg", None), "vocab_size", vocab_size)
+    if vocab_size is not None and draft_vocab != vocab_size:
+        raise ValueError(f"draft model vocabulary ({draft_vocab}) differs from the target's ({vocab_size})")
     return Speculator(proposer, config.num_speculative_tokens, config.adaptive)

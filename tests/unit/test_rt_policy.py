@@ -124,3 +124,19 @@ def test_a_stream_already_late_bounds_the_step_to_half_its_itl_budget():
     sched.add_request(rt_req("long", 2000, clock.now, "batch"))
     got = dict(ids(step(sched, clock)))
     assert got["stream"] == 1 and 385 <= got["long"] <= 390  # (50 ms - 11 ms) / 0.1 ms
+
+
+def test_a_prompt_due_before_the_tightest_stream_gets_the_whole_budget():
+    sched, _, clock, _ = make_sched("deadline", budget=1024)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("urgent", 2000, clock.now - 1.0, ttft_s=1.02))  # due in 20 ms < 50 ms
+    assert dict(ids(step(sched, clock)))["urgent"] == 1023
+
+
+def test_a_prompt_already_past_its_deadline_does_not_override_the_itl_cap():
+    sched, _, clock, _ = make_sched("deadline", budget=1024)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("late", 2000, clock.now - 2.0, ttft_s=1.0))  # missed 1 s ago
+    assert 385 <= dict(ids(step(sched, clock)))["late"] <= 390

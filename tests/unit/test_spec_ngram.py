@@ -61,3 +61,25 @@ def test_lookback_window_limits_the_search():
 def test_bad_ngram_sizes_raise(args):
     with pytest.raises(ValueError):
         NgramProposer(*args)
+
+
+def _reference_lookup(tokens, min_n, max_n, k):
+    """Brute force: for n = max_n..min_n, the most recent earlier window equal to the last n tokens."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n:]
+        for start in range(length - 1 - n, -1, -1):
+            if tokens[start:start + n] == suffix:
+                cont = start + n
+                return [tokens[cont + j % (length - cont)] for j in range(k)]
+    return []
+
+
+def test_matches_brute_force_on_random_sequences():
+    import random
+    rng = random.Random(0)
+    for _ in range(300):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 60))]
+        min_n = rng.randrange(1, 4)
+        max_n = rng.randrange(min_n, 6)
+        assert ngram_lookup(tokens, min_n, max_n, 5) == _reference_lookup(tokens, min_n, max_n, 5), tokens
