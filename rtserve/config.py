@@ -153,4 +153,5 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none"):
-            raise ValueError(f"EngineConfig.quantization must be 'auto' or 'none', got {self.quantization!r}")
+            raise ValueError(f"EngineConfig.quantization must be 'auto' or 'none', "
+                             f"got {self.quantization!r}")

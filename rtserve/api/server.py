@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and engine")
     m.add_argument("--model", default="", help="GGUF file or HF directory (default: the embedded SmolLM2)")
     m.add_argument("--served-model-name", nargs="+", default=None, help="model ids to answer to (first is listed)")
-    m.add_argument("--dtype", default=None)
+    m.add_argument("--dtype", default=None, help="reference-path dtype (float32, bfloat16)")
+    m.add_argument("--quantization", choices=("auto", "none"), default=None,
+                   help="auto: quantized CPU fast path for Q4_1 GGUFs (default); none: fp32 reference")
     m.add_argument("--device", default=None)
     m.add_argument("--num-threads", type=int, default=None, help="torch threads in the engine process")
     m.add_argument("--seed", type=int, default=None)
@@ -100,7 +102,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     limits = _replace_given(LimitsConfig(), max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
                             max_logprobs=args.max_logprobs)
     rt = rt_config_from_args(args)
-    return _replace_given(base, model=args.model, dtype=args.dtype, device=args.device,
+    return _replace_given(base, model=args.model, dtype=args.dtype, quantization=args.quantization,
+                          device=args.device,
                           num_threads=args.num_threads, seed=args.seed, cache=cache, scheduler=scheduler,
                           limits=limits, rt=rt)
 

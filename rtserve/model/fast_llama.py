@@ -7,8 +7,8 @@ fp32 for `logit_indices`), different numerics:
   - linear layers: int4 group-32 (the Q4_1 blocks as they are) when the step
     has fewer than `quant.LARGE_M` tokens, the exact bf16 dequantization through oneDNN otherwise;
   - the LM head (the GGUF's Q8_0 embedding) is int8 per row with dynamic int8 activations (fbgemm)
-    for fewer than 16 rows, with 16 outlier hidden channels (calibrated at load) in fp32; bf16
-    oneDNN for more rows.
+    for fewer than 48 rows, with 16 outlier hidden channels (calibrated once) in fp32; bf16 oneDNN
+    for more rows.
 It is a plain object, not an nn.Module tree, and the layer loop is one function: at batch 1 a step is
 ~20 small ops per layer, so Python and dispatch overhead matter as much as the matmuls.
 """
@@ -26,7 +26,7 @@ from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
 
 
 NUM_OUTLIER_CHANNELS = 16  # hidden channels kept out of the int8 LM head (see _lm_head_int8)
-HEAD_LARGE_M = 16  # rows from which the bf16 LM head beats int8 (benchmarks/kernels.py: M=8 vs 32)
+HEAD_LARGE_M = 48  # rows from which the bf16 LM head beats int8 (measured in place: M=32 int8, M=64 bf16)
 
 
 class FastLayer:
