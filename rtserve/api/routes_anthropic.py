@@ -26,12 +26,12 @@ from rtserve.api.errors import ApiError, anthropic_error_body, engine_failure
 from rtserve.api.limits import build_sampling_params, check_request_limits, read_json_body
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
+from rtserve.api.respond import json_response, stream_response
 from rtserve.api.prompts import render_chat, text_of
-from rtserve.api.rt_fields import (admit, deadline_error, first_output_of_firm, is_deadline_drop, parse_rt, rt_object,
+from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import dumps, sse_event
-from rtserve.api.streaming import (ClientDisconnected, ClosingBody, EventStreamResponse, OutputStream,
-                                   run_until_disconnect)
+from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams
 from rtserve.sampling_params import SamplingParams
@@ -155,32 +155,9 @@ async def messages(request: Request) -> Response:
         raise ApiError(503, "The engine is not running.")
     job.rt = admit(state.engine, len(prompt_ids), rt, arrival_s, anthropic=True)
     if req.stream:
-        outputs = job.start(state)
-        try:  # a firm stream sends nothing before its first delta
-            first = await run_until_disconnect(request.receive, first_output_of_firm(outputs, job.rt))
-        except ClientDisconnected:
-            await outputs.aclose()
-            return Response(status_code=499)
-        except ApiError:
-            raise
-        except Exception as exc:
-            await outputs.aclose()
-            raise engine_failure(exc, state.engine.is_dead) from exc
-        return EventStreamResponse(ClosingBody(stream_events(state, job, request, outputs, first), outputs),
-                                   send_timeout_s=state.settings.send_timeout_s)
-    try:
-        body = await run_until_disconnect(request.receive, collect(state, job))
-    except ClientDisconnected:
-        log_fields(request, disconnected=True)
-        return Response(status_code=499)
-    except ApiError:
-        raise
-    except Exception as exc:
-        raise engine_failure(exc, state.engine.is_dead) from exc
-    log_fields(request, **body["usage"])
-    timing = body.pop("_server_timing", "")
-    return Response(dumps(body).encode(), media_type="application/json",
-                    headers={"server-timing": timing} if timing else None)
+        return await stream_response(request, state, job.rt, job.start(state),
+                                     lambda outputs, first: stream_events(state, job, request, outputs, first))
+    return await json_response(request, state, collect(state, job))
 
 
 @router.post("/v1/messages/count_tokens")

@@ -28,12 +28,12 @@ from rtserve.api.errors import ApiError, engine_failure, openai_error_body
 from rtserve.api.limits import build_sampling_params, check_request_limits, read_json_body
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
+from rtserve.api.respond import json_response, stream_response
 from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
-from rtserve.api.rt_fields import (admit, deadline_error, first_output_of_firm, is_deadline_drop, parse_rt, rt_object,
+from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
-from rtserve.api.sse import SSE_DONE, dumps, sse_data
-from rtserve.api.streaming import (ClientDisconnected, ClosingBody, EventStreamResponse, OutputStream,
-                                   run_until_disconnect)
+from rtserve.api.sse import SSE_DONE, sse_data
+from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams
 from rtserve.sampling_params import SamplingParams
@@ -205,32 +205,9 @@ async def respond(request: Request, state: AppState, job: Job, stream: bool) -> 
     job.rt = admit(state.engine, sum(map(len, job.prompts)) * job.params.n, job.rt, job.arrival_s)
     log_fields(request, rt_class=job.rt.rt_class)
     if stream:
-        outputs = start_outputs(state, job)
-        try:  # a firm stream sends nothing before its first delta
-            first = await run_until_disconnect(request.receive, first_output_of_firm(outputs, job.rt))
-        except ClientDisconnected:
-            await outputs.aclose()
-            return Response(status_code=499)
-        except ApiError:
-            raise
-        except Exception as exc:
-            await outputs.aclose()
-            raise engine_failure(exc, state.engine.is_dead) from exc
-        return EventStreamResponse(ClosingBody(stream_events(state, job, request, outputs, first), outputs),
-                                   send_timeout_s=state.settings.send_timeout_s)
-    try:
-        body = await run_until_disconnect(request.receive, collect(state, job))
-    except ClientDisconnected:
-        log_fields(request, disconnected=True)
-        return Response(status_code=499)
-    except ApiError:
-        raise
-    except Exception as exc:
-        raise engine_failure(exc, state.engine.is_dead) from exc
-    log_fields(request, **body["usage"])
-    timing = body.pop("_server_timing", "")
-    return Response(dumps(body).encode(), media_type="application/json",
-                    headers={"server-timing": timing} if timing else None)
+        return await stream_response(request, state, job.rt, start_outputs(state, job),
+                                     lambda outputs, first: stream_events(state, job, request, outputs, first))
+    return await json_response(request, state, collect(state, job))
 
 
 def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | None, logprobs: int | None,
