@@ -134,6 +134,37 @@ class RTConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes draft tokens and how many a verify step may check.
+
+    "ngram" looks the last tokens up in the request's own context (no model); "draft" runs a smaller
+    model with the same tokenizer (`draft_model`: a GGUF file or HF directory). With `adaptive`, k is
+    chosen per request and step (0 included) from measured acceptance and the step-time cost model;
+    otherwise every decoding request verifies `num_speculative_tokens` when it has them.
+    """
+
+    method: str = "off"  # "off" | "ngram" | "draft"
+    num_speculative_tokens: int = 4  # the largest k
+    adaptive: bool = True
+    ngram_min: int = 2
+    ngram_max: int = 4
+    draft_model: str = ""
+    draft_num_blocks: int = 512  # the draft's own KV cache, in blocks of the target's block_size
+
+    def __post_init__(self) -> None:
+        if self.method not in ("off", "ngram", "draft"):
+            raise ValueError(f"SpeculativeConfig.method must be 'off', 'ngram' or 'draft', got {self.method!r}")
+        if self.num_speculative_tokens <= 0 or self.draft_num_blocks <= 0:
+            raise ValueError("SpeculativeConfig.num_speculative_tokens/draft_num_blocks must be positive")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("SpeculativeConfig needs 1 <= ngram_min <= ngram_max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine core needs; travels to the engine process as a whole."""
 
@@ -149,6 +180,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     rt: RTConfig = field(default_factory=RTConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     weights_cache_dir: str = ""  # "" = ~/.cache/rtserve
 
     def __post_init__(self) -> None:

@@ -106,6 +106,30 @@ class EngineCoreOutput:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding counters (cumulative), named after vLLM's spec-decode metrics.
+
+    A draft is one verify step of one request with k >= 1 proposed tokens; position j counts drafts
+    whose (j+1)-th token was accepted. Acceptance rate = num_accepted_tokens / num_draft_tokens;
+    mean accepted length = 1 + num_accepted_tokens / num_drafts (the target's own token included).
+    """
+
+    method: str = ""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_len(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
 class EngineStats:
     """Scheduler/KV snapshot after a step (feeds gauges and metrics)."""
 
@@ -120,6 +144,7 @@ class EngineStats:
     step_time_s: float = 0.0
     num_scheduled_tokens: int = 0
     queue: QueueSnapshot | None = None  # what admission control needs (real-time policy)
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from rtserve.client.outputs import RequestOutput
-from rtserve.protocol import EngineStats
+from rtserve.protocol import EngineStats, SpecDecodeStats
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                   10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -68,6 +68,22 @@ def render_scalar(kind: str, name: str, doc: str, samples: list[tuple[list[tuple
     return lines
 
 
+def render_spec_decode(spec: SpecDecodeStats, model: list[tuple[str, str]]) -> list[str]:
+    """vLLM's speculative decoding counters (acceptance rate = accepted / draft tokens)."""
+    lines: list[str] = []
+    for name, doc, value in (
+        ("vllm:spec_decode_num_drafts_total", "Number of spec decoding drafts.", spec.num_drafts),
+        ("vllm:spec_decode_num_draft_tokens_total", "Number of draft tokens.", spec.num_draft_tokens),
+        ("vllm:spec_decode_num_accepted_tokens_total", "Number of accepted tokens.", spec.num_accepted_tokens),
+    ):
+        lines += render_scalar("counter", name, doc, [(model, value)])
+    lines += render_scalar("counter", "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                           "Accepted tokens per draft position.",
+                           [([*model, ("position", str(pos))], n)
+                            for pos, n in enumerate(spec.num_accepted_tokens_per_pos)])
+    return lines
+
+
 class ServingMetrics:
     """All metrics of one served model; `render()` produces the /metrics body."""
 
@@ -108,6 +124,8 @@ class ServingMetrics:
             lines += render_scalar(kind, name, doc, [(model, value)])
         lines += render_scalar("counter", "vllm:request_success_total", "Count of successfully processed requests.",
                                [([*model, ("finished_reason", r)], n) for r, n in self.num_finished.items()])
+        if stats.spec_decode is not None:
+            lines += render_spec_decode(stats.spec_decode, model)
         for hist in (self.ttft, self.itl, self.e2e):
             lines += hist.render(model)
         from rtserve.api.rt_metrics import render_cost_model

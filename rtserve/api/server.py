@@ -14,7 +14,7 @@ import sys
 from rtserve.api.app import ServerSettings, build_app
 from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
-from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig, SchedulerConfig
+from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig, SchedulerConfig, SpeculativeConfig
 
 logger = logging.getLogger("rtserve.api")
 
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-cache-bytes", type=int, default=None)
     m.add_argument("--no-prefix-caching", action="store_true")
     m.add_argument("--in-process", action="store_true", help="run the engine core on a thread of this process")
+    sp = p.add_argument_group("speculative decoding")
+    sp.add_argument("--speculative-method", default=None, choices=("off", "ngram", "draft"))
+    sp.add_argument("--num-speculative-tokens", type=int, default=None, help="largest k per verify step")
+    sp.add_argument("--draft-model", default=None, help="GGUF file or HF directory (method 'draft')")
+    sp.add_argument("--no-adaptive-speculation", action="store_true",
+                    help="always verify k drafts instead of choosing k from acceptance and load")
     rt = p.add_argument_group("real-time scheduling (rtserve/engine/rt_policy.py)")
     rt.add_argument("--policy", choices=("deadline", "fcfs"), default=None,
                     help="deadline: EDF, ITL-sized prefill chunks, firm admission and expiry (default); "
@@ -102,10 +108,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     limits = _replace_given(LimitsConfig(), max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
                             max_logprobs=args.max_logprobs)
     rt = rt_config_from_args(args)
+    speculative = _replace_given(SpeculativeConfig(), method=args.speculative_method,
+                                 num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
+                                 adaptive=False if args.no_adaptive_speculation else None)
     return _replace_given(base, model=args.model, dtype=args.dtype, quantization=args.quantization,
                           device=args.device,
                           num_threads=args.num_threads, seed=args.seed, cache=cache, scheduler=scheduler,
-                          limits=limits, rt=rt)
+                          limits=limits, rt=rt, speculative=speculative)
 
 
 def rt_config_from_args(args: argparse.Namespace) -> RTConfig:

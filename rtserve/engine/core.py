@@ -13,17 +13,21 @@ from rtserve.engine.cost_model import StepCostModel
 from rtserve.engine.request import Request
 from rtserve.engine.rt_policy import make_policy, resolve_rt
 from rtserve.engine.scheduler import Scheduler
+from rtserve.engine.spec_step import observe_acceptance, propose_drafts
 from rtserve.engine.validation import validate_request
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats,
                               FinishReason, QueueSnapshot)
 from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_dtype
+from rtserve.spec.proposer import Proposer
+from rtserve.spec.speculator import build_speculator
 
 logger = logging.getLogger("rtserve.engine")
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict,
+                 proposer: Proposer | None = None) -> None:
         self.config = config
         self.model_config = model_config
         self.max_model_len = min(model_config.max_position, config.scheduler.max_model_len)
@@ -40,6 +44,8 @@ class EngineCore:
         self.policy = make_policy(rt, self.cost_model)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.policy)
         self.runner = ModelRunner(model_config, cache, num_blocks, weights, config.device, config.dtype)
+        self.speculator = build_speculator(config.speculative, cache.block_size, config.device,
+                                           config.weights_cache_dir, proposer, model_config.vocab_size)
         self._last_step_s = 0.0
         self._last_num_tokens = 0
         self.num_requests_added = 0  # every request received, accepted or not (see QueueSnapshot)
@@ -70,11 +76,11 @@ class EngineCore:
             eos_token_ids=tuple(req.eos_token_ids or self.model_config.eos_token_ids), rt=rt))
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        return self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
+        return self._forget_finished(self.scheduler.finish_requests(request_ids, FinishReason.ABORT))
 
     def expire_requests(self) -> list[EngineCoreOutput]:
         """Drop requests whose deadline passed (deadline policy, firm class); frees their blocks."""
-        return self.scheduler.expire()
+        return self._forget_finished(self.scheduler.expire())
 
     def pause_requests(self, request_ids: list[str], paused: bool) -> None:
         self.scheduler.set_paused(request_ids, paused)
@@ -85,6 +91,8 @@ class EngineCore:
 
     def step(self) -> EngineCoreOutputs:
         start = time.monotonic()
+        if self.speculator is not None:
+            propose_drafts(self.speculator, self.scheduler, self.cost_model, self.max_model_len)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._last_num_tokens = 0
@@ -97,10 +105,23 @@ class EngineCore:
                 [s.request.request_id for s in sched.seqs], FinishReason.ERROR, f"engine step failed: {exc!r}")
         else:
             outputs = self.scheduler.update(sched, result)
+            if self.speculator is not None:
+                observe_acceptance(self.speculator, sched, result)
+        self._forget_finished(outputs)
         now = time.monotonic()
         self._last_step_s, self._last_num_tokens = now - start, sched.num_scheduled_tokens
         self.cost_model.observe(sched.step_features, now - start)
+        if self.speculator is not None:
+            self.speculator.observe_step(sched.num_scheduled_tokens, now - start)
         return EngineCoreOutputs(outputs, now, self.stats())
+
+    def _forget_finished(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Release what the speculator keeps for finished requests (a draft model's KV, estimates)."""
+        if self.speculator is not None:
+            for out in outputs:
+                if out.finish_reason is not None:
+                    self.speculator.free(out.request_id)
+        return outputs
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -109,7 +130,8 @@ class EngineCore:
             num_total_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits, num_preemptions=self.scheduler.num_preemptions,
             step_time_s=self._last_step_s, num_scheduled_tokens=self._last_num_tokens,
-            queue=self.queue_snapshot())
+            queue=self.queue_snapshot(),
+            spec_decode=None if self.speculator is None else self.speculator.stats())
 
     def queue_snapshot(self) -> QueueSnapshot:
         """What admission control in the engine client needs to predict a new request's TTFT."""

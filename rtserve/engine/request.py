@@ -39,6 +39,10 @@ class Request:
     first_token_time: float | None = None  # time.monotonic() when the first token was sampled
     last_token_time: float | None = None
     is_paused: bool = False  # its client stopped reading: not scheduled, keeps its blocks
+    # Draft tokens proposed to follow all_token_ids this step, and their draft distribution
+    # [len, V] (None: deterministic proposer). Set before scheduling; never part of the sequence.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -75,7 +75,28 @@ class Scheduler:
             idx += 1
         if not out.preempted_ids:
             self._admit_waiting(out, budget, prefill_budget)
+        self._schedule_drafts(out, self.config.max_num_batched_tokens - out.num_scheduled_tokens)
         return out
+
+    def _schedule_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Extend scheduled decodes by their draft tokens with the budget left over (never preempts).
+
+        Every decode and prefill chunk is placed first, so speculation only uses spare tokens.
+        """
+        for seq in out.seqs:
+            req = seq.request
+            if budget <= 0:
+                break
+            if not req.spec_token_ids or seq.num_new_tokens != 1 or not seq.do_sample:
+                continue
+            num_spec = min(len(req.spec_token_ids), budget)
+            if not self.kv.allocate_slots(req, 1 + num_spec):
+                continue
+            seq.spec_token_ids = req.spec_token_ids[:num_spec]
+            seq.spec_probs = None if req.spec_probs is None else req.spec_probs[:num_spec]
+            seq.num_new_tokens += num_spec
+            seq.block_ids = self.kv.block_ids(req.request_id)
+            budget -= num_spec
 
     def _chunk(self, num_remaining: int, budget: int, prefill_budget: int) -> int:
         """Tokens to compute this step: a decode (1) always fits the budget; a prefill chunk is capped."""
@@ -100,6 +121,7 @@ class Scheduler:
         self.kv.free(req)
         self.running.remove(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids, req.spec_probs = [], None
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
@@ -147,24 +169,42 @@ class Scheduler:
             req = seq.request
             if req.is_finished:
                 continue  # aborted between schedule and update
-            req.num_computed_tokens += seq.num_new_tokens
-            token_id = result.sampled_token_ids.get(req.request_id)
-            if token_id is None:
+            req.spec_token_ids, req.spec_probs = [], None
+            token_ids = result.spec_token_ids.get(req.request_id)
+            if token_ids is None:
+                token_id = result.sampled_token_ids.get(req.request_id)
+                token_ids = None if token_id is None else [token_id]
+            # Drafts after the first rejected one were computed but are not part of the sequence:
+            # progress covers the accepted ones only, and their KV slots are overwritten next step.
+            num_rejected = len(seq.spec_token_ids) - (len(token_ids) - 1 if token_ids else 0)
+            req.num_computed_tokens += seq.num_new_tokens - num_rejected
+            if token_ids is None:
                 self.kv.cache_blocks(req)
                 continue
             late = self.policy.late_token(req, now)
             if late is not None:  # a firm token past its deadline is never delivered
                 outputs.extend(self.finish_requests([req.request_id], FinishReason.DEADLINE, late))
                 continue
-            req.append_output_token(token_id, now)
-            logprob = result.logprobs.get(req.request_id)
-            finish_reason, stop_reason = check_stop(req, self.max_model_len)
-            self.kv.cache_blocks(req)
-            out = self._output(req, [token_id], [logprob] if logprob else None)
-            if finish_reason is not None:
-                self._finish(req, finish_reason, stop_reason, out)
-            outputs.append(out)
+            outputs.append(self._append_tokens(req, token_ids, result.logprobs.get(req.request_id), now))
         return outputs
+
+    def _append_tokens(self, req: Request, token_ids: list[int], logprob, now: float) -> EngineCoreOutput:
+        """Append tokens up to the first stop; finish the request if one stops it."""
+        finish_reason = stop_reason = None
+        num_appended = 0
+        for token_id in token_ids:
+            req.append_output_token(token_id, now)
+            num_appended += 1
+            finish_reason, stop_reason = check_stop(req, self.max_model_len)
+            if finish_reason is not None:
+                break
+        # A stop inside the accepted drafts leaves computed KV past the sequence's new end.
+        req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+        self.kv.cache_blocks(req)
+        out = self._output(req, token_ids[:num_appended], [logprob] if logprob else None)
+        if finish_reason is not None:
+            self._finish(req, finish_reason, stop_reason, out)
+        return out
 
     def finish_requests(self, request_ids: Iterable[str], reason: str,
                         error: str | None = None) -> list[EngineCoreOutput]:

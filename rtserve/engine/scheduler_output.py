@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from rtserve.engine.cost_model import StepFeatures
 from rtserve.engine.request import Request
 from rtserve.protocol import TokenLogprob
@@ -10,17 +12,28 @@ from rtserve.protocol import TokenLogprob
 
 @dataclass
 class ScheduledSeq:
-    """`num_new_tokens` tokens of `request`, starting at position `start_pos`, are computed this step."""
+    """`num_new_tokens` tokens of `request`, starting at position `start_pos`, are computed this step.
+
+    With draft tokens, the last `len(spec_token_ids)` of them are the drafts (positions num_tokens..),
+    verified this step: the runner returns the accepted ones plus one target token.
+    """
 
     request: Request
     start_pos: int
     num_new_tokens: int
     block_ids: list[int]
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), V]; None: deterministic proposer
+
+    @property
+    def num_sequence_tokens(self) -> int:
+        """Tokens of the request itself in this chunk (drafts excluded)."""
+        return self.num_new_tokens - len(self.spec_token_ids)
 
     @property
     def do_sample(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a next token is sampled."""
-        return self.start_pos + self.num_new_tokens == self.request.num_tokens
+        return self.start_pos + self.num_sequence_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -38,8 +51,9 @@ class SchedulerOutput:
 
     @property
     def step_features(self) -> StepFeatures:
-        """What the cost model sees: one-token sequences are decodes, the rest prefill chunks."""
-        num_decodes = sum(1 for s in self.seqs if s.num_new_tokens == 1)
+        """What the cost model sees: one-token sequences are decodes, the rest prefill chunks; a
+        verify chunk is a decode plus its draft tokens, which cost what prefill tokens cost."""
+        num_decodes = sum(1 for s in self.seqs if s.num_sequence_tokens == 1)
         return StepFeatures(num_decodes=num_decodes,
                             num_prefill_tokens=self.num_scheduled_tokens - num_decodes,
                             num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs))
@@ -47,7 +61,12 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """Sampled token (and optional logprobs) for every scheduled sequence with do_sample."""
+    """Sampled token (and optional logprobs) for every scheduled sequence with do_sample.
+
+    A sequence verified with draft tokens appears in `spec_token_ids` instead: the accepted drafts
+    followed by the target's next token (1 to k + 1 tokens).
+    """
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -35,7 +35,8 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     t = 0
     for seq in ordered:
         start, end = seq.start_pos, seq.start_pos + seq.num_new_tokens
-        ids.extend(seq.request.all_token_ids[start:end])
+        ids.extend(seq.request.all_token_ids[start:end - len(seq.spec_token_ids)])
+        ids.extend(seq.spec_token_ids)
         positions.append(torch.arange(start, end, dtype=torch.int64))
         slot_mapping.append(_slots(seq.block_ids, start, end, block_size))
         if seq.num_new_tokens > 1:
@@ -44,8 +45,8 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
                 gather_idx=_slots(seq.block_ids, 0, end, block_size).to(device),
                 causal_mask=None if start == 0 else _offset_causal_mask(seq.num_new_tokens, end).to(device)))
         t += seq.num_new_tokens
-        if seq.do_sample:
-            logit_rows.append(t - 1)
+        if seq.do_sample:  # the last sequence token and every draft token predict a next token
+            logit_rows.extend(range(t - 1 - len(seq.spec_token_ids), t))
             sample_seqs.append(seq)
     meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(device), num_decodes=len(decodes),
                              prefills=prefill_chunks)

@@ -13,7 +13,8 @@ from rtserve.model.llama import LlamaForCausalLM
 from rtserve.model.quantized_loader import FastCheckpoint
 from rtserve.protocol import TokenLogprob
 from rtserve.runner.input_batch import ModelInputs, prepare_inputs
-from rtserve.sample.sampler import SamplingBatch, make_generator, sample
+from rtserve.sample.rejection import verify
+from rtserve.sample.sampler import SamplingBatch, compute_logprobs, make_generator, sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,6 +75,8 @@ class ModelRunner:
             if req.generator is None and req.sampling_params.seed is not None:
                 req.generator = make_generator(req.sampling_params.seed, self.device)
         batch = SamplingBatch.build([r.sampling_params for r in reqs], [r.generator for r in reqs], self.device)
+        if any(s.spec_token_ids for s in inputs.sample_seqs):
+            return self._verify(logits, inputs.sample_seqs, batch)
         result = sample(logits, batch)
         token_ids = result.token_ids.tolist()
         out = RunnerOutput(sampled_token_ids={r.request_id: t for r, t in zip(reqs, token_ids)})
@@ -87,12 +90,37 @@ class ModelRunner:
                         top_logprobs=lps[i][1:1 + k])
         return out
 
+    def _verify(self, logits: torch.Tensor, seqs, batch: SamplingBatch) -> RunnerOutput:
+        """Speculative step: rows are p_0..p_k per sequence (k = 0 for plain decodes in the batch)."""
+        drafts = [s.spec_token_ids for s in seqs]
+        # Row j of a sequence predicts its (num_output_tokens + j)-th output token.
+        self._mask_early_stops(logits, [s.request for s in seqs for _ in range(len(s.spec_token_ids) + 1)],
+                               [j for s in seqs for j in range(len(s.spec_token_ids) + 1)])
+        emitted = verify(logits, drafts, [s.spec_probs for s in seqs], batch)
+        out, row = RunnerOutput(), 0
+        for seq, token_ids in zip(seqs, emitted):
+            req = seq.request
+            if seq.spec_token_ids:  # requests that want logprobs are never given drafts
+                out.spec_token_ids[req.request_id] = token_ids
+            else:
+                out.sampled_token_ids[req.request_id] = token_ids[0]
+                k = req.sampling_params.logprobs
+                if k is not None:
+                    lps, ids = compute_logprobs(logits[row:row + 1], torch.tensor(token_ids[:1]), k)
+                    out.logprobs[req.request_id] = TokenLogprob(
+                        token_id=token_ids[0], logprob=lps[0, 0].item(), top_ids=ids[0, 1:].tolist(),
+                        top_logprobs=lps[0, 1:].tolist())
+            row += len(seq.spec_token_ids) + 1
+        return out
+
     @staticmethod
-    def _mask_early_stops(logits: torch.Tensor, reqs) -> None:
-        """Below min_tokens, EOS and stop token ids cannot be sampled (modifies logits)."""
+    def _mask_early_stops(logits: torch.Tensor, reqs, offsets=None) -> None:
+        """Below min_tokens, EOS and stop token ids cannot be sampled (modifies logits).
+
+        Row i predicts output token number reqs[i].num_output_tokens + offsets[i] (offsets: all 0)."""
         for i, req in enumerate(reqs):
             params = req.sampling_params
-            if req.num_output_tokens < params.min_tokens:
+            if req.num_output_tokens + (offsets[i] if offsets else 0) < params.min_tokens:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(req.eos_token_ids))
                 if banned:
                     logits[i, banned] = float("-inf")

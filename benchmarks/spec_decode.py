@@ -1,0 +1,175 @@
+"""Speculative decoding on the real SmolLM2-135M: batch-1 speed-up and aggregate throughput, on vs off.
+
+Drives `EngineCore.step()` directly (no HTTP), greedy, chat-templated prompts of two kinds:
+  copy   input-grounded ("Repeat the following text exactly", rename a variable in code, fix a typo):
+         prompt lookup should find most of the answer in the prompt
+  chat   open questions: little to copy; adaptive k should fall back to plain decoding
+Measures:
+  batch 1      per prompt: output tok/s after the first token, off vs each method, acceptance
+               (accepted / proposed draft tokens), mean tokens per verify step, greedy identity
+  N streams    N concurrent requests (--stream-mix: all prompts in turn, or only copy / chat ones),
+               all added at once: output tok/s over the whole run, each method vs off
+Methods: off, ngram (adaptive k), ngram-fixed (k always 4 when there is a match), and with
+--draft-layers L a layer-skip draft (the target's first L layers + its LM head: same tokenizer).
+
+Usage: python benchmarks/spec_decode.py [--threads 2] [--max-tokens 128] [--streams 16,32]
+       [--methods off,ngram,ngram-fixed] [--draft-layers 0] [--quantization auto]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+PARAGRAPH = ("The committee met on Tuesday to review the budget for the new library. After a long discussion, "
+             "the members agreed to extend the opening hours on weekends, to buy more books for children, and "
+             "to repair the roof before the winter. The final vote was unanimous, and the plan will be "
+             "presented to the city council next month.")
+CODE = ('def total_price(items, tax_rate):\n    total = 0\n    for item in items:\n'
+        '        total += item.price * item.quantity\n    total = total * (1 + tax_rate)\n    return total\n')
+PROMPTS = {
+    "copy-repeat": "Repeat the following text exactly, without any changes:\n\n" + PARAGRAPH,
+    "copy-code": "Rename the variable `total` to `subtotal` in this Python function and output the whole "
+                 "function:\n\n" + CODE,
+    "copy-typo": "Fix the spelling mistakes and output the corrected text:\n\n"
+                 + PARAGRAPH.replace("committee", "comittee").replace("library", "libary"),
+    "chat-story": "Tell me a short story about a dragon who learns to cook.",
+    "chat-advice": "What are some good habits for staying healthy while working from home?",
+}
+
+
+def build_core(method: str, args, max_streams: int):
+    from rtserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+    from rtserve.engine.core import EngineCore
+    from rtserve.model.loader import default_model_path, load_model
+    from rtserve.model.quantized_loader import load_fast_checkpoint
+    spec = {"off": SpeculativeConfig(),
+            "ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k),
+            "ngram-fixed": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, adaptive=False),
+            "draft": SpeculativeConfig(method="draft", num_speculative_tokens=args.k)}[method]
+    config = EngineConfig(quantization=args.quantization, speculative=spec,
+                          scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, max_streams)),
+                          cache=CacheConfig(enable_prefix_caching=False))
+    path = default_model_path()
+    fast = load_fast_checkpoint(path, "") if args.quantization == "auto" else None
+    loaded = None if fast is not None else load_model(path)
+    model_config, weights = (fast.config, fast) if fast is not None else (loaded.config, loaded.weights)
+    proposer = None
+    if method == "draft":
+        from rtserve.spec.draft_model import DraftModelProposer
+        full = loaded or load_model(path)
+        draft_cfg = dataclasses.replace(full.config, num_layers=args.draft_layers)
+        proposer = DraftModelProposer.from_weights(draft_cfg, full.weights, num_blocks=2048,
+                                                   block_size=config.cache.block_size)
+    return EngineCore(config, model_config, weights, proposer=proposer)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]),
+                            add_special_tokens=False)
+
+
+def run(core, prompts: list[list[int]], max_tokens: int) -> tuple[dict[str, list[int]], float, float]:
+    """All prompts at once, greedy. Returns (tokens per request, total seconds, seconds after first tokens)."""
+    from rtserve.protocol import EngineCoreRequest
+    from rtserve.sampling_params import SamplingParams
+    for i, ids in enumerate(prompts):
+        core.add_request(EngineCoreRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                                           time.monotonic()))
+    tokens: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    first = None
+    while core.has_unfinished:
+        for out in core.step().outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if first is None and len(tokens) == len(prompts):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return tokens, end - start, end - (first or start)
+
+
+def spec_counts(core) -> tuple[int, int, int]:
+    s = core.stats().spec_decode
+    return (0, 0, 0) if s is None else (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens)
+
+
+def spec_summary(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
+    drafts, proposed, accepted = (a - b for a, b in zip(after, before))
+    if not drafts:
+        return "no drafts"
+    return f"accept {accepted / proposed:4.0%}  tok/verify {1 + accepted / drafts:.2f}  verify steps {drafts}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--streams", default="16,32")
+    p.add_argument("--methods", default="off,ngram,ngram-fixed")
+    p.add_argument("--draft-layers", type=int, default=0)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-batch1", action="store_true", help="only the concurrent-stream runs")
+    p.add_argument("--stream-mix", default="all", choices=("all", "copy", "chat"))
+    p.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
+    p.add_argument("--quantization", default="auto", choices=("auto", "none"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from rtserve.client.tokenizer import Tokenizer
+    from rtserve.model.loader import default_model_path
+    tokenizer = Tokenizer.load(default_model_path())
+    methods = args.methods.split(",") + (["draft"] if args.draft_layers else [])
+    prompts = {name: prompt_ids(tokenizer, PROMPTS[name]) for name in args.prompts.split(",")}
+
+    if not args.no_batch1:
+        print(f"== batch 1, greedy, {args.max_tokens} tokens, decode tok/s after the first token ==")
+        cores = {method: build_core(method, args, 1) for method in methods}
+        for core in cores.values():
+            run(core, [next(iter(prompts.values()))], 16)  # warm-up
+        for name, ids in prompts.items():
+            rates: dict[str, list[float]] = {m: [] for m in methods}
+            outs, before = {}, {m: spec_counts(c) for m, c in cores.items()}
+            for _ in range(args.repeats):  # methods interleaved, so machine noise hits all of them alike
+                for method, core in cores.items():
+                    tokens, _, decode_s = run(core, [ids], args.max_tokens)
+                    outs[method] = tokens["q0"]
+                    rates[method].append((len(tokens["q0"]) - 1) / decode_s)
+            base = statistics.median(rates["off"])
+            for method in methods:
+                rate, out, ref = statistics.median(rates[method]), outs[method], outs["off"]
+                diverge = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+                same = "identical" if out == ref else f"differs from token {diverge}"
+                drafts = spec_summary(before[method], spec_counts(cores[method])) if method != "off" else ""
+                print(f"{name:12s} {method:12s} {rate:6.1f} tok/s  x{rate / base:4.2f}  {len(out):3d} tokens  {drafts}"
+                      f"  {same if method != 'off' else ''}", flush=True)
+
+    for n in [int(x) for x in args.streams.split(",") if x]:  # streams: interleaved repeats, median
+        mix = list(prompts.values()) if args.stream_mix == "all" else [
+            ids for name, ids in prompts.items() if name.startswith(args.stream_mix)]
+        print(f"== {n} concurrent streams ({args.stream_mix} prompts in turn), aggregate output tok/s ==")
+        batch = [mix[i % len(mix)] for i in range(n)]
+        cores = {method: build_core(method, args, n) for method in methods}
+        rates = {m: [] for m in methods}
+        before = {}
+        for core in cores.values():
+            run(core, batch[:2], 8)  # warm-up
+        for rep in range(args.repeats):  # interleaved, as above
+            for method, core in cores.items():
+                if rep == args.repeats - 1:
+                    before[method] = spec_counts(core)
+                tokens, total_s, _ = run(core, batch, args.max_tokens)
+                rates[method].append(sum(len(t) for t in tokens.values()) / total_s)
+        base = statistics.median(rates["off"])
+        for method in methods:
+            rate = statistics.median(rates[method])
+            drafts = spec_summary(before[method], spec_counts(cores[method])) if method != "off" else ""
+            print(f"{method:12s} {rate:7.1f} tok/s  x{rate / base:4.2f}  (runs: "
+                  f"{', '.join(f'{r:.0f}' for r in rates[method])})  {drafts}", flush=True)
+        del cores
+
+
+if __name__ == "__main__":
+    main()
