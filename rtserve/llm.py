@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from rtserve.client.output_processor import OutputProcessor
 from rtserve.client.tokenizer import Tokenizer
-from rtserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from rtserve.config import CacheConfig, EngineConfig, RTConfig, SchedulerConfig
 from rtserve.engine.core import EngineCore
 from rtserve.protocol import EngineCoreRequest, TokenLogprob
 from rtserve.sampling_params import SamplingParams
@@ -51,14 +51,16 @@ class LLM:
                  kv_cache_bytes: int | None = None, num_blocks: int = 0, block_size: int = 16,
                  enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int = 8192,
-                 weights_cache_dir: str = "", config: EngineConfig | None = None) -> None:
+                 weights_cache_dir: str = "", policy: str = "fcfs",
+                 config: EngineConfig | None = None) -> None:
+        """Offline generation has no deadlines, so the scheduling policy defaults to FCFS (throughput)."""
         if config is None:
             cache = CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                 enable_prefix_caching=enable_prefix_caching)
             if kv_cache_bytes:
                 cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
             config = EngineConfig(model=model, dtype=dtype, quantization=quantization, cache=cache,
-                                  weights_cache_dir=weights_cache_dir,
+                                  weights_cache_dir=weights_cache_dir, rt=RTConfig(policy=policy),
                                   scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len))
         from rtserve.client.async_llm import model_path
         path = model_path(config)
