@@ -12,14 +12,13 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rtserve.config import ModelConfig
+from rtserve.model.tensor_cache import read_tensor_cache, write_tensor_cache
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir, end_of_turn_token_ids
 
 logger = logging.getLogger(__name__)
@@ -228,30 +227,15 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> None
 
 def _read_cache(cache_path: str) -> LoadedModel | None:
     """The cached model, or None when absent or unreadable (then it is rebuilt and rewritten)."""
-    if not os.path.isfile(cache_path):
+    cached = read_tensor_cache(cache_path)
+    if cached is None:
         return None
     try:
-        with safe_open(cache_path, framework="pt") as f:
-            fields = json.loads(f.metadata()["rtserve_config"])
-            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-            config = ModelConfig(**fields)
-            weights = {name: f.get_tensor(name) for name in f.keys()}
-        check_weights(config, weights)
-        return LoadedModel(config, weights)
-    except Exception:  # a torn or stale cache file is not fatal: reconvert
+        check_weights(*cached)
+    except Exception:  # noqa: BLE001 - a stale cache is rebuilt, never trusted
         return None
+    return LoadedModel(*cached)
 
 
 def _write_cache(cache_path: str, model: LoadedModel) -> None:
-    """Atomic: write to a temporary file in the same directory, then rename over the target."""
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
-    os.close(fd)
-    try:
-        metadata = {"rtserve_config": json.dumps(asdict(model.config))}
-        save_file(model.weights, tmp, metadata=metadata)
-        os.replace(tmp, cache_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_tensor_cache(cache_path, model.config, model.weights)

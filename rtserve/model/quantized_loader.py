@@ -14,17 +14,14 @@ Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rtserve.config import ModelConfig
+from rtserve.model.tensor_cache import read_tensor_cache, write_tensor_cache
 from rtserve.model import quant
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir
 from rtserve.model.loader import config_from_gguf, unpermute_rope_rows
@@ -103,27 +100,9 @@ def q4_1_blocks(gguf: GGUFFile, name: str, config: ModelConfig) -> torch.Tensor:
 
 
 def _read(cache_path: str) -> FastCheckpoint | None:
-    if not os.path.isfile(cache_path):
-        return None
-    try:
-        with safe_open(cache_path, framework="pt") as f:
-            fields = json.loads(f.metadata()["rtserve_config"])
-            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        return FastCheckpoint(ModelConfig(**fields), tensors)
-    except Exception:  # a torn or stale cache is not fatal: rebuild it
-        return None
+    cached = read_tensor_cache(cache_path)
+    return None if cached is None else FastCheckpoint(*cached)
 
 
 def _write(cache_path: str, checkpoint: FastCheckpoint) -> None:
-    """Atomic: a temporary file in the same directory renamed over the target."""
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(checkpoint.tensors, tmp, metadata={"rtserve_config": json.dumps(asdict(checkpoint.config))})
-        os.replace(tmp, cache_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_tensor_cache(cache_path, checkpoint.config, checkpoint.tensors)
