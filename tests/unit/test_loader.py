@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import save_file
 
 from rtserve.config import ModelConfig
 from rtserve.model.loader import expected_shapes, load_model, unpermute_rope_rows
+from tests.unit.gguf_fixtures import llama_gguf_writer
 
 # rms_norm_eps is exact in float32, so it survives the GGUF round trip unchanged.
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -43,18 +43,7 @@ def hf_weights(config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def write_tiny_gguf(path, config: ModelConfig, weights: dict[str, torch.Tensor], extra=()) -> None:
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(config.num_layers)
-    w.add_context_length(config.max_position)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w = llama_gguf_writer(path, config)
     w.add_uint32("tokenizer.ggml.eot_token_id", 3)
     for name, tensor in weights.items():
         array = tensor.numpy()

@@ -16,6 +16,7 @@ from rtserve.model.llama import LlamaForCausalLM
 from rtserve.model.loader import expected_shapes, load_model, unpermute_rope_rows
 from rtserve.model.quantized_loader import load_fast_checkpoint
 from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
+from tests.unit.gguf_fixtures import llama_gguf_writer
 from tests.unit.test_loader import gguf_name, llama_cpp_permute
 
 
@@ -98,18 +99,7 @@ TINY = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_lay
 def write_q4_1_gguf(path, config: ModelConfig) -> None:
     """Layer matrices Q4_1, embedding Q8_0, norms F32 (the layout of the embedded SmolLM2 file)."""
     g = torch.Generator().manual_seed(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(config.num_layers)
-    w.add_context_length(config.max_position)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w = llama_gguf_writer(path, config)
     for name, shape in expected_shapes(config).items():
         if len(shape) == 1:
             w.add_tensor(gguf_name(name), (1.0 + 0.1 * torch.randn(shape, generator=g)).numpy())
