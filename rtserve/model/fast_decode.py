@@ -22,50 +22,37 @@ logger = logging.getLogger(__name__)
 
 
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
-                  slot_start: int, slot_end: int, block_table: Optional[torch.Tensor],
-                  mask: Optional[torch.Tensor], small: bool, norms: List[torch.Tensor],
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, small: bool,
+                  norms: List[torch.Tensor],
                   packed: List[torch.Tensor], scales_zeros: List[torch.Tensor],
                   bf16_weights: List[torch.Tensor],
                   k_caches: List[torch.Tensor], v_caches: List[torch.Tensor], num_heads: int,
-                  num_kv_heads: int, head_dim: int, intermediate_size: int, scale: float) -> torch.Tensor:
+                  num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
     """All layers for D single-token decodes. x: [D, H] fp32 (embeddings) -> [D, H] fp32.
 
-    cos, sin: [D, 1, 2, hd/2] bf16 (sin signed for the half swap); norms: 2 per layer, weights
+    cos, sin: [D, hd] bf16 (sin signed for the half swap); norms: 2 per layer, weights
     pre-scaled by sqrt(H); packed/scales_zeros/bf16_weights: 4 per layer (qkv, o, gate_up, down);
-    k_caches/v_caches: per layer [num_slots, KVH, hd] bf16, written in place. Attention reads slots
-    [slot_start, slot_end) when `block_table` is None (D == 1, consecutive slots), else whole blocks
-    through block_table [D, B] with mask [D, 1, 1, B * block_size].
+    k_caches/v_caches: per layer [num_slots, KVH, hd] bf16, written in place. Attention is the
+    `rtserve.paged_decode_attention` op, reading each sequence's seq_lens[d] cached tokens in place
+    through block_table [D, B]; norms, RoPE with the cache write, and SiLU-mul are fused ops too
+    (rtserve/kernels). x is updated in place.
     """
     num_tokens = x.shape[0]
     q_size = num_heads * head_dim
-    qk_size = q_size + num_kv_heads * head_dim
+    pending: Optional[torch.Tensor] = None  # the last layer's MLP output, added to x by the next norm
     for i in range(len(k_caches)):
-        h = torch.empty(x.shape, dtype=torch.bfloat16)
-        torch.mul(x, norms[2 * i] / torch.linalg.vector_norm(x, dim=-1, keepdim=True), out=h)
+        h = torch.ops.rtserve.add_rms_norm(x, pending, norms[2 * i])                # x += pending; [D, H] bf16
         qkv = _mm(h, 4 * i, small, packed, scales_zeros, bf16_weights)                 # [D, qkv] bf16
-        qk = qkv[:, :qk_size].view(num_tokens, num_heads + num_kv_heads, 2, head_dim // 2)
-        qk = torch.addcmul(qk * cos, qk.flip(2), sin).view(num_tokens, num_heads + num_kv_heads, head_dim)
-        k_cache, v_cache = k_caches[i], v_caches[i]
-        k_cache.index_copy_(0, slot_mapping, qk[:, num_heads:])
-        v_cache.index_copy_(0, slot_mapping, qkv[:, qk_size:].view(num_tokens, num_kv_heads, head_dim))
-        if block_table is None:
-            kd = k_cache[slot_start:slot_end].transpose(0, 1).unsqueeze(0)             # [1, KVH, L, hd]
-            vd = v_cache[slot_start:slot_end].transpose(0, 1).unsqueeze(0)
-        else:
-            blocks = block_table.view(-1)
-            block_size = mask.shape[-1] // block_table.shape[1] if mask is not None else 1
-            kd = k_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, blocks).view(
-                num_tokens, -1, num_kv_heads, head_dim).transpose(1, 2)                 # [D, KVH, W, hd]
-            vd = v_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, blocks).view(
-                num_tokens, -1, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qk[:, :num_heads].unsqueeze(2), kd, vd, attn_mask=mask,
-                                           scale=scale, enable_gqa=True)                # [D, H, 1, hd]
-        x = x + _mm(o.view(num_tokens, q_size), 4 * i + 1, small, packed, scales_zeros, bf16_weights)
-        h = torch.empty(x.shape, dtype=torch.bfloat16)
-        torch.mul(x, norms[2 * i + 1] / torch.linalg.vector_norm(x, dim=-1, keepdim=True), out=h)
+        q = torch.ops.rtserve.rope_kv_write(qkv, cos, sin, k_caches[i], v_caches[i], slot_mapping,
+                                            num_heads, num_kv_heads)                   # [D, H, hd] bf16
+        o = torch.ops.rtserve.paged_decode_attention(q, k_caches[i], v_caches[i], block_table, seq_lens,
+                                                     block_size, scale)                # [D, H, hd] bf16
+        h = torch.ops.rtserve.add_rms_norm(
+            x, _mm(o.view(num_tokens, q_size), 4 * i + 1, small, packed, scales_zeros, bf16_weights), norms[2 * i + 1])
         gate_up = _mm(h, 4 * i + 2, small, packed, scales_zeros, bf16_weights)         # [D, 2 I] bf16
-        act = F.silu(gate_up[:, :intermediate_size]) * gate_up[:, intermediate_size:]
-        x = x + _mm(act, 4 * i + 3, small, packed, scales_zeros, bf16_weights)
+        pending = _mm(torch.ops.rtserve.silu_mul(gate_up), 4 * i + 3, small, packed, scales_zeros, bf16_weights)
+    if pending is not None:
+        x.add_(pending)
     return x
 
 

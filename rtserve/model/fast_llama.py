@@ -19,6 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from rtserve import kernels
 from rtserve.config import ModelConfig
 from rtserve.model import fast_decode, quant
 from rtserve.model.layers import RotaryEmbedding, paged_attention_slots
@@ -26,7 +27,7 @@ from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
 
 
 NUM_OUTLIER_CHANNELS = 16  # hidden channels kept out of the int8 LM head (see _lm_head_int8)
-HEAD_LARGE_M = 48  # rows from which the bf16 LM head beats int8 (measured in place: M=32 int8, M=64 bf16)
+HEAD_LARGE_M = 16  # rows from which the bf16 LM head beats int8 (measured in place: M=32 int8, M=64 bf16)
 
 
 class FastLayer:
@@ -63,6 +64,7 @@ class FastLlamaForCausalLM:
         self._decode_weights = ([n for layer in self.layers for n in (layer.input_norm, layer.post_norm)],
                                 [lin.packed for lin in linears], [lin.scales_and_zeros for lin in linears],
                                 [lin.bf16_prepacked for lin in linears])
+        kernels.native_available()  # registers torch.ops.rtserve.* (native, or PyTorch fallbacks)
         self._decode_layers = fast_decode.compile_decode_layers()
         if "lm_head.outlier_idx" in tensors:  # calibrated when the checkpoint was built
             self.outlier_idx = tensors["lm_head.outlier_idx"]
@@ -89,38 +91,33 @@ class FastLlamaForCausalLM:
         cfg = self.cfg
         num_tokens = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed_tokens)                         # [T, H] fp32
-        cos = self.cos[positions].view(num_tokens, 1, 2, -1)                   # [T, 1, 2, hd/2] bf16
-        sin = self.sin_signed[positions].view(num_tokens, 1, 2, -1)
+        cos, sin = self.cos[positions], self.sin_signed[positions]            # [T, hd] bf16
         if meta.num_decodes == num_tokens:  # decode-only step: the scripted layer stack
             x = self._run_decode_layers(x, cos, sin, kv_slots, meta)[logit_indices]
             return x * (self.norm_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
         mm = quant.FastLinear.small if num_tokens < quant.LARGE_M else quant.FastLinear.large
-        q_size, kv_size, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        qk_shape = (num_tokens, cfg.num_heads + cfg.num_kv_heads, 2, cfg.head_dim // 2)
-        v_shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        ops = torch.ops.rtserve
+        pending = None  # the previous layer's MLP output, added into x by the next norm
         for layer, (k_slots, v_slots) in zip(self.layers, kv_slots):
-            qkv = mm(layer.qkv, self._rms_norm(x, layer.input_norm))          # [T, q + 2 kv] bf16
-            qk = qkv[:, :q_size + kv_size].view(qk_shape)
-            # RoPE on q and k at once; rotate_half is the flip of the two halves, signs in `sin`.
-            qk = torch.addcmul(qk * cos, qk.flip(2), sin).view(num_tokens, -1, cfg.head_dim)
-            attn = paged_attention_slots(qk[:, :cfg.num_heads], qk[:, cfg.num_heads:],
-                                         qkv[:, q_size + kv_size:].view(v_shape), k_slots, v_slots, meta,
-                                         self.scale)                           # [T, H, hd] bf16
-            x = x + mm(layer.o, attn.view(num_tokens, q_size))
-            gate_up = mm(layer.gate_up, self._rms_norm(x, layer.post_norm))   # [T, 2 I] bf16
-            x = x + mm(layer.down, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            qkv = mm(layer.qkv, ops.add_rms_norm(x, pending, layer.input_norm))   # [T, q + 2 kv] bf16
+            q = ops.rope_kv_write(qkv, cos, sin, k_slots, v_slots, meta.slot_mapping, cfg.num_heads,
+                                  cfg.num_kv_heads)                                # [T, H, hd]; K/V cached
+            attn = paged_attention_slots(q, None, None, k_slots, v_slots, meta, self.scale,
+                                         decode_kernel=True)                      # [T, H, hd] bf16
+            gate_up = mm(layer.gate_up, ops.add_rms_norm(x, mm(layer.o, attn.view(num_tokens, cfg.q_size)),
+                                                         layer.post_norm))         # [T, 2 I] bf16
+            pending = mm(layer.down, ops.silu_mul(gate_up))
+        x.add_(pending)
         x = x[logit_indices]
         return x * (self.norm_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
 
     def _run_decode_layers(self, x, cos, sin, kv_slots, meta: AttentionMetadata) -> torch.Tensor:
         cfg = self.cfg
-        start, end = meta.decode_slot_range or (0, 0)
-        use_table = meta.decode_slot_range is None
         return self._decode_layers(
-            x, cos, sin, meta.slot_mapping, start, end, meta.decode_block_table if use_table else None,
-            meta.decode_mask if use_table else None, x.shape[0] < quant.LARGE_M, *self._decode_weights,
+            x, cos, sin, meta.slot_mapping, meta.decode_block_table, meta.decode_seq_lens, meta.block_size,
+            x.shape[0] < quant.LARGE_M, *self._decode_weights,
             [k for k, _ in kv_slots], [v for _, v in kv_slots], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            cfg.intermediate_size, self.scale)
+            self.scale)
 
     @staticmethod
     def _rms_norm(x: torch.Tensor, weight_scaled: torch.Tensor) -> torch.Tensor:

@@ -62,34 +62,30 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return paged_attention_slots(q, k, v, k_slots, v_slots, meta, scale)
 
 
-def paged_attention_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor,
-                          v_slots: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """`paged_attention` on slot views [num_slots, KVH, D] of the K and V caches (modified in place)."""
-    k_slots.index_copy_(0, meta.slot_mapping, k)
-    v_slots.index_copy_(0, meta.slot_mapping, v)
+def paged_attention_slots(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_slots: torch.Tensor,
+                          v_slots: torch.Tensor, meta: AttentionMetadata, scale: float,
+                          decode_kernel: bool = False) -> torch.Tensor:
+    """`paged_attention` on slot views [num_slots, KVH, D] of the K and V caches (modified in place).
+
+    k, v: this step's keys and values to write first, or both None when the caller has already
+    written them. decode_kernel: decodes go through `torch.ops.rtserve.paged_decode_attention` (bf16
+    caches; the fast path registers it), which reads the blocks in place instead of gathering them."""
+    if k is not None:
+        k_slots.index_copy_(0, meta.slot_mapping, k)
+        v_slots.index_copy_(0, meta.slot_mapping, v)
     d = meta.num_decodes
-    if d == q.shape[0] and meta.decode_slot_range is not None:
+    if d == q.shape[0] and meta.decode_slot_range is not None and not decode_kernel:
         # One decode whose slots are consecutive: attend to a slice of the cache, no gather, no mask.
         start, end = meta.decode_slot_range
         kd = k_slots[start:end].transpose(0, 1).unsqueeze(0)     # [1, KVH, L, hd]
         vd = v_slots[start:end].transpose(0, 1).unsqueeze(0)
         od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, scale=scale, enable_gqa=True)
         return od.view(q.shape)
-    out = None if not meta.prefills else torch.empty_like(q)
+    if d == q.shape[0]:
+        return _decode_attention(q, k_slots, v_slots, meta, scale, decode_kernel)
+    out = torch.empty_like(q)
     if d:
-        num_kv_heads, head_dim = k_slots.shape[1], k_slots.shape[2]
-        table = meta.decode_block_table                          # [D, B]
-        width = meta.decode_mask.shape[-1]                       # B * block_size
-        blocks = table.view(-1)
-        k_blocks = k_slots.view(-1, width // table.shape[1], num_kv_heads, head_dim)
-        v_blocks = v_slots.view(k_blocks.shape)
-        kd = k_blocks.index_select(0, blocks).view(d, width, num_kv_heads, head_dim).transpose(1, 2)
-        vd = v_blocks.index_select(0, blocks).view(d, width, num_kv_heads, head_dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
-                                            scale=scale, enable_gqa=True)  # [D, H, 1, hd]
-        if not meta.prefills:
-            return od.view(q.shape)
-        out[:d] = od.squeeze(2)
+        out[:d] = _decode_attention(q[:d], k_slots, v_slots, meta, scale, decode_kernel)
     for p in meta.prefills:
         s, e = p.query_start, p.query_start + p.query_len
         qp = q[s:e].transpose(0, 1).unsqueeze(0)                          # [1, H, q, hd]
@@ -102,3 +98,22 @@ def paged_attention_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_s
                                                 enable_gqa=True)
         out[s:e] = op.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, use_kernel: bool) -> torch.Tensor:
+    """The D single-token decodes (q [D, H, hd]) through their block tables -> [D, H, hd]."""
+    if use_kernel:
+        return torch.ops.rtserve.paged_decode_attention(q.contiguous(), k_slots, v_slots, meta.decode_block_table,
+                                                        meta.decode_seq_lens, meta.block_size, scale)
+    d, (num_kv_heads, head_dim) = q.shape[0], k_slots.shape[1:]
+    table = meta.decode_block_table                          # [D, B]
+    width = meta.decode_mask.shape[-1]                       # B * block_size
+    blocks = table.view(-1)
+    k_blocks = k_slots.view(-1, width // table.shape[1], num_kv_heads, head_dim)
+    v_blocks = v_slots.view(k_blocks.shape)
+    kd = k_blocks.index_select(0, blocks).view(d, width, num_kv_heads, head_dim).transpose(1, 2)
+    vd = v_blocks.index_select(0, blocks).view(d, width, num_kv_heads, head_dim).transpose(1, 2)
+    od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale,
+                                        enable_gqa=True)     # [D, H, 1, hd]
+    return od.view(q.shape)

@@ -36,6 +36,8 @@ class AttentionMetadata:
     # covers num_blocks_max * block_size context slots per row (True = attend).
     decode_block_table: torch.Tensor | None = None  # [D, num_blocks_max] int64
     decode_mask: torch.Tensor | None = None         # [D, 1, 1, num_blocks_max * block_size] bool
+    decode_seq_lens: torch.Tensor | None = None     # [D] int64 context lengths (new token included)
+    block_size: int = 1
     # When D == 1 and that sequence's slots are consecutive: [start, end) of them (attention slices
     # the cache instead of gathering it). None otherwise.
     decode_slot_range: tuple[int, int] | None = None

@@ -49,9 +49,10 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
             logit_rows.extend(range(t - 1 - len(seq.spec_token_ids), t))
             sample_seqs.append(seq)
     meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(device), num_decodes=len(decodes),
-                             prefills=prefill_chunks)
+                             prefills=prefill_chunks, block_size=block_size)
     if decodes:
-        meta.decode_block_table, meta.decode_mask = _decode_tables(decodes, block_size, device)
+        meta.decode_block_table, meta.decode_mask, meta.decode_seq_lens = _decode_tables(
+            decodes, block_size, device)
         if len(decodes) == 1:
             meta.decode_slot_range = _consecutive_slots(decodes[0], block_size)
     return ModelInputs(
@@ -70,16 +71,18 @@ def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
 
 
 def _decode_tables(decodes: list[ScheduledSeq], block_size: int, device: torch.device):
-    """Block table [D, num_blocks_max] (padded with block 0) and mask [D, 1, 1, num_blocks_max *
-    block_size] for single-token queries: gathering whole blocks is a plain memcpy per block."""
+    """Block table [D, num_blocks_max] (padded with block 0), mask [D, 1, 1, num_blocks_max *
+    block_size] and context lengths [D] for single-token queries (gathering whole blocks is a plain
+    memcpy per block; the native kernel reads them in place)."""
     lens = [s.start_pos + 1 for s in decodes]
     num_blocks = [-(-n // block_size) for n in lens]
     table = torch.zeros(len(decodes), max(num_blocks), dtype=torch.int64)
     for i, (seq, n) in enumerate(zip(decodes, num_blocks)):
         table[i, :n] = torch.tensor(seq.block_ids[:n], dtype=torch.int64)
     width = table.shape[1] * block_size
-    mask = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)  # [D, width]
-    return table.to(device), mask[:, None, None, :].to(device)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    mask = torch.arange(width).unsqueeze(0) < seq_lens.unsqueeze(1)  # [D, width]
+    return table.to(device), mask[:, None, None, :].to(device), seq_lens.to(device)
 
 
 def _consecutive_slots(seq: ScheduledSeq, block_size: int) -> tuple[int, int] | None:

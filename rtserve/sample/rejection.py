@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtserve.sample.sampler import SamplingBatch, apply_min_p, apply_top_k, apply_top_p, exponential_race
+from rtserve.sample.sampler import SamplingBatch, apply_min_p, apply_top_k, apply_top_p, argmax, exponential_race
 
 PAD_ID = -1  # output positions after the bonus token
 
@@ -96,7 +96,7 @@ def verify(logits: Tensor, draft_ids: list[list[int]], draft_probs: list[Tensor 
     drafts = torch.tensor([d + [0] * (max_k - len(d)) for d in draft_ids], dtype=torch.int64,
                           device=device).view(num_seqs, max_k)  # [B, K]
     if batch.all_greedy:
-        out, num_accepted = greedy_verify(logits.argmax(dim=-1)[rows], drafts, num_draft)
+        out, num_accepted = greedy_verify(argmax(logits)[rows], drafts, num_draft)
     else:
         expand = lambda t: t[:, None].expand(-1, max_k + 1).reshape(-1)  # noqa: E731  [B] -> [B*(K+1)]
         p = target_probs(logits[rows.view(-1)], expand(batch.temperature), expand(batch.top_k),

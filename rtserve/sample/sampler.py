@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rtserve import kernels
 from rtserve.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -74,7 +75,7 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 def sample(logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: [B, V] f32 (not modified). Returns sampled ids and, if requested, logprobs."""
-    greedy_ids = None if batch.all_random else logits.argmax(dim=-1)  # [B]; ties -> lowest index
+    greedy_ids = None if batch.all_random else argmax(logits)  # [B]; ties -> lowest index
     if batch.all_greedy:
         token_ids = greedy_ids
     else:
@@ -85,6 +86,14 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         return SamplerOutput(token_ids, None, None)
     logprobs, logprob_token_ids = compute_logprobs(logits, token_ids, batch.max_num_logprobs)
     return SamplerOutput(token_ids, logprobs, logprob_token_ids)
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """logits [B, V] -> [B] int64 (ties -> lowest index): the native row argmax on the CPU when the
+    fast path has registered it (torch's CPU argmax is ~10x slower than its amax), else torch's."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.registered():
+        return torch.ops.rtserve.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def _sample_random(logits: Tensor, batch: SamplingBatch) -> Tensor:
@@ -115,7 +124,7 @@ def exponential_race(probs: Tensor, generators: list[torch.Generator | None]) ->
             noise[row].exponential_(generator=gen)
     # An Exponential draw of exactly 0 would turn 0/0 into NaN; clamp to the smallest normal.
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)  # [B] int64
+    return argmax(probs / noise)  # [B] int64
 
 
 def apply_top_k(logits: Tensor, top_k: Tensor) -> Tensor:

@@ -1,0 +1,200 @@
+"""Native CPU kernels: `torch.ops.rtserve.*`, compiled from the C++ sources beside this file.
+
+The shared library is built on first use (or ahead of time by `python -m rtserve.kernels`, which the
+Makefile runs) with the system C++ compiler against the installed torch's headers, and cached under
+`~/.cache/rtserve/kernels/`, keyed by the source, torch version, compiler and CPU flags. Builds are
+serialized across processes with a file lock and published by atomic rename.
+
+If the build or load fails (no compiler, an unusual platform) or `RTSERVE_NATIVE_KERNELS=0`, the same
+op names are registered with the pure-PyTorch implementations in `REFERENCE_OPS`: identical contract,
+slower (and the oracle the kernel tests compare against). Callers (including TorchScript) always just call `torch.ops.rtserve.*`.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from rtserve.model.gguf import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling_ops.cpp")
+_HEADERS = ("vec.h",)
+_SCHEMAS = {  # must match the TORCH_LIBRARY_FRAGMENT definitions in the sources
+    "paged_decode_attention": "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
+                              "Tensor block_table, Tensor seq_lens, int block_size, float scale) -> Tensor",
+    "add_rms_norm": "add_rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight) -> Tensor",
+    "rope_kv_write": "rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                     "Tensor slots, int num_heads, int num_kv_heads) -> Tensor",
+    "silu_mul": "silu_mul(Tensor gate_up) -> Tensor",
+    "argmax_rows": "argmax_rows(Tensor logits) -> Tensor",
+}
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "native": bool once loaded; "fallback_lib": the Python registration
+
+
+def reference_paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                                     scale: float) -> torch.Tensor:
+    """The op in plain PyTorch: gather each sequence's blocks, mask the padding, SDPA.
+
+    q [D, H, hd]; k_cache, v_cache [num_slots, KVH, hd]; block_table [D, B] int64; seq_lens [D]
+    int64 (context lengths, the new token included). Returns [D, H, hd] in q's dtype.
+    """
+    num_seqs, num_kv_heads, head_dim = q.shape[0], k_cache.shape[1], k_cache.shape[2]
+    width = block_table.shape[1] * block_size
+    blocks = block_table.reshape(-1)
+    kd = k_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, blocks).view(
+        num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)                 # [D, KVH, W, hd]
+    vd = v_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, blocks).view(
+        num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
+    mask = (torch.arange(width, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)                        # [D, H, 1, hd]
+    return out.squeeze(2)
+
+
+def reference_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] fp32 += residual (bf16, in place, when given); returns bf16 x * weight / ||x|| (the
+    fast path's RMSNorm: weight pre-scaled by sqrt(H), no eps)."""
+    if residual is not None:
+        x.add_(residual)
+    return (x * (weight / torch.linalg.vector_norm(x, dim=-1, keepdim=True))).to(torch.bfloat16)
+
+
+def reference_rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slots: torch.Tensor, num_heads: int,
+                            num_kv_heads: int) -> torch.Tensor:
+    """Rotate-half RoPE on q and k of qkv [T, (H + 2 KVH) hd] bf16 with cos, sin [T, hd] bf16 (sin
+    signed: rotate_half(x) * sin == swap_halves(x) * signed_sin); writes k and v to cache slots
+    [T]; returns q [T, H, hd] bf16."""
+    num_tokens, head_dim = qkv.shape[0], k_cache.shape[2]
+    qk_width = (num_heads + num_kv_heads) * head_dim
+    qk = qkv[:, :qk_width].float().view(num_tokens, num_heads + num_kv_heads, 2, head_dim // 2)
+    c = cos.float().view(num_tokens, 1, 2, head_dim // 2)
+    s = sin.float().view(num_tokens, 1, 2, head_dim // 2)
+    qk = (qk * c + qk.flip(2) * s).view(num_tokens, -1, head_dim).to(torch.bfloat16)
+    k_cache.index_copy_(0, slots, qk[:, num_heads:])
+    v_cache.index_copy_(0, slots, qkv[:, qk_width:].reshape(num_tokens, num_kv_heads, head_dim))
+    return qk[:, :num_heads].contiguous()
+
+
+def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2 I] bf16 -> silu(gate) * up [T, I] bf16, computed in fp32."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(torch.bfloat16)
+
+
+def reference_argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] fp32 -> [B] int64, ties to the lowest index."""
+    return logits.argmax(dim=-1)
+
+
+REFERENCE_OPS = {"paged_decode_attention": reference_paged_decode_attention, "add_rms_norm": reference_add_rms_norm,
+                 "rope_kv_write": reference_rope_kv_write, "silu_mul": reference_silu_mul,
+                 "argmax_rows": reference_argmax_rows}
+
+
+def registered() -> bool:
+    """Whether `torch.ops.rtserve.*` exist in this process (native or fallback); never builds."""
+    return "native" in _state
+
+
+def native_available() -> bool:
+    """Load (building if needed) the native kernels; False means the PyTorch fallbacks are in use."""
+    with _lock:
+        if "native" not in _state:
+            _state["native"] = _load_native()
+            if not _state["native"]:
+                _register_fallbacks()
+        return bool(_state["native"])
+
+
+def _load_native() -> bool:
+    if os.environ.get("RTSERVE_NATIVE_KERNELS", "1") == "0":
+        logger.info("native kernels disabled by RTSERVE_NATIVE_KERNELS=0; using PyTorch fallbacks")
+        return False
+    try:
+        torch.ops.load_library(build())
+        return True
+    except Exception as e:  # noqa: BLE001 - any build/load problem falls back to the PyTorch ops
+        logger.warning("native CPU kernels unavailable (%s); using slower PyTorch fallbacks", e)
+        return False
+
+
+def _register_fallbacks() -> None:
+    lib = torch.library.Library("rtserve", "DEF")
+    for name, schema in _SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, REFERENCE_OPS[name], "CPU")
+    _state["fallback_lib"] = lib  # the registration lives as long as this object
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return cxx
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return sys.platform
+
+
+def build(cache_dir: str = "") -> str:
+    """Path of the compiled library, building it if this source/torch/compiler/CPU has none yet."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    cxx = _compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256()
+    for name in _SOURCES + _HEADERS:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    for part in (torch.__version__, torch_dir, version, _cpu_flags(), sys.version):
+        digest.update(part.encode())
+    out_dir = os.path.join(default_cache_dir(cache_dir), "kernels")
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, f"rtserve_kernels_{digest.hexdigest()[:20]}.so")
+    if os.path.isfile(target):
+        return target
+    with open(target + ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # one build at a time; later waiters find it built
+        if os.path.isfile(target):
+            return target
+        torch_lib = os.path.join(torch_dir, "lib")
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+        os.close(fd)
+        cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-fopenmp", "-fPIC", "-shared", "-w",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               "-I", os.path.join(torch_dir, "include"),
+               "-I", os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"),
+               "-I", sysconfig.get_paths()["include"],
+               *(os.path.join(here, name) for name in _SOURCES), "-o", tmp,
+               # torch's own libgomp (same soname): one OpenMP runtime and thread pool in the process.
+               "-L", torch_lib, "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+        logger.info("building native kernels: %s", " ".join(cmd))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"kernel build failed: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    return target

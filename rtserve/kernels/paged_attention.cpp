@@ -1,0 +1,249 @@
+// Paged decode attention for the CPU fast path: one query token per sequence, K/V read in place
+// from the block-paged bf16 cache (no gather, no padding to the longest sequence).
+//
+//   q          [D, H, hd]          bf16   (RoPE applied)
+//   k_cache    [num_slots, KVH, hd] bf16  slot = block_id * block_size + offset
+//   v_cache    [num_slots, KVH, hd] bf16
+//   block_table[D, B]              int64  sequence d's blocks (entries past its length unused)
+//   seq_lens   [D]                 int64  context length of sequence d (its new token included)
+//   returns    [D, H, hd]          bf16
+//
+// Work is split over (sequence, kv head) pairs with at::parallel_for (torch's own thread pool).
+// Per pair: the G = H / KVH query heads that share the kv head; scores in fp32, an exact softmax
+// (max-subtracted), then the probability-weighted sum of V rows in fp32, rounded once to bf16.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "vec.h"
+
+namespace {
+
+using rtserve::bf16_bits_to_float;
+
+// dst[0:n] = float(src[0:n])
+inline void load_row(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if RTSERVE_HAVE_AVX512
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, rtserve::load_bf16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if RTSERVE_HAVE_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// s[0:n] = exp(s[0:n] - m); returns the sum. AVX-512: exp(x) = 2^k * 2^f, k = round(x log2 e),
+// 2^f by a degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, below bf16's 4e-3 output step).
+inline float exp_shifted_sum(float* s, int64_t n, float m) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if RTSERVE_HAVE_AVX512
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = rtserve::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv));
+    _mm512_storeu_ps(s + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - m));
+  return sum;
+}
+
+// Each of the `rows` rows of s [rows, n] becomes its softmax, in place.
+inline void softmax_rows(float* s, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r, s += n) {
+    const float inv = 1.f / exp_shifted_sum(s, n, *std::max_element(s, s + n));
+    for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+  }
+}
+
+// acc[0:n] += p * row[0:n]
+inline void axpy(float p, const float* row, float* acc, int64_t n) {
+  int64_t i = 0;
+#if RTSERVE_HAVE_AVX512
+  __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(row + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < n; ++i) acc[i] += p * row[i];
+}
+
+// One (sequence, kv head) task, generic in group size and head_dim: pass 1 scores, softmax, pass 2.
+void attend_generic(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at::BFloat16* op,
+                    const int64_t* blocks, int64_t len, int64_t block_size, int64_t group, int64_t head_dim,
+                    int64_t kv_stride, float scale, std::vector<float>& scores) {
+  std::vector<float> qf(group * head_dim), acc(group * head_dim, 0.f), row(head_dim);
+  scores.resize(group * len);
+  for (int64_t g = 0; g < group; ++g) {
+    load_row(qp + g * head_dim, qf.data() + g * head_dim, head_dim);
+    for (int64_t i = 0; i < head_dim; ++i) qf[g * head_dim + i] *= scale;
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t slot = blocks[t / block_size] * block_size + t % block_size;
+    load_row(kp + slot * kv_stride, row.data(), head_dim);
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf.data() + g * head_dim, row.data(), head_dim);
+  }
+  softmax_rows(scores.data(), group, len);
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t slot = blocks[t / block_size] * block_size + t % block_size;
+    load_row(vp + slot * kv_stride, row.data(), head_dim);
+    for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], row.data(), acc.data() + g * head_dim, head_dim);
+  }
+  for (int64_t i = 0; i < group * head_dim; ++i) op[i] = c10::BFloat16(acc[i]);
+}
+
+#if RTSERVE_HAVE_AVX512
+// The same task with G query heads and NV * 16 = head_dim held in registers: q, and in pass 2 the
+// G x NV accumulators, never leave them; each K and V row is converted once and used by all G heads.
+template <int G, int NV>
+void attend_avx512(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at::BFloat16* op,
+                   const int64_t* blocks, int64_t len, int64_t block_size, int64_t kv_stride, float scale,
+                   std::vector<float>& scores) {
+  constexpr int HD = NV * 16;
+  scores.resize(G * len);
+  __m512 q[G][NV];
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) q[g][j] = _mm512_mul_ps(rtserve::load_bf16(qp + g * HD + j * 16), sv);
+  for (int64_t b = 0, t = 0; t < len; ++b) {
+    const uint16_t* base = kp + blocks[b] * block_size * kv_stride;
+    for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
+      __m512 k[NV];
+      for (int j = 0; j < NV; ++j) k[j] = rtserve::load_bf16(base + o * kv_stride + j * 16);
+      for (int g = 0; g < G; ++g) {
+        __m512 a = _mm512_mul_ps(q[g][0], k[0]);
+        for (int j = 1; j < NV; ++j) a = _mm512_fmadd_ps(q[g][j], k[j], a);
+        scores[g * len + t] = _mm512_reduce_add_ps(a);
+      }
+    }
+  }
+  softmax_rows(scores.data(), G, len);
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t b = 0, t = 0; t < len; ++b) {
+    const uint16_t* base = vp + blocks[b] * block_size * kv_stride;
+    for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
+      __m512 v[NV];
+      for (int j = 0; j < NV; ++j) v[j] = rtserve::load_bf16(base + o * kv_stride + j * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * len + t]);
+        for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) rtserve::store_bf16(op + g * HD + j * 16, acc[g][j]);
+}
+
+using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, at::BFloat16*, const int64_t*,
+                          int64_t, int64_t, int64_t, float, std::vector<float>&);
+
+template <int NV>
+AttendFn pick_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_avx512<1, NV>;
+    case 2: return attend_avx512<2, NV>;
+    case 3: return attend_avx512<3, NV>;
+    case 4: return attend_avx512<4, NV>;
+    case 5: return attend_avx512<5, NV>;
+    case 6: return attend_avx512<6, NV>;
+    case 8: return attend_avx512<8, NV>;
+    default: return nullptr;
+  }
+}
+
+AttendFn pick_kernel(int64_t group, int64_t head_dim) {
+  if (head_dim == 64) return pick_group<4>(group);
+  if (head_dim == 128 && group <= 4) return pick_group<8>(group);  // 2 x G x 8 registers fit in 32
+  return nullptr;
+}
+#else
+using AttendFn = void*;
+AttendFn pick_kernel(int64_t, int64_t) { return nullptr; }
+#endif
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                  int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q, k_cache, v_cache must be 3-d");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16, "q and the caches must be bfloat16");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+              "block_table and seq_lens must be int64");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  block_table.is_contiguous() && seq_lens.is_contiguous(), "inputs must be contiguous");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), num_slots = k_cache.size(0);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == head_dim, "cache shape mismatch");
+  TORCH_CHECK(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == num_seqs && seq_lens.numel() == num_seqs,
+              "block_table must be [D, B] and seq_lens [D]");
+  TORCH_CHECK(block_size >= 1, "block_size must be positive");
+  const int64_t max_blocks = block_table.size(1);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t d = 0; d < num_seqs; ++d) {  // bounds: a bad table must fail loudly, not read garbage
+    TORCH_CHECK(lens[d] >= 1 && lens[d] <= max_blocks * block_size, "seq_lens out of range");
+    for (int64_t b = 0; b < (lens[d] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(table[d * max_blocks + b] >= 0 && (table[d * max_blocks + b] + 1) * block_size <= num_slots,
+                  "block id out of range");
+  }
+  at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  auto* op = out.data_ptr<at::BFloat16>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t kv_stride = num_kv_heads * head_dim;  // elements between consecutive slots
+  const AttendFn fast = pick_kernel(group, head_dim);
+
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t d = task / num_kv_heads, kvh = task % num_kv_heads;
+      const int64_t head0 = d * num_heads + kvh * group;
+      const uint16_t *q_row = qp + head0 * head_dim, *k_base = kp + kvh * head_dim, *v_base = vp + kvh * head_dim;
+#if RTSERVE_HAVE_AVX512
+      if (fast != nullptr) {
+        fast(q_row, k_base, v_base, op + head0 * head_dim, table + d * max_blocks, lens[d], block_size,
+             kv_stride, fscale, scores);
+        continue;
+      }
+#endif
+      attend_generic(q_row, k_base, v_base, op + head0 * head_dim, table + d * max_blocks, lens[d], block_size,
+                     group, head_dim, kv_stride, fscale, scores);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rtserve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor seq_lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rtserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

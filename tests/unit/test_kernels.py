@@ -1,0 +1,136 @@
+"""Native CPU kernels (rtserve/kernels) against their PyTorch reference implementations."""
+import pytest
+import torch
+
+from rtserve import kernels
+
+H, KVH, HD, BS = 9, 3, 64, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+    # The build must work wherever `make test` runs (CI has the compiler): a silent fallback would
+    # make every comparison below a comparison of the reference with itself.
+    assert kernels.native_available(), "native kernels failed to build or load (see the log)"
+
+
+def _bf16(*shape, gen):
+    return torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+
+def _assert_close_bf16(actual, expected, atol=2e-2, rtol=1.6e-2):
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("group,head_dim", [(3, 64), (1, 64), (4, 128), (7, 64), (2, 48)])
+def test_paged_decode_attention_matches_reference(group, head_dim):
+    gen = torch.Generator().manual_seed(group * 1000 + head_dim)
+    num_blocks, num_seqs, kv_heads = 64, 5, 2
+    heads = kv_heads * group
+    k = _bf16(num_blocks * BS, kv_heads, head_dim, gen=gen)
+    v = _bf16(num_blocks * BS, kv_heads, head_dim, gen=gen)
+    q = _bf16(num_seqs, heads, head_dim, gen=gen)
+    lens = torch.tensor([1, 15, 16, 17, 100])
+    table = torch.randperm(num_blocks, generator=gen)[:num_seqs * 7].view(num_seqs, 7)  # scattered blocks
+    out = torch.ops.rtserve.paged_decode_attention(q, k, v, table, lens, BS, head_dim ** -0.5)
+    ref = kernels.reference_paged_decode_attention(q, k, v, table, lens, BS, head_dim ** -0.5)
+    assert out.shape == (num_seqs, heads, head_dim) and out.dtype == torch.bfloat16
+    _assert_close_bf16(out, ref)
+
+
+def test_paged_decode_attention_ignores_padding_and_extreme_scores():
+    gen = torch.Generator().manual_seed(1)
+    k = _bf16(4 * BS, KVH, HD, gen=gen) * 30  # large logits: the softmax must subtract the max
+    v = _bf16(4 * BS, KVH, HD, gen=gen)
+    q = _bf16(2, H, HD, gen=gen)
+    table = torch.tensor([[2, 0], [1, 3]])
+    lens = torch.tensor([3, 20])
+    out = torch.ops.rtserve.paged_decode_attention(q, k, v, table, lens, BS, HD ** -0.5)
+    assert torch.isfinite(out.float()).all()
+    _assert_close_bf16(out, kernels.reference_paged_decode_attention(q, k, v, table, lens, BS, HD ** -0.5))
+    k2 = k.clone()
+    k2[2 * BS + 3:3 * BS] = 1e4  # beyond sequence 0's length: must not change its output
+    out2 = torch.ops.rtserve.paged_decode_attention(q, k2, v, table, lens, BS, HD ** -0.5)
+    assert torch.equal(out[0], out2[0])
+
+
+@pytest.mark.parametrize("bad", ["block", "len", "dtype"])
+def test_paged_decode_attention_rejects_bad_inputs(bad):
+    k = torch.zeros(4 * BS, KVH, HD, dtype=torch.bfloat16)
+    q = torch.zeros(1, H, HD, dtype=torch.bfloat16)
+    table, lens = torch.tensor([[0, 1]]), torch.tensor([20])
+    if bad == "block":
+        table = torch.tensor([[0, 4]])  # block 4 of 4 does not exist
+    elif bad == "len":
+        lens = torch.tensor([33])  # more than 2 blocks hold
+    else:
+        q = q.float()
+    with pytest.raises(RuntimeError):
+        torch.ops.rtserve.paged_decode_attention(q, k, k, table, lens, BS, 0.125)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (32, 576), (5, 40)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference(rows, hidden, with_residual):
+    gen = torch.Generator().manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, generator=gen) * 3
+    w = torch.randn(hidden, generator=gen)
+    res = _bf16(rows, hidden, gen=gen) if with_residual else None
+    x_native, x_ref = x.clone(), x.clone()
+    out = torch.ops.rtserve.add_rms_norm(x_native, res, w)
+    ref = kernels.reference_add_rms_norm(x_ref, res, w)
+    torch.testing.assert_close(x_native, x_ref)  # the in-place residual add
+    _assert_close_bf16(out, ref)
+
+
+@pytest.mark.parametrize("rows,head_dim", [(1, 64), (7, 64), (3, 40)])
+def test_rope_kv_write_matches_reference(rows, head_dim):
+    gen = torch.Generator().manual_seed(rows * head_dim)
+    qkv_full = _bf16(rows, (H + 2 * KVH) * head_dim + 8, gen=gen)
+    qkv = qkv_full[:, :-8]  # a row-strided view, as a slice of a wider matmul output would be
+    cos, sin = _bf16(rows, head_dim, gen=gen), _bf16(rows, head_dim, gen=gen)
+    slots = torch.randperm(32, generator=gen)[:rows]
+    caches = [torch.zeros(32, KVH, head_dim, dtype=torch.bfloat16) for _ in range(4)]
+    q = torch.ops.rtserve.rope_kv_write(qkv, cos, sin, caches[0], caches[1], slots, H, KVH)
+    q_ref = kernels.reference_rope_kv_write(qkv, cos, sin, caches[2], caches[3], slots, H, KVH)
+    _assert_close_bf16(q, q_ref)
+    _assert_close_bf16(caches[0], caches[2])
+    assert torch.equal(caches[1], caches[3])  # V is copied bit for bit
+
+
+def test_rope_kv_write_rejects_out_of_range_slot():
+    qkv = torch.zeros(1, (H + 2 * KVH) * HD, dtype=torch.bfloat16)
+    cos = torch.zeros(1, HD, dtype=torch.bfloat16)
+    cache = torch.zeros(8, KVH, HD, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        torch.ops.rtserve.rope_kv_write(qkv, cos, cos, cache, cache.clone(), torch.tensor([8]), H, KVH)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (9, 1536), (2, 20)])
+def test_silu_mul_matches_reference(rows, inter):
+    gen = torch.Generator().manual_seed(rows + inter)
+    gate_up = _bf16(rows, 2 * inter, gen=gen) * 4
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # saturated sigmoid both ways
+    _assert_close_bf16(torch.ops.rtserve.silu_mul(gate_up), kernels.reference_silu_mul(gate_up))
+
+
+def test_ops_are_callable_from_torchscript():
+    @torch.jit.script
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rtserve.add_rms_norm(x, None, w)
+
+    x, w = torch.ones(2, 16), torch.ones(16)
+    assert f(x, w).shape == (2, 16)
+
+
+def test_argmax_rows_matches_torch_including_ties_and_nan():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 1000, generator=gen)
+    logits[1, 10] = logits[1, 900] = 50.0                 # tie: lowest index
+    logits[2] = float("-inf")                             # all -inf: index 0
+    logits[3, 7] = float("nan")                           # NaN is the maximum
+    logits[4, 999] = 99.0                                 # in the scalar tail
+    rows = torch.ops.rtserve.argmax_rows(logits)
+    assert rows.tolist() == logits.argmax(dim=-1).tolist()
+    strided = logits[:, :500]                             # row stride != V
+    assert torch.ops.rtserve.argmax_rows(strided).tolist() == strided.argmax(dim=-1).tolist()
