@@ -29,7 +29,7 @@ from rtserve.model.gguf import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling_ops.cpp")
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling_ops.cpp", "int4_gemm.cpp")
 _HEADERS = ("vec.h",)
 _SCHEMAS = {  # must match the TORCH_LIBRARY_FRAGMENT definitions in the sources
     "paged_decode_attention": "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
@@ -39,6 +39,8 @@ _SCHEMAS = {  # must match the TORCH_LIBRARY_FRAGMENT definitions in the sources
                      "Tensor slots, int num_heads, int num_kv_heads) -> Tensor",
     "silu_mul": "silu_mul(Tensor gate_up) -> Tensor",
     "argmax_rows": "argmax_rows(Tensor logits) -> Tensor",
+    "int4_linear": "int4_linear(Tensor x, Tensor qw, Tensor dm) -> Tensor",
+    "amx_available": "amx_available() -> bool",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "native": bool once loaded; "fallback_lib": the Python registration
@@ -101,9 +103,21 @@ def reference_argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def reference_int4_linear(x: torch.Tensor, qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 @ W^T -> [M, N] bf16, W unpacked from the AMX layout (`quant.pack_q4_amx`)."""
+    from rtserve.model.quant import unpack_q4_amx
+    weight = unpack_q4_amx(qw, dm).to(torch.bfloat16)  # [N, K], the exact bf16 dequantization
+    return (x.float() @ weight.float().t()).to(torch.bfloat16)
+
+
+def reference_amx_available() -> bool:
+    return False  # without the native build there is no AMX kernel; callers use other matmuls
+
+
 REFERENCE_OPS = {"paged_decode_attention": reference_paged_decode_attention, "add_rms_norm": reference_add_rms_norm,
                  "rope_kv_write": reference_rope_kv_write, "silu_mul": reference_silu_mul,
-                 "argmax_rows": reference_argmax_rows}
+                 "argmax_rows": reference_argmax_rows, "int4_linear": reference_int4_linear,
+                 "amx_available": reference_amx_available}
 
 
 def registered() -> bool:
@@ -137,7 +151,7 @@ def _register_fallbacks() -> None:
     lib = torch.library.Library("rtserve", "DEF")
     for name, schema in _SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, REFERENCE_OPS[name], "CPU")
+        lib.impl(name, REFERENCE_OPS[name], "CPU" if "Tensor" in schema else "CompositeExplicitAutograd")
     _state["fallback_lib"] = lib  # the registration lives as long as this object
 
 

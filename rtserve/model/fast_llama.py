@@ -4,8 +4,9 @@ Same contract as `LlamaForCausalLM.forward` (flat batch of T tokens, paged KV ca
 fp32 for `logit_indices`), different numerics:
   - the residual stream and RMSNorm are fp32; matmul inputs/outputs, RoPE, attention and the KV
     cache are bf16 (half the KV bytes to gather and read per step);
-  - linear layers: int4 group-32 (the Q4_1 blocks as they are) when the step
-    has fewer than `quant.LARGE_M` tokens, the exact bf16 dequantization through oneDNN otherwise;
+  - linear layers: the Q4_1 blocks as they are (int4 group-32) for steps of up to 32 tokens (an int4
+    GEMV below 4 rows, the AMX int4 kernel from 4, see `quant.kernel_for_rows`), the exact bf16
+    dequantization through oneDNN for longer steps;
   - the LM head (the GGUF's Q8_0 embedding) is int8 per row with dynamic int8 activations (fbgemm)
     for fewer than 48 rows, with 16 outlier hidden channels (calibrated once) in fp32; bf16 oneDNN
     for more rows.
@@ -40,7 +41,8 @@ class FastLayer:
         self.post_norm = tensors[p + "post_attention_layernorm"] * sqrt_h
         self.qkv, self.o, self.gate_up, self.down = (
             quant.FastLinear(tensors[f"{p}{m}.int4"], tensors[f"{p}{m}.scales_zeros"],
-                             quant.prepack_bf16(tensors[f"{p}{m}.bf16"]), tensors[f"{p}{m}.bf16"].shape[0])
+                             quant.prepack_bf16(tensors[f"{p}{m}.bf16"]), tensors[f"{p}{m}.bf16"].shape[0],
+                             tensors.get(f"{p}{m}.amx_q"), tensors.get(f"{p}{m}.amx_dm"))
             for m in ("qkv", "o", "gate_up", "down"))
 
 
@@ -61,10 +63,15 @@ class FastLlamaForCausalLM:
         self.sin_signed = torch.cat([-rope.sin[:, :half], rope.sin[:, half:]], dim=-1).to(torch.bfloat16)
         self.scale = cfg.head_dim ** -0.5
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        kernels.native_available()  # registers torch.ops.rtserve.* (native, or PyTorch fallbacks)
+        # The AMX int4 kernel for 4-32 row steps: needs the CPU feature and every matrix in its layout.
+        self.have_amx = bool(torch.ops.rtserve.amx_available()) and all(lin.amx_q is not None for lin in linears)
+        no_tensor = torch.empty(0)
         self._decode_weights = ([n for layer in self.layers for n in (layer.input_norm, layer.post_norm)],
                                 [lin.packed for lin in linears], [lin.scales_and_zeros for lin in linears],
-                                [lin.bf16_prepacked for lin in linears])
-        kernels.native_available()  # registers torch.ops.rtserve.* (native, or PyTorch fallbacks)
+                                [lin.bf16_prepacked for lin in linears],
+                                [lin.amx_q if self.have_amx else no_tensor for lin in linears],
+                                [lin.amx_dm if self.have_amx else no_tensor for lin in linears])
         self._decode_layers = fast_decode.compile_decode_layers()
         if "lm_head.outlier_idx" in tensors:  # calibrated when the checkpoint was built
             self.outlier_idx = tensors["lm_head.outlier_idx"]
@@ -95,7 +102,8 @@ class FastLlamaForCausalLM:
         if meta.num_decodes == num_tokens:  # decode-only step: the scripted layer stack
             x = self._run_decode_layers(x, cos, sin, kv_slots, meta)[logit_indices]
             return x * (self.norm_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
-        mm = quant.FastLinear.small if num_tokens < quant.LARGE_M else quant.FastLinear.large
+        mm = (quant.FastLinear.small, quant.FastLinear.amx, quant.FastLinear.large)[
+            quant.kernel_for_rows(num_tokens, self.have_amx)]
         ops = torch.ops.rtserve
         pending = None  # the previous layer's MLP output, added into x by the next norm
         for layer, (k_slots, v_slots) in zip(self.layers, kv_slots):
@@ -115,7 +123,7 @@ class FastLlamaForCausalLM:
         cfg = self.cfg
         return self._decode_layers(
             x, cos, sin, meta.slot_mapping, meta.decode_block_table, meta.decode_seq_lens, meta.block_size,
-            x.shape[0] < quant.LARGE_M, *self._decode_weights,
+            quant.kernel_for_rows(x.shape[0], self.have_amx), *self._decode_weights,
             [k for k, _ in kv_slots], [v for _, v in kv_slots], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             self.scale)
 

@@ -5,10 +5,13 @@ group-wise int4 kernels compute `w = (q - 8) * scale + zero`, so one Q4_1 block 
 group of 32 with `scale = d` and `zero = m + 8 * d`. No weight is requantized for that kernel.
 
 `FastLinear` keeps one [N, K] matrix in the forms the step shapes want (chosen by measurement on
-this CPU, see benchmarks/kernels.py):
-  - `small(x)`: M < `LARGE_M` rows: int4 weight-only (`_weight_int4pack_mm_for_cpu`, bf16 act.);
-  - `large(x)`: M >= `LARGE_M`: bf16 weights prepacked for oneDNN (AMX/AVX-512 bf16 GEMM).
-Both return bf16 [M, N].
+this CPU, see benchmarks/kernels.py; `kernel_for_rows` picks):
+  - `small(x)`: M < `AMX_MIN_M` rows: int4 weight-only GEMV (`_weight_int4pack_mm_for_cpu`);
+  - `amx(x)`: AMX_MIN_M <= M <= `AMX_MAX_M`, on CPUs with AMX: the 4-bit weights expanded to bf16 on
+    the fly into AMX tiles (`torch.ops.rtserve.int4_linear`, rtserve/kernels/int4_gemm.cpp); decode
+    batches are bound by weight bytes, and this reads a quarter of the bf16 GEMM's;
+  - `large(x)`: more rows (prefill) or no AMX: bf16 weights prepacked for oneDNN (AMX/AVX-512 GEMM).
+All return bf16 [M, N].
 """
 from __future__ import annotations
 
@@ -18,7 +21,17 @@ import torch
 Q4_1_BLOCK_LEN, Q4_1_BLOCK_NBYTES = 32, 20
 Q8_0_BLOCK_LEN, Q8_0_BLOCK_NBYTES = 32, 34
 INT4_INNER_K_TILES = 2
-LARGE_M = 8  # rows from which the bf16 GEMM beats the int4 GEMV (benchmarks/kernels.py: between 4 and 8)
+LARGE_M = 8  # without AMX: rows from which the bf16 GEMM beats the int4 GEMV (benchmarks/kernels.py)
+AMX_MIN_M = 4  # with AMX: rows from which the AMX int4 kernel beats the int4 GEMV (equal at 4, 1.7x at 8)
+AMX_MAX_M = 32  # the AMX int4 kernel's limit (two 16-row tiles); beyond, the oneDNN bf16 GEMM
+SMALL, AMX, LARGE = 0, 1, 2  # kernel ids (`kernel_for_rows`)
+
+
+def kernel_for_rows(num_rows: int, have_amx: bool) -> int:
+    """Which matmul serves a step of `num_rows` tokens: SMALL, AMX or LARGE."""
+    if have_amx:
+        return SMALL if num_rows < AMX_MIN_M else AMX if num_rows <= AMX_MAX_M else LARGE
+    return SMALL if num_rows < LARGE_M else LARGE
 
 
 def q4_1_unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,6 +72,31 @@ def int4pack_from_q4_1(blocks: torch.Tensor, scale_dtype: torch.dtype = torch.bf
     return packed, scales_and_zeros.to(scale_dtype).contiguous()
 
 
+def pack_q4_amx(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks [N, K/32, 20] -> (qw [N/16, K/32, 16, 16] uint8, dm [N/16, K/32, 64] fp32), the
+    layout of the AMX kernel `torch.ops.rtserve.int4_linear` (rtserve/kernels/int4_gemm.cpp, which
+    documents it): per 16 columns and group, pair-row r byte i holds q[col i//2][k 2r + i%2] (low
+    nibble) and q[col 8 + i//2][k 2r + i%2] (high); dm has d and m repeated per pair lane.
+    N must be a multiple of 16."""
+    q, d, m = q4_1_unpack(blocks)
+    n, k = q.shape
+    g = k // Q4_1_BLOCK_LEN
+    q = q.view(n // 16, 2, 8, g, 16, 2).permute(0, 3, 4, 1, 2, 5)             # [N/16, G, r, half, c, e]
+    q = q.reshape(n // 16, g, 16, 2, 16)                                      # lane i = 2 c + e
+    qw = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).contiguous()                  # [N/16, G, 16, 16]
+    rep = [t.view(n // 16, 16, g).transpose(1, 2).repeat_interleave(2, dim=-1) for t in (d, m)]
+    return qw, torch.cat(rep, dim=-1).contiguous()                            # dm [N/16, G, 64]
+
+
+def unpack_q4_amx(qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_q4_amx`: [N, K] fp32 weights d * q + m."""
+    col_blocks, g = qw.shape[0], qw.shape[1]
+    q = torch.stack([qw & 0x0F, qw >> 4], dim=3).float()                      # [N/16, G, r, half, i]
+    w = q * dm[:, :, None, :32].view(col_blocks, g, 1, 2, 16) + dm[:, :, None, 32:].view(col_blocks, g, 1, 2, 16)
+    w = w.view(col_blocks, g, 16, 2, 8, 2)                                    # [N/16, G, r, half, c, e]
+    return w.permute(0, 3, 4, 1, 2, 5).reshape(col_blocks * 16, g * Q4_1_BLOCK_LEN)
+
+
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] (dtype of scales_and_zeros) @ W.T -> [M, N]."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, Q4_1_BLOCK_LEN, scales_and_zeros)
@@ -75,32 +113,39 @@ def bf16_mm(x: torch.Tensor, prepacked: torch.Tensor) -> torch.Tensor:
 
 
 class FastLinear:
-    """One [N, K] matrix kept as int4 (small M) and prepacked bf16 (large M); bf16 in and out.
+    """One [N, K] matrix kept as int4 (GEMV layout), int4 (AMX layout) and prepacked bf16; bf16 in
+    and out. The AMX form is None when N is not a multiple of 32 (then `amx` is never chosen).
 
-    Plain object, not an nn.Module: the step calls `small`/`large` directly (fewer Python layers).
+    Plain object, not an nn.Module: the step calls `small`/`amx`/`large` directly.
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bf16_prepacked: torch.Tensor,
-                 out_features: int) -> None:
+                 out_features: int, amx_q: torch.Tensor | None = None, amx_dm: torch.Tensor | None = None) -> None:
         self.packed = packed                      # [N, K/2] uint8
         self.scales_and_zeros = scales_and_zeros  # [K/32, N, 2] bf16
         self.bf16_prepacked = bf16_prepacked      # oneDNN-blocked bf16 [N, K]
         self.out_features = out_features
+        self.amx_q, self.amx_dm = amx_q, amx_dm   # `pack_q4_amx` layout, or None
 
     @classmethod
     def from_q4_1(cls, blocks: torch.Tensor) -> "FastLinear":
         """blocks: [N, K/32, 20] uint8 GGUF Q4_1 (rows already in the model's order)."""
         packed, sz = int4pack_from_q4_1(blocks)
-        return cls(packed, sz, prepack_bf16(q4_1_dequantize(blocks)), blocks.shape[0])
+        amx_q, amx_dm = pack_q4_amx(blocks) if blocks.shape[0] % 32 == 0 else (None, None)
+        return cls(packed, sz, prepack_bf16(q4_1_dequantize(blocks)), blocks.shape[0], amx_q, amx_dm)
 
     def small(self, x: torch.Tensor) -> torch.Tensor:
         return int4pack_mm(x, self.packed, self.scales_and_zeros)
 
+    def amx(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rtserve.int4_linear(x, self.amx_q, self.amx_dm)
+
     def large(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.bf16_prepacked, None, "none", [], "")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.small(x) if x.shape[0] < LARGE_M else self.large(x)
+    def __call__(self, x: torch.Tensor, have_amx: bool = False) -> torch.Tensor:
+        kernel = kernel_for_rows(x.shape[0], have_amx and self.amx_q is not None)
+        return self.small(x) if kernel == SMALL else self.amx(x) if kernel == AMX else self.large(x)
 
 
 def blocks_view(raw: np.ndarray, rows: int, block_nbytes: int) -> torch.Tensor:

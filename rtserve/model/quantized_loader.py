@@ -8,6 +8,7 @@ cache (`<key>.fast.safetensors`); a second start only maps that file.
 Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `LlamaForCausalLM`):
   layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
+  layers.<i>.<m>.amx_q [N/16, K/32, 16, 16] uint8, .amx_dm [N/16, K/32, 64] fp32  (AMX layout; N % 32 == 0)
   layers.<i>.input_layernorm / .post_attention_layernorm [H] fp32, norm [H] fp32
   embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16,
   lm_head.outlier_idx [16] int64 (the head input's outlier channels, see FastLlamaForCausalLM)
@@ -28,7 +29,7 @@ from rtserve.model.loader import config_from_gguf, unpermute_rope_rows
 
 logger = logging.getLogger(__name__)
 
-FAST_FORMAT_VERSION = "4"  # bump when the packed layout changes
+FAST_FORMAT_VERSION = "5"  # bump when the packed layout changes
 _Q4_1 = 3
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}
@@ -85,6 +86,8 @@ def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
             out[f"layers.{i}.{fused}.int4"] = packed
             out[f"layers.{i}.{fused}.scales_zeros"] = scales_zeros
             out[f"layers.{i}.{fused}.bf16"] = quant.q4_1_dequantize(blocks).to(torch.bfloat16)
+            if blocks.shape[0] % 32 == 0:
+                out[f"layers.{i}.{fused}.amx_q"], out[f"layers.{i}.{fused}.amx_dm"] = quant.pack_q4_amx(blocks)
     return out
 
 

@@ -134,3 +134,47 @@ def test_argmax_rows_matches_torch_including_ties_and_nan():
     assert rows.tolist() == logits.argmax(dim=-1).tolist()
     strided = logits[:, :500]                             # row stride != V
     assert torch.ops.rtserve.argmax_rows(strided).tolist() == strided.argmax(dim=-1).tolist()
+
+
+def _q4_1_blocks(n: int, k: int, seed: int) -> torch.Tensor:
+    """Random GGUF Q4_1 blocks [N, K/32, 20] with realistic fp16 scales and mins."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, k // 32, 20), dtype=torch.uint8, generator=gen)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.02 + 0.001).half()
+    m = (-torch.rand(n, k // 32, generator=gen) * 0.1).half()
+    blocks[..., 0:2] = d.view(torch.uint8).view(n, k // 32, 2)
+    blocks[..., 2:4] = m.view(torch.uint8).view(n, k // 32, 2)
+    return blocks
+
+
+def test_amx_packing_round_trips_to_the_gguf_dequantization():
+    from rtserve.model import quant
+    blocks = _q4_1_blocks(64, 96, seed=5)
+    qw, dm = quant.pack_q4_amx(blocks)
+    assert qw.shape == (4, 3, 16, 16) and dm.shape == (4, 3, 64)
+    assert torch.equal(quant.unpack_q4_amx(qw, dm), quant.q4_1_dequantize(blocks))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 15, 16, 17, 32])
+def test_int4_linear_matches_reference(rows):
+    from rtserve.model import quant
+    if not torch.ops.rtserve.amx_available():
+        pytest.skip("this CPU has no AMX; the int4 AMX kernel is never selected here")
+    blocks = _q4_1_blocks(96, 128, seed=rows)
+    qw, dm = quant.pack_q4_amx(blocks)
+    x = _bf16(rows, 128, gen=torch.Generator().manual_seed(rows))
+    out = torch.ops.rtserve.int4_linear(x, qw, dm)
+    assert out.shape == (rows, 96) and out.dtype == torch.bfloat16
+    # Same effective bf16 weights; only the fp32 summation order differs, then one bf16 rounding.
+    _assert_close_bf16(out, kernels.reference_int4_linear(x, qw, dm), atol=1e-2, rtol=8e-3)
+
+
+def test_int4_linear_rejects_bad_shapes():
+    from rtserve.model import quant
+    if not torch.ops.rtserve.amx_available():
+        pytest.skip("no AMX")
+    qw, dm = quant.pack_q4_amx(_q4_1_blocks(32, 64, seed=1))
+    with pytest.raises(RuntimeError):
+        torch.ops.rtserve.int4_linear(torch.zeros(33, 64, dtype=torch.bfloat16), qw, dm)  # > 32 rows
+    with pytest.raises(RuntimeError):
+        torch.ops.rtserve.int4_linear(torch.zeros(2, 96, dtype=torch.bfloat16), qw, dm)  # K mismatch

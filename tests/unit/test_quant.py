@@ -8,6 +8,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from rtserve import kernels
 from rtserve.config import ModelConfig
 from rtserve.model import quant
 from rtserve.model.fast_llama import FastLlamaForCausalLM
@@ -71,14 +72,19 @@ def test_int4_pack_is_close_for_arbitrary_fp16_scales():
     torch.testing.assert_close(bf16.float(), ref, rtol=2 ** -7, atol=2e-3)  # bf16 scale/zero rounding
 
 
-def test_fast_linear_small_and_large_agree_with_fp32():
+def test_fast_linear_kernels_agree_with_fp32():
+    kernels.native_available()
     blocks = q4_1_blocks(96, 64, seed=4)
     w = quant.q4_1_dequantize(blocks)
     lin = quant.FastLinear.from_q4_1(blocks)
-    for m in (1, 3, quant.LARGE_M, 40):
+    have_amx = bool(torch.ops.rtserve.amx_available())
+    for m in (1, 3, quant.LARGE_M, 32, 40):
         x = torch.randn(m, 64)
         ref = x @ w.t()
-        for y in (lin.small(x.bfloat16()), lin.large(x.bfloat16()), lin(x.bfloat16())):
+        ys = [lin.small(x.bfloat16()), lin.large(x.bfloat16()), lin(x.bfloat16(), have_amx)]
+        if have_amx and m <= quant.AMX_MAX_M:
+            ys.append(lin.amx(x.bfloat16()))
+        for y in ys:
             assert y.shape == (m, 96) and y.dtype == torch.bfloat16
             assert ((y.float() - ref).norm() / ref.norm()) < 1e-2
 
@@ -161,10 +167,10 @@ def test_fast_model_logits_close_to_fp32_reference(tiny_models, num_tokens):
 
 def test_decode_step_matches_prefill_of_the_same_tokens(tiny_models):
     """A decode step (scripted layers, native paged attention and fused ops) reproduces the last
-    row of a prefill over the same 7 tokens (eager layers, SDPA; both under LARGE_M rows, so the
-    same int4 matmuls), within bf16 rounding."""
+    row of a prefill over the same 3 tokens (eager layers, SDPA; both under AMX_MIN_M rows, so the
+    same int4 GEMV), within bf16 rounding."""
     fast, _ = tiny_models
-    n = quant.LARGE_M - 1
+    n = quant.AMX_MIN_M - 1
     ids = torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(2))
     _, slots = kv(64, torch.bfloat16)
     whole = fast(ids, torch.arange(n), slots, prefill_meta(n), torch.tensor([n - 1]))
