@@ -175,6 +175,8 @@ class EngineConfig:
     quantization: str = "auto"
     device: str = "cpu"
     num_threads: int = 0  # 0: leave torch's default
+    # Lower torch's thread count while other processes hold cores (engine/thread_governor.py); CPU only.
+    adaptive_threads: bool = True
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: quantized CPU fast path for Q4_1 GGUFs (default); none: fp32 reference")
     m.add_argument("--device", default=None)
     m.add_argument("--num-threads", type=int, default=None, help="torch threads in the engine process")
+    m.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
+                   help="keep the thread count fixed even while other processes hold cores")
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--max-model-len", type=int, default=None)
     m.add_argument("--max-num-seqs", type=int, default=None)
@@ -112,9 +114,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                  num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
                                  adaptive=False if args.no_adaptive_speculation else None)
     return _replace_given(base, model=args.model, dtype=args.dtype, quantization=args.quantization,
-                          device=args.device,
-                          num_threads=args.num_threads, seed=args.seed, cache=cache, scheduler=scheduler,
-                          limits=limits, rt=rt, speculative=speculative)
+                          device=args.device, num_threads=args.num_threads,
+                          adaptive_threads=args.adaptive_threads, seed=args.seed, cache=cache,
+                          scheduler=scheduler, limits=limits, rt=rt, speculative=speculative)
 
 
 def rt_config_from_args(args: argparse.Namespace) -> RTConfig:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from rtserve.config import EngineConfig, ModelConfig
 from rtserve.engine.cost_model import StepCostModel
 from rtserve.engine.request import Request
 from rtserve.engine.rt_policy import make_policy, resolve_rt
 from rtserve.engine.scheduler import Scheduler
 from rtserve.engine.spec_step import observe_acceptance, propose_drafts
+from rtserve.engine.thread_governor import ThreadGovernor
 from rtserve.engine.validation import validate_request
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats,
@@ -46,6 +49,9 @@ class EngineCore:
         self.runner = ModelRunner(model_config, cache, num_blocks, weights, config.device, config.dtype)
         self.speculator = build_speculator(config.speculative, cache.block_size, config.device,
                                            config.weights_cache_dir, proposer, model_config.vocab_size)
+        self.thread_governor = None
+        if config.adaptive_threads and self.runner.device.type == "cpu":
+            self.thread_governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
         self._last_step_s = 0.0
         self._last_num_tokens = 0
         self.num_requests_added = 0  # every request received, accepted or not (see QueueSnapshot)
@@ -113,6 +119,8 @@ class EngineCore:
         self.cost_model.observe(sched.step_features, now - start)
         if self.speculator is not None:
             self.speculator.observe_step(sched.num_scheduled_tokens, now - start)
+        if self.thread_governor is not None:
+            self.thread_governor.tick()
         return EngineCoreOutputs(outputs, now, self.stats())
 
     def _forget_finished(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:

@@ -219,7 +219,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t kv_stride = num_kv_heads * head_dim;  // elements between consecutive slots
   const AttendFn fast = pick_kernel(group, head_dim);
 
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  int64_t total_len = 0;
+  for (int64_t d = 0; d < num_seqs; ++d) total_len += lens[d];
+  // Small batches run inline: waking the thread pool costs more than ~16k cached tokens of work.
+  const int64_t grain = total_len * num_kv_heads < 16384 ? num_seqs * num_kv_heads : 1;
+  at::parallel_for(0, num_seqs * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t d = task / num_kv_heads, kvh = task % num_kv_heads;
