@@ -1,4 +1,4 @@
-// Small-M GEMM with 4-bit weights on AMX: y [M, N] bf16 = x [M, K] bf16 @ W^T, M <= 32, where W is a
+// GEMM with 4-bit weights on AMX: y [M, N] bf16 = x [M, K] bf16 @ W^T, where W is a
 // GGUF Q4_1 matrix (w = d * q + m per group of 32 along K) kept at 4 bits in memory.
 //
 // Decode steps are bound by weight bytes (bf16 weights stream at ~15 GB/s here, whatever M is), so
@@ -22,7 +22,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "vec.h"
 
@@ -35,8 +37,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t kMaxRows = 32;
 
 #if RTSERVE_HAVE_AMX
 // Linux hands out AMX tile state only on request (once per process).
@@ -97,13 +97,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   TORCH_CHECK(dm.dim() == 3 && dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.size(0) == qw.size(0) &&
                   dm.size(1) == qw.size(1) && dm.size(2) == 64, "dm must be contiguous fp32 [N/16, K/32, 64]");
   const int64_t rows = x.size(0), k = x.size(1), groups = qw.size(1), col_blocks = qw.size(0), n = 16 * col_blocks;
-  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "int4_linear takes 1 to 32 rows");
+  TORCH_CHECK(rows >= 1, "int4_linear needs at least one row");
   TORCH_CHECK(k == 32 * groups, "x's K does not match the packed weight");
   TORCH_CHECK(col_blocks % 2 == 0, "N must be a multiple of 32");
   at::Tensor out = at::empty({rows, n}, x.options());
 #if RTSERVE_HAVE_AMX
-  at::Tensor padded = x;  // A tiles read 16 or 32 rows: pad with zero rows
-  const int64_t tile_rows = rows <= 16 ? 16 : 32;
+  at::Tensor padded = x;  // A tiles read 16 rows at a time: pad with zero rows
+  const int64_t tile_rows = (rows + 15) / 16 * 16;
   if (rows != tile_rows) {
     padded = at::zeros({tile_rows, k}, x.options());
     std::memcpy(padded.data_ptr(), x.data_ptr(), rows * k * sizeof(uint16_t));
@@ -113,40 +113,63 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   const float* dp = dm.data_ptr<float>();
   auto* op = out.data_ptr<at::BFloat16>();
   const int64_t x_stride = k * 2;  // bytes between A rows
+  // Up to 32 rows, each K group's two B tiles are expanded right before use (double-buffered). With
+  // more rows, a column pair's B tiles for all groups are expanded once into `b_all` (36 KB at K =
+  // 576) and reused by every 32-row block.
+  const bool reuse = tile_rows > 32;
   at::parallel_for(0, col_blocks / 2, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();  // per call: other AMX users (oneDNN) load their own configurations
-    alignas(64) uint16_t b_buf[2][2][16 * 32];  // double-buffered: expanding group g + 1 never waits on g's loads
+    alignas(64) uint16_t b_buf[2][2][16 * 32];
     alignas(64) float c[32][32];
+    std::vector<uint16_t> b_store(reuse ? static_cast<size_t>(groups) * 2 * 512 + 32 : 0);
+    uint16_t* b_all = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(b_store.data()) + 63) & ~uintptr_t(63));
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t nb0 = 2 * pair;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t g = 0; g < groups; ++g) {
-        uint16_t(*b_tiles)[16 * 32] = b_buf[g & 1];
-        expand_tile(qp + (nb0 * groups + g) * 256, dp + (nb0 * groups + g) * 64, b_tiles[0]);
-        expand_tile(qp + ((nb0 + 1) * groups + g) * 256, dp + ((nb0 + 1) * groups + g) * 64, b_tiles[1]);
-        _tile_loadd(6, b_tiles[0], 64);
-        _tile_loadd(7, b_tiles[1], 64);
-        _tile_loadd(4, xp + 32 * g, x_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (tile_rows == 32) {
-          _tile_loadd(5, xp + 16 * k + 32 * g, x_stride);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+      if (reuse) {
+        for (int64_t g = 0; g < groups; ++g) {
+          expand_tile(qp + (nb0 * groups + g) * 256, dp + (nb0 * groups + g) * 64, b_all + (2 * g) * 512);
+          expand_tile(qp + ((nb0 + 1) * groups + g) * 256, dp + ((nb0 + 1) * groups + g) * 64, b_all + (2 * g + 1) * 512);
         }
       }
-      _tile_stored(0, &c[0][0], 128);
-      _tile_stored(1, &c[0][16], 128);
-      if (tile_rows == 32) {
-        _tile_stored(2, &c[16][0], 128);
-        _tile_stored(3, &c[16][16], 128);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        rtserve::store_bf16(op + r * n + 32 * pair, _mm512_load_ps(&c[r][0]));
-        rtserve::store_bf16(op + r * n + 32 * pair + 16, _mm512_load_ps(&c[r][16]));
+      for (int64_t row0 = 0; row0 < tile_rows; row0 += 32) {
+        const bool two = row0 + 16 < tile_rows;  // a second 16-row A tile in this block
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint16_t *b0, *b1;
+          if (reuse) {
+            b0 = b_all + (2 * g) * 512;
+            b1 = b0 + 512;
+          } else {
+            uint16_t(*b_tiles)[16 * 32] = b_buf[g & 1];
+            expand_tile(qp + (nb0 * groups + g) * 256, dp + (nb0 * groups + g) * 64, b_tiles[0]);
+            expand_tile(qp + ((nb0 + 1) * groups + g) * 256, dp + ((nb0 + 1) * groups + g) * 64, b_tiles[1]);
+            b0 = b_tiles[0];
+            b1 = b_tiles[1];
+          }
+          _tile_loadd(6, b0, 64);
+          _tile_loadd(7, b1, 64);
+          _tile_loadd(4, xp + row0 * k + 32 * g, x_stride);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, xp + (row0 + 16) * k + 32 * g, x_stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, &c[0][0], 128);
+        _tile_stored(1, &c[0][16], 128);
+        if (two) {
+          _tile_stored(2, &c[16][0], 128);
+          _tile_stored(3, &c[16][16], 128);
+        }
+        for (int64_t r = row0; r < std::min(rows, row0 + 32); ++r) {
+          rtserve::store_bf16(op + r * n + 32 * pair, _mm512_load_ps(&c[r - row0][0]));
+          rtserve::store_bf16(op + r * n + 32 * pair + 16, _mm512_load_ps(&c[r - row0][16]));
+        }
       }
     }
     _tile_release();

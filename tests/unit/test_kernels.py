@@ -155,7 +155,7 @@ def test_amx_packing_round_trips_to_the_gguf_dequantization():
     assert torch.equal(quant.unpack_q4_amx(qw, dm), quant.q4_1_dequantize(blocks))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 15, 16, 17, 32])
+@pytest.mark.parametrize("rows", [1, 4, 15, 16, 17, 32, 33, 48, 100])
 def test_int4_linear_matches_reference(rows):
     from rtserve.model import quant
     if not torch.ops.rtserve.amx_available():
@@ -174,7 +174,5 @@ def test_int4_linear_rejects_bad_shapes():
     if not torch.ops.rtserve.amx_available():
         pytest.skip("no AMX")
     qw, dm = quant.pack_q4_amx(_q4_1_blocks(32, 64, seed=1))
-    with pytest.raises(RuntimeError):
-        torch.ops.rtserve.int4_linear(torch.zeros(33, 64, dtype=torch.bfloat16), qw, dm)  # > 32 rows
     with pytest.raises(RuntimeError):
         torch.ops.rtserve.int4_linear(torch.zeros(2, 96, dtype=torch.bfloat16), qw, dm)  # K mismatch
