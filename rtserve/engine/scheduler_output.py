@@ -51,9 +51,9 @@ class SchedulerOutput:
 
     @property
     def step_features(self) -> StepFeatures:
-        """What the cost model sees: one-token sequences are decodes, the rest prefill chunks; a
-        verify chunk is a decode plus its draft tokens, which cost what prefill tokens cost."""
-        num_decodes = sum(1 for s in self.seqs if s.num_sequence_tokens == 1)
+        """What the cost model sees: decode rows (a one-token chunk, or a verify chunk's last token
+        and drafts: the runner computes each as a decode row) and prefill tokens (the rest)."""
+        num_decodes = sum(s.num_new_tokens for s in self.seqs if s.num_sequence_tokens == 1)
         return StepFeatures(num_decodes=num_decodes,
                             num_prefill_tokens=self.num_scheduled_tokens - num_decodes,
                             num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs))
