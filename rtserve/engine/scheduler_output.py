@@ -64,9 +64,10 @@ class RunnerOutput:
     """Sampled token (and optional logprobs) for every scheduled sequence with do_sample.
 
     A sequence verified with draft tokens appears in `spec_token_ids` instead: the accepted drafts
-    followed by the target's next token (1 to k + 1 tokens).
+    followed by the target's next token (1 to k + 1 tokens). `logprobs` has one entry per emitted
+    token, in order, for requests that asked for them.
     """
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -48,8 +48,6 @@ def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: Ste
 def _max_drafts(req: Request, max_model_len: int) -> int:
     """Drafts worth verifying: the step emits up to k + 1 tokens, so stay inside the request's limits."""
     params = req.sampling_params
-    if params.logprobs is not None:
-        return 0  # logprobs are returned for one token per step
     cap = max_model_len - req.num_tokens - 1
     if params.max_tokens is not None:
         cap = min(cap, params.max_tokens - req.num_output_tokens - 1)
