@@ -12,13 +12,21 @@ Measures:
 Methods: off, ngram (adaptive k), ngram-fixed (k always 4 when there is a match), and with
 --draft-layers L a layer-skip draft (the target's first L layers + its LM head: same tokenizer).
 
-Usage: python benchmarks/spec_decode.py [--threads 2] [--max-tokens 128] [--streams 16,32]
-       [--methods off,ngram,ngram-fixed] [--draft-layers 0] [--quantization auto]
+Requests carry the default real-time budgets (soft class, 50 ms ITL): under `--policy deadline` (the
+server's default) adaptive k never lets a verify step run past the tightest stream's ITL slack, so
+large batches whose plain decode step is already over budget do not speculate; `--policy fcfs` has no
+step-time budget and shows the throughput trade-off alone. The load average is printed before and
+after each section: other processes on the machine move these figures a lot.
+
+Run it from the repository root with the checkout first on the path (PYTHONPATH=. or python -m):
+       PYTHONPATH=. python benchmarks/spec_decode.py [--threads 2] [--max-tokens 128] [--streams 16,32]
+       [--methods off,ngram,ngram-fixed] [--draft-layers 0] [--quantization auto] [--policy deadline]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 
@@ -42,7 +50,7 @@ PROMPTS = {
 
 
 def build_core(method: str, args, max_streams: int):
-    from rtserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+    from rtserve.config import CacheConfig, EngineConfig, RTConfig, SchedulerConfig, SpeculativeConfig
     from rtserve.engine.core import EngineCore
     from rtserve.model.loader import default_model_path, load_model
     from rtserve.model.quantized_loader import load_fast_checkpoint
@@ -50,7 +58,7 @@ def build_core(method: str, args, max_streams: int):
             "ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k),
             "ngram-fixed": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, adaptive=False),
             "draft": SpeculativeConfig(method="draft", num_speculative_tokens=args.k)}[method]
-    config = EngineConfig(quantization=args.quantization, speculative=spec,
+    config = EngineConfig(quantization=args.quantization, speculative=spec, rt=RTConfig(policy=args.policy),
                           scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, max_streams)),
                           cache=CacheConfig(enable_prefix_caching=False))
     path = default_model_path()
@@ -116,6 +124,7 @@ def main() -> None:
     p.add_argument("--stream-mix", default="all", choices=("all", "copy", "chat"))
     p.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
     p.add_argument("--quantization", default="auto", choices=("auto", "none"))
+    p.add_argument("--policy", default="deadline", choices=("deadline", "fcfs"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from rtserve.client.tokenizer import Tokenizer
@@ -124,8 +133,9 @@ def main() -> None:
     methods = args.methods.split(",") + (["draft"] if args.draft_layers else [])
     prompts = {name: prompt_ids(tokenizer, PROMPTS[name]) for name in args.prompts.split(",")}
 
+    print(f"policy {args.policy}, {args.threads} torch threads, k <= {args.k}")
     if not args.no_batch1:
-        print(f"== batch 1, greedy, {args.max_tokens} tokens, decode tok/s after the first token ==")
+        print(f"== batch 1, greedy, {args.max_tokens} tokens, decode tok/s after the first token ==  {load()}")
         cores = {method: build_core(method, args, 1) for method in methods}
         for core in cores.values():
             run(core, [next(iter(prompts.values()))], 16)  # warm-up
@@ -149,7 +159,7 @@ def main() -> None:
     for n in [int(x) for x in args.streams.split(",") if x]:  # streams: interleaved repeats, median
         mix = list(prompts.values()) if args.stream_mix == "all" else [
             ids for name, ids in prompts.items() if name.startswith(args.stream_mix)]
-        print(f"== {n} concurrent streams ({args.stream_mix} prompts in turn), aggregate output tok/s ==")
+        print(f"== {n} concurrent streams ({args.stream_mix} prompts in turn), aggregate output tok/s ==  {load()}")
         batch = [mix[i % len(mix)] for i in range(n)]
         cores = {method: build_core(method, args, n) for method in methods}
         rates = {m: [] for m in methods}
@@ -169,6 +179,11 @@ def main() -> None:
             print(f"{method:12s} {rate:7.1f} tok/s  x{rate / base:4.2f}  (runs: "
                   f"{', '.join(f'{r:.0f}' for r in rates[method])})  {drafts}", flush=True)
         del cores
+    print(f"== done ==  {load()}")
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 if __name__ == "__main__":

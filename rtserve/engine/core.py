@@ -116,9 +116,10 @@ class EngineCore:
         self._forget_finished(outputs)
         now = time.monotonic()
         self._last_step_s, self._last_num_tokens = now - start, sched.num_scheduled_tokens
-        self.cost_model.observe(sched.step_features, now - start)
+        features = sched.step_features
+        self.cost_model.observe(features, now - start)
         if self.speculator is not None:
-            self.speculator.observe_step(sched.num_scheduled_tokens, now - start)
+            self.speculator.observe_step(features.num_decodes, features.num_prefill_tokens, now - start)
         if self.thread_governor is not None:
             self.thread_governor.tick()
         return EngineCoreOutputs(outputs, now, self.stats())

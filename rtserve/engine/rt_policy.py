@@ -47,6 +47,9 @@ class FCFSPolicy:
                              waiting: Iterable[Request] = ()) -> int:
         return token_budget
 
+    def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
+        return None
+
     def pick_victim(self, candidates: list[Request], now: float) -> Request:
         return candidates[-1]  # the most recently admitted
 
@@ -95,7 +98,7 @@ class DeadlinePolicy:
         if not self.cost_model.is_calibrated:
             return token_budget
         decodes = [r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0]
-        streams = [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+        streams = _streams(decodes)
         if not streams:
             return token_budget
         stream_due = min(r.next_token_deadline for r in streams)
@@ -103,12 +106,23 @@ class DeadlinePolicy:
                        if not r.is_paused and r.num_remaining_prefill_tokens > 0]
         if any(now <= due <= stream_due for due in prompt_dues):
             return token_budget
-        # A stream already late (slack used up) still bounds the step: to half its ITL budget, so that
-        # prefill keeps progressing and the next gap stays near the budget.
-        time_budget_s = max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+        time_budget_s = self.step_time_budget_s(decodes, now)
         num_context = sum(r.num_computed_tokens for r in running if not r.is_paused)
         fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
+
+    def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
+        """Seconds the next step may take so that the tightest stream's next token is on time; None
+        when no running stream has an ITL budget. Bounds prefill chunks and verification alike.
+
+        A stream already late (slack used up) still bounds the step: to half its ITL budget, so that
+        prefill keeps progressing and the next gap stays near the budget.
+        """
+        streams = _streams(r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0)
+        if not streams:
+            return None
+        stream_due = min(r.next_token_deadline for r in streams)
+        return max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
 
     def pick_victim(self, candidates: list[Request], now: float) -> Request:
         """Batch first, then the most slack; among equals the most recently admitted."""
@@ -150,6 +164,11 @@ class DeadlinePolicy:
             return (f"deadline: deadline_ms budget of {req.rt.deadline_s * 1000:.0f} ms passed after "
                     f"{req.num_output_tokens} tokens; stopped")
         return None
+
+
+def _streams(decodes: Iterable[Request]) -> list[Request]:
+    """Decoding requests that have sent a token and have an ITL budget (a next-token deadline)."""
+    return [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
 
 
 def make_policy(config: RTConfig, cost_model: StepCostModel) -> FCFSPolicy | DeadlinePolicy:

@@ -188,7 +188,7 @@ class Scheduler:
             outputs.append(self._append_tokens(req, token_ids, result.logprobs.get(req.request_id), now))
         return outputs
 
-    def _append_tokens(self, req: Request, token_ids: list[int], logprob, now: float) -> EngineCoreOutput:
+    def _append_tokens(self, req: Request, token_ids: list[int], logprobs, now: float) -> EngineCoreOutput:
         """Append tokens up to the first stop; finish the request if one stops it."""
         finish_reason = stop_reason = None
         num_appended = 0
@@ -201,7 +201,7 @@ class Scheduler:
         # A stop inside the accepted drafts leaves computed KV past the sequence's new end.
         req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
         self.kv.cache_blocks(req)
-        out = self._output(req, token_ids[:num_appended], [logprob] if logprob else None)
+        out = self._output(req, token_ids[:num_appended], logprobs[:num_appended] if logprobs else None)
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason, out)
         return out

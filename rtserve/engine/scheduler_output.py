@@ -51,9 +51,9 @@ class SchedulerOutput:
 
     @property
     def step_features(self) -> StepFeatures:
-        """What the cost model sees: one-token sequences are decodes, the rest prefill chunks; a
-        verify chunk is a decode plus its draft tokens, which cost what prefill tokens cost."""
-        num_decodes = sum(1 for s in self.seqs if s.num_sequence_tokens == 1)
+        """What the cost model sees: decode rows (a one-token chunk, or a verify chunk's last token
+        and drafts: the runner computes each as a decode row) and prefill tokens (the rest)."""
+        num_decodes = sum(s.num_new_tokens for s in self.seqs if s.num_sequence_tokens == 1)
         return StepFeatures(num_decodes=num_decodes,
                             num_prefill_tokens=self.num_scheduled_tokens - num_decodes,
                             num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs))
@@ -64,9 +64,10 @@ class RunnerOutput:
     """Sampled token (and optional logprobs) for every scheduled sequence with do_sample.
 
     A sequence verified with draft tokens appears in `spec_token_ids` instead: the accepted drafts
-    followed by the target's next token (1 to k + 1 tokens).
+    followed by the target's next token (1 to k + 1 tokens). `logprobs` has one entry per emitted
+    token, in order, for requests that asked for them.
     """
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

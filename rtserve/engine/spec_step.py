@@ -1,16 +1,19 @@
 """Speculative decoding's two touch points in the engine step, beside `schedule -> execute -> update`:
 
 before scheduling, every decoding request gets its draft tokens for this step (k chosen from its
-measured acceptance and the predicted cost of verifying them); after the update, what was accepted
-feeds the estimates and the metrics.
+measured acceptance against the predicted cost of verifying them, within the real-time policy's
+step-time budget); after the update, what was accepted feeds the estimates and the metrics.
 """
 from __future__ import annotations
+
+import math
+import time
 
 from rtserve.engine.cost_model import StepCostModel, StepFeatures
 from rtserve.engine.request import Request
 from rtserve.engine.scheduler import Scheduler
 from rtserve.engine.scheduler_output import RunnerOutput, SchedulerOutput
-from rtserve.spec.speculator import Speculator
+from rtserve.spec.speculator import DraftStep, Speculator
 
 
 def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: StepCostModel,
@@ -25,16 +28,19 @@ def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: Ste
     # What the step will hold besides the drafts: the decodes, and prefill up to the token budget.
     budget = scheduler.config.max_num_batched_tokens - len(decoding)
     pending = sum(r.num_tokens - r.num_computed_tokens for r in running) - len(decoding)
-    num_prefill = min(budget, pending + sum(r.num_tokens for r in scheduler.waiting))
+    can_admit = len(scheduler.running) < scheduler.config.max_num_seqs
+    num_prefill = min(budget, pending + (sum(r.num_tokens for r in scheduler.waiting) if can_admit else 0))
     num_context = sum(r.num_computed_tokens for r in running)
 
-    def cost_model_s(num_draft_tokens: int) -> float:
-        return cost_model.predict_s(StepFeatures(len(decoding), num_prefill + num_draft_tokens,
+    def cost_model_s(num_draft_tokens: int) -> float:  # drafts are decode rows (runner/input_batch.py)
+        return cost_model.predict_s(StepFeatures(len(decoding) + num_draft_tokens, num_prefill,
                                                  num_context + num_draft_tokens))
 
+    time_budget_s = scheduler.policy.step_time_budget_s(running, time.monotonic())
+    step = DraftStep(len(decoding), num_prefill, cost_model_s, math.inf if time_budget_s is None else time_budget_s)
     spare = budget - num_prefill
     caps = [min(_max_drafts(r, max_model_len), spare) for r in decoding]
-    proposals = speculator.propose(decoding, caps, len(decoding) + num_prefill, cost_model_s)
+    proposals = speculator.propose(decoding, caps, step)
     for req, proposal in zip(decoding, proposals):
         req.spec_token_ids, req.spec_probs = proposal.token_ids, proposal.probs
 
@@ -42,8 +48,6 @@ def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: Ste
 def _max_drafts(req: Request, max_model_len: int) -> int:
     """Drafts worth verifying: the step emits up to k + 1 tokens, so stay inside the request's limits."""
     params = req.sampling_params
-    if params.logprobs is not None:
-        return 0  # logprobs are returned for one token per step
     cap = max_model_len - req.num_tokens - 1
     if params.max_tokens is not None:
         cap = min(cap, params.max_tokens - req.num_output_tokens - 1)

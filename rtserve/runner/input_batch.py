@@ -26,9 +26,16 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> torch
 
 
 def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
-    """Decodes (single-token chunks) first, then multi-token prefill chunks."""
-    decodes = [s for s in sched.seqs if s.num_new_tokens == 1]
-    prefills = [s for s in sched.seqs if s.num_new_tokens > 1]
+    """Decode rows first, then multi-token prefill chunks.
+
+    A verify chunk (the last token plus k drafts) is k + 1 decode rows, not a prefill chunk: row j
+    attends to the sequence's first start_pos + j + 1 slots through the same block table. Every
+    layer writes the step's K/V before attending, so each row sees the drafts before it. A verify
+    step thus runs the decode path (same kernels as a plain decode of that many rows) instead of a
+    masked attention per verifying sequence.
+    """
+    decodes = [s for s in sched.seqs if s.num_sequence_tokens == 1]
+    prefills = [s for s in sched.seqs if s.num_sequence_tokens > 1]
     ordered = decodes + prefills
     ids, positions, slot_mapping, logit_rows, sample_seqs = [], [], [], [], []
     prefill_chunks = []
@@ -39,7 +46,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         ids.extend(seq.spec_token_ids)
         positions.append(torch.arange(start, end, dtype=torch.int64))
         slot_mapping.append(_slots(seq.block_ids, start, end, block_size))
-        if seq.num_new_tokens > 1:
+        if seq.num_sequence_tokens > 1:
             prefill_chunks.append(PrefillChunk(
                 query_start=t, query_len=seq.num_new_tokens, context_len=end,
                 gather_idx=_slots(seq.block_ids, 0, end, block_size).to(device),
@@ -48,13 +55,16 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         if seq.do_sample:  # the last sequence token and every draft token predict a next token
             logit_rows.extend(range(t - 1 - len(seq.spec_token_ids), t))
             sample_seqs.append(seq)
-    meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(device), num_decodes=len(decodes),
+    # One decode row per token of a decode or verify chunk: (its sequence's blocks, context length).
+    decode_rows = [(s.block_ids, pos + 1) for s in decodes
+                   for pos in range(s.start_pos, s.start_pos + s.num_new_tokens)]
+    meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(device), num_decodes=len(decode_rows),
                              prefills=prefill_chunks, block_size=block_size)
-    if decodes:
+    if decode_rows:
         meta.decode_block_table, meta.decode_mask, meta.decode_seq_lens = _decode_tables(
-            decodes, block_size, device)
-        if len(decodes) == 1:
-            meta.decode_slot_range = _consecutive_slots(decodes[0], block_size)
+            decode_rows, block_size, device)
+        if len(decode_rows) == 1:
+            meta.decode_slot_range = _consecutive_slots(*decode_rows[0], block_size)
     return ModelInputs(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.cat(positions).to(device),
@@ -70,26 +80,26 @@ def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
     return torch.arange(context_len).unsqueeze(0) <= q_pos
 
 
-def _decode_tables(decodes: list[ScheduledSeq], block_size: int, device: torch.device):
+def _decode_tables(rows: list[tuple[list[int], int]], block_size: int, device: torch.device):
     """Block table [D, num_blocks_max] (padded with block 0), mask [D, 1, 1, num_blocks_max *
-    block_size] and context lengths [D] for single-token queries (gathering whole blocks is a plain
-    memcpy per block; the native kernel reads them in place)."""
-    lens = [s.start_pos + 1 for s in decodes]
+    block_size] and context lengths [D] for D single-token query rows given as (block ids, context
+    length) (gathering whole blocks is a plain memcpy per block; the native kernel reads them in place)."""
+    lens = [n for _, n in rows]
     num_blocks = [-(-n // block_size) for n in lens]
-    table = torch.zeros(len(decodes), max(num_blocks), dtype=torch.int64)
-    for i, (seq, n) in enumerate(zip(decodes, num_blocks)):
-        table[i, :n] = torch.tensor(seq.block_ids[:n], dtype=torch.int64)
+    table = torch.zeros(len(rows), max(num_blocks), dtype=torch.int64)
+    for i, ((block_ids, _), n) in enumerate(zip(rows, num_blocks)):
+        table[i, :n] = torch.tensor(block_ids[:n], dtype=torch.int64)
     width = table.shape[1] * block_size
     seq_lens = torch.tensor(lens, dtype=torch.int64)
     mask = torch.arange(width).unsqueeze(0) < seq_lens.unsqueeze(1)  # [D, width]
     return table.to(device), mask[:, None, None, :].to(device), seq_lens.to(device)
 
 
-def _consecutive_slots(seq: ScheduledSeq, block_size: int) -> tuple[int, int] | None:
+def _consecutive_slots(block_ids: list[int], context_len: int, block_size: int) -> tuple[int, int] | None:
     """[start, end) slots of a decode's context when its blocks are consecutive ids, else None."""
-    num_blocks = -(-(seq.start_pos + 1) // block_size)
-    ids = seq.block_ids[:num_blocks]
+    num_blocks = -(-context_len // block_size)
+    ids = block_ids[:num_blocks]
     if ids[-1] - ids[0] != num_blocks - 1 or any(b - a != 1 for a, b in zip(ids, ids[1:])):
         return None
     start = ids[0] * block_size
-    return start, start + seq.start_pos + 1
+    return start, start + context_len

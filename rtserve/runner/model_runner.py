@@ -85,9 +85,7 @@ class ModelRunner:
             for i, req in enumerate(reqs):
                 k = req.sampling_params.logprobs
                 if k is not None:
-                    out.logprobs[req.request_id] = TokenLogprob(
-                        token_id=token_ids[i], logprob=lps[i][0], top_ids=lp_ids[i][1:1 + k],
-                        top_logprobs=lps[i][1:1 + k])
+                    out.logprobs[req.request_id] = [_token_logprob(token_ids[i], lps[i], lp_ids[i], k)]
         return out
 
     def _verify(self, logits: torch.Tensor, seqs, batch: SamplingBatch) -> RunnerOutput:
@@ -97,20 +95,14 @@ class ModelRunner:
         self._mask_early_stops(logits, [s.request for s in seqs for _ in range(len(s.spec_token_ids) + 1)],
                                [j for s in seqs for j in range(len(s.spec_token_ids) + 1)])
         emitted = verify(logits, drafts, [s.spec_probs for s in seqs], batch)
-        out, row = RunnerOutput(), 0
+        out = RunnerOutput()
         for seq, token_ids in zip(seqs, emitted):
-            req = seq.request
-            if seq.spec_token_ids:  # requests that want logprobs are never given drafts
-                out.spec_token_ids[req.request_id] = token_ids
+            if seq.spec_token_ids:
+                out.spec_token_ids[seq.request.request_id] = token_ids
             else:
-                out.sampled_token_ids[req.request_id] = token_ids[0]
-                k = req.sampling_params.logprobs
-                if k is not None:
-                    lps, ids = compute_logprobs(logits[row:row + 1], torch.tensor(token_ids[:1]), k)
-                    out.logprobs[req.request_id] = TokenLogprob(
-                        token_id=token_ids[0], logprob=lps[0, 0].item(), top_ids=ids[0, 1:].tolist(),
-                        top_logprobs=lps[0, 1:].tolist())
-            row += len(seq.spec_token_ids) + 1
+                out.sampled_token_ids[seq.request.request_id] = token_ids[0]
+        if batch.max_num_logprobs >= 0:
+            out.logprobs = _emitted_logprobs(logits, seqs, emitted, batch.max_num_logprobs)
         return out
 
     @staticmethod
@@ -124,3 +116,33 @@ class ModelRunner:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(req.eos_token_ids))
                 if banned:
                     logits[i, banned] = float("-inf")
+
+
+def _emitted_logprobs(logits: torch.Tensor, seqs, emitted: list[list[int]],
+                      max_k: int) -> dict[str, list[TokenLogprob]]:
+    """Logprobs of every emitted token (accepted drafts, then the target's own token) from the row
+    that predicted it: emitted token j of a sequence comes from its row j, as a plain decode of that
+    position would have computed it (raw logits, before temperature; one batched log_softmax)."""
+    rows, token_ids, owners = [], [], []
+    row = 0
+    for seq, ids in zip(seqs, emitted):
+        if seq.request.sampling_params.logprobs is not None:
+            rows.extend(range(row, row + len(ids)))
+            token_ids.extend(ids)
+            owners.append((seq.request, len(ids)))
+        row += len(seq.spec_token_ids) + 1
+    if not rows:
+        return {}
+    lps, lp_ids = compute_logprobs(logits[rows], torch.tensor(token_ids, device=logits.device), max_k)
+    lps, lp_ids = lps.tolist(), lp_ids.tolist()
+    out, i = {}, 0
+    for req, n in owners:
+        k = req.sampling_params.logprobs
+        out[req.request_id] = [_token_logprob(token_ids[j], lps[j], lp_ids[j], k) for j in range(i, i + n)]
+        i += n
+    return out
+
+
+def _token_logprob(token_id: int, lps: list[float], ids: list[int], k: int) -> TokenLogprob:
+    """One token's logprob from a compute_logprobs row (column 0: the token, then the top ones)."""
+    return TokenLogprob(token_id=token_id, logprob=lps[0], top_ids=ids[1:1 + k], top_logprobs=lps[1:1 + k])

@@ -32,10 +32,13 @@ class Proposal:
 
     `probs` [len(token_ids), V] f32 is the draft distribution q of each token; None means the proposer
     is deterministic (q is one-hot at the proposed token), which rejection sampling handles exactly.
+    `prior_key` groups proposals whose acceptance is alike (n-gram: the matched suffix length); the
+    acceptance tracker keeps one proposer-wide rate per key (spec/acceptance.py).
     """
 
     token_ids: list[int]
     probs: torch.Tensor | None = None
+    prior_key: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -77,12 +80,24 @@ class NgramProposer(Proposer):
         self.min_n, self.max_n, self.max_lookback = min_n, max_n, max_lookback
 
     def propose(self, requests: Sequence[SpecRequest], num_tokens: Sequence[int]) -> list[Proposal]:
-        return [Proposal(ngram_lookup(r.all_token_ids[-self.max_lookback:], self.min_n, self.max_n, k) if k > 0 else [])
-                for r, k in zip(requests, num_tokens)]
+        proposals = []
+        for r, k in zip(requests, num_tokens):
+            if k <= 0:
+                proposals.append(Proposal([]))
+                continue
+            token_ids, match_len = ngram_match(r.all_token_ids[-self.max_lookback:], self.min_n, self.max_n, k)
+            proposals.append(Proposal(token_ids, prior_key=match_len))
+        return proposals
 
 
 def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to k tokens continuing `token_ids` after its longest suffix (max_n..min_n) seen before.
+    """Up to k tokens continuing `token_ids` after its longest suffix (max_n..min_n) seen before."""
+    return ngram_match(token_ids, min_n, max_n, k)[0]
+
+
+def ngram_match(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
+    """(up to k tokens continuing `token_ids` after its longest suffix seen before, that suffix's
+    length in min_n..max_n); ([], 0) when no suffix of min_n tokens occurred before.
 
     Candidates are earlier occurrences of the last token; each is extended backwards while it keeps
     matching the suffix (up to max_n). The longest match wins, the most recent among equals.
@@ -90,7 +105,7 @@ def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> li
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
     if length < min_n + 1:
-        return []
+        return [], 0
     # Every candidate ends before the suffix does, so at least one real token follows it.
     ends = np.flatnonzero(tokens[:length - 1] == tokens[length - 1])  # [C]
     match_len = np.ones(ends.size, dtype=np.int64)  # [C]
@@ -102,8 +117,9 @@ def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> li
         match_len += still
     good = np.flatnonzero(match_len >= min_n)
     if good.size == 0:
-        return []
-    longest = good[match_len[good] == match_len[good].max()]
+        return [], 0
+    best_len = int(match_len[good].max())
+    longest = good[match_len[good] == best_len]
     start = int(ends[longest[-1]]) + 1  # first token after the most recent longest match (< length)
     period = length - start
-    return tokens[start + np.arange(k) % period].tolist()
+    return tokens[start + np.arange(k) % period].tolist(), best_len

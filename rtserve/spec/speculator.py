@@ -7,15 +7,28 @@ step the engine reports what was accepted (acceptance estimates, metrics) and ho
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from rtserve.spec.adaptive import AcceptanceTracker, SpecLengthChooser, StepTimeTable
+from rtserve.spec.acceptance import AcceptanceTracker
+from rtserve.spec.adaptive import SpecLengthChooser, StepTimeTable
 from rtserve.spec.proposer import NgramProposer, Proposal, Proposer, SpecRequest
 
 if TYPE_CHECKING:
     from rtserve.config import SpeculativeConfig
     from rtserve.protocol import SpecDecodeStats
+
+
+@dataclass(frozen=True)
+class DraftStep:
+    """The step that drafts would join, as the engine sees it before scheduling."""
+
+    num_decodes: int  # decode rows without drafts
+    num_prefill_tokens: int  # prefill tokens the step is expected to hold
+    cost_model_s: Callable[[int], float]  # the engine's cost model: step seconds with n draft rows added
+    time_budget_s: float = math.inf  # the real-time policy's bound on the step's time, drafts included
 
 
 class Speculator:
@@ -27,45 +40,65 @@ class Speculator:
         self.chooser = SpecLengthChooser(max_k)
         self.step_times = StepTimeTable()
         self._propose_s = 0.0  # time spent proposing in the current step
+        self._prior_keys: dict[str, int] = {}  # request id -> prior key of this step's proposal
 
     @property
     def name(self) -> str:
         return self.proposer.name
 
-    def propose(self, requests: Sequence[SpecRequest], caps: Sequence[int], num_step_tokens: int,
-                cost_model_s: Callable[[int], float]) -> list[Proposal]:
+    def propose(self, requests: Sequence[SpecRequest], caps: Sequence[int], step: DraftStep) -> list[Proposal]:
         """Proposals (possibly empty) for `requests`, at most caps[i] tokens each.
 
-        num_step_tokens: tokens the step holds without drafts; cost_model_s(n): the engine's
-        predicted step time with n draft tokens added (used where no step of that size was timed).
-        A cheap proposer (n-gram) proposes first and k is chosen within what it found; an expensive
-        one (draft model) is told k first, so it never drafts tokens that will not be verified.
+        Adaptive: k per request is what the chooser finds worth its predicted cost in this step. A
+        cheap proposer (n-gram) is first asked nothing at all unless some request's best possible
+        acceptance could pay for a draft (so a step where nobody speculates costs what a step with
+        speculation off does), then k is chosen within what it found, at the rate of its match.
+        An expensive one (draft model) is told k first, so it never drafts tokens that will not be
+        verified.
         """
         start = time.perf_counter()
+        self.tracker.tick()
         caps = [min(c, self.max_k) for c in caps]
         if not self.adaptive:
             proposals = self.proposer.propose(requests, caps)
         else:
-            def step_time_s(n: int) -> float:
-                return self.step_times.predict(num_step_tokens + n, lambda m: cost_model_s(m - num_step_tokens))
-
-            rates = [self.tracker.rate(r.request_id) for r in requests]
-            if self.proposer.is_cheap:
-                proposals = self.proposer.propose(requests, caps)
-                ks = self.chooser.choose(rates, [p.num_tokens for p in proposals], step_time_s)
-                proposals = [_truncate(p, k) for p, k in zip(proposals, ks)]
-            else:
-                ks = self.chooser.choose(rates, caps, step_time_s, self.proposer.cost_s)
-                proposals = self.proposer.propose(requests, ks)
+            proposals = self._propose_adaptive(requests, caps, step)
+        self._prior_keys = {r.request_id: p.prior_key for r, p in zip(requests, proposals) if p.token_ids}
         self._propose_s = time.perf_counter() - start
         return proposals
 
-    def observe(self, request_id: str, num_draft: int, num_accepted: int) -> None:
-        self.tracker.observe(request_id, num_draft, num_accepted)
+    def _propose_adaptive(self, requests: Sequence[SpecRequest], caps: list[int], step: DraftStep) -> list[Proposal]:
+        step_time_s, budget_s = self._step_time_fn(step), step.time_budget_s
+        none = [Proposal([]) for _ in requests]
+        if not self.proposer.is_cheap:
+            rates = [self.tracker.rate(r.request_id) for r in requests]
+            ks = self.chooser.choose(rates, caps, step_time_s, self.proposer.cost_s, budget_s)
+            return self.proposer.propose(requests, ks) if any(ks) else none
+        bound = self.chooser.choose([self.tracker.best_rate(r.request_id) for r in requests], caps, step_time_s,
+                                    max_step_s=budget_s)
+        if not any(bound):
+            return none
+        proposals = self.proposer.propose(requests, bound)
+        rates = [self.tracker.rate(r.request_id, p.prior_key) for r, p in zip(requests, proposals)]
+        ks = self.chooser.choose(rates, [p.num_tokens for p in proposals], step_time_s, max_step_s=budget_s)
+        return [_truncate(p, k) for p, k in zip(proposals, ks)]
 
-    def observe_step(self, num_tokens: int, step_s: float) -> None:
-        """A step of `num_tokens` took `step_s` in all; proposing time is not the target's."""
-        self.step_times.observe(num_tokens, max(step_s - self._propose_s, 0.0))
+    def _step_time_fn(self, step: DraftStep) -> Callable[[int], float]:
+        """Predicted step seconds with m draft rows: measured decode-only steps of that many rows when
+        the step is decode-only (the cost model where none were measured), else the cost model."""
+        if step.num_prefill_tokens > 0:
+            return step.cost_model_s
+        curve = self.step_times.curve(lambda n: step.cost_model_s(n - step.num_decodes))
+        return lambda m: curve(step.num_decodes + m)
+
+    def observe(self, request_id: str, num_draft: int, num_accepted: int) -> None:
+        self.tracker.observe(request_id, num_draft, num_accepted, self._prior_keys.get(request_id, 0))
+
+    def observe_step(self, num_decode_rows: int, num_prefill_tokens: int, step_s: float) -> None:
+        """A step took `step_s` in all; proposing time is not the target's. Decode-only steps (drafts
+        are decode rows) are the measurements the chooser predicts from."""
+        if num_prefill_tokens == 0 and num_decode_rows > 0:
+            self.step_times.observe(num_decode_rows, max(step_s - self._propose_s, 0.0))
         self._propose_s = 0.0
 
     def free(self, request_id: str) -> None:
@@ -82,7 +115,7 @@ class Speculator:
 def _truncate(p: Proposal, k: int) -> Proposal:
     if k >= p.num_tokens:
         return p
-    return Proposal(p.token_ids[:k], None if p.probs is None else p.probs[:k])
+    return Proposal(p.token_ids[:k], None if p.probs is None else p.probs[:k], p.prior_key)
 
 
 def build_speculator(config: "SpeculativeConfig", block_size: int, device: str = "cpu",

@@ -140,3 +140,20 @@ def test_a_prompt_already_past_its_deadline_does_not_override_the_itl_cap():
     step(sched, clock, 0.01)
     sched.add_request(rt_req("late", 2000, clock.now - 2.0, ttft_s=1.0))  # missed 1 s ago
     assert 385 <= dict(ids(step(sched, clock)))["late"] <= 390
+
+
+def test_step_time_budget_is_the_tightest_stream_slack_and_bounds_verification_too():
+    sched, _, clock, _ = make_sched("deadline")
+    assert sched.policy.step_time_budget_s(sched.running, clock.now) is None  # no stream yet
+    sched.add_request(rt_req("tight", 8, clock.now, itl_s=0.050))
+    sched.add_request(rt_req("loose", 8, clock.now, itl_s=0.200))
+    sched.add_request(rt_req("batch", 8, clock.now, "batch"))  # no ITL budget: never binds
+    step(sched, clock, 0.01)
+    clock.advance(0.02)
+    assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.030)
+    clock.advance(0.1)  # late: half its ITL budget
+    assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.025)
+    fcfs, _, fclock, _ = make_sched("fcfs")
+    fcfs.add_request(rt_req("tight", 8, fclock.now, itl_s=0.050))
+    step(fcfs, fclock, 0.01)
+    assert fcfs.policy.step_time_budget_s(fcfs.running, fclock.now) is None

@@ -1,45 +1,16 @@
-"""Adaptive speculation length: acceptance tracking and the goodput-maximising choice of k."""
+"""Adaptive speculation length: the goodput-maximising choice of k, measured step times, and the
+Speculator's decision with fake step times and acceptance (deterministic)."""
+import math
+
 import pytest
 
-from rtserve.spec.adaptive import AcceptanceTracker, SpecLengthChooser
+from rtserve.spec.adaptive import SpecLengthChooser, StepTimeTable
+from rtserve.spec.proposer import NgramProposer, Proposal, Proposer
+from rtserve.spec.speculator import DraftStep, Speculator
 
 
 def linear(base_s, per_token_s):
     return lambda n: base_s + per_token_s * n
-
-
-def test_tracker_estimates_per_token_rate_and_counts_metrics():
-    t = AcceptanceTracker(max_k=4, decay=0.99, prior_weight=1e-6)
-    for _ in range(50):
-        t.observe("a", 4, 4)  # always accepted
-        t.observe("b", 4, 0)  # always rejected at once
-    assert t.rate("a") > 0.95 and t.rate("b") < 0.05
-    assert t.num_drafts == 100 and t.num_draft_tokens == 400 and t.num_accepted_tokens == 200
-    assert t.num_accepted_tokens_per_pos == [50, 50, 50, 50]
-    assert t.mean_accepted_len == pytest.approx(3.0)
-
-
-def test_tracker_truncated_observations_are_unbiased():
-    # Each position accepted with prob 0.6 until the first rejection, k = 3: the per-token estimate
-    # (successes / tested positions) converges to 0.6, not to accepted / proposed.
-    import random
-    rng = random.Random(0)
-    t = AcceptanceTracker(max_k=3, decay=0.999, global_decay=0.999, prior_weight=1e-6)
-    for _ in range(5000):
-        a = 0
-        while a < 3 and rng.random() < 0.6:
-            a += 1
-        t.observe("r", 3, a)
-    assert t.rate("r") == pytest.approx(0.6, abs=0.03)
-
-
-def test_new_requests_start_from_the_proposer_wide_rate_and_free_forgets():
-    t = AcceptanceTracker(max_k=2, prior_rate=0.5)
-    for i in range(100):
-        t.observe(f"r{i}", 2, 2)
-    assert t.rate("new") > 0.9
-    t.free("r0")
-    assert "r0" not in t._per_request
 
 
 def test_ngram_on_copy_task_at_batch_one_speculates_deeply():
@@ -91,34 +62,160 @@ def test_full_acceptance_ties_keep_drafts_contiguous():
     assert ks == [3, 3]
 
 
-# --- Speculator: proposer + tracker + chooser --------------------------------------------------
+def test_time_budget_caps_the_verify_step():
+    # Copy-like acceptance, cheap verify rows: k = 4 when the step may take any time; only what fits
+    # the real-time budget otherwise; nothing when the step without drafts is already over it.
+    chooser, step = SpecLengthChooser(max_k=4), linear(0.010, 0.005)
+    assert chooser.choose([0.95], [4], step) == [4]
+    assert chooser.choose([0.95], [4], step, max_step_s=0.021) == [2]
+    assert chooser.choose([0.95], [4], step, max_step_s=0.009) == [0]
+    assert chooser.choose([0.95], [4], step, lambda rounds, tokens: 0.002 * rounds, max_step_s=0.021) == [1]
+
+
+# --- StepTimeTable: measured decode-only step time by rows ---------------------------------------
+
+def test_step_time_table_prefers_measurements_and_interpolates():
+    table = StepTimeTable()
+    model = linear(0.010, 0.001)  # the cost model believes rows are cheap
+    assert table.predict(5, model) == pytest.approx(0.015)  # nothing measured: the model
+    table.observe(1, 0.020)
+    assert table.predict(3, model) == pytest.approx(0.022)  # measured level + the model's slope
+    table.observe(5, 0.040)
+    assert table.predict(1, model) == pytest.approx(0.020)
+    assert table.predict(3, model) == pytest.approx(0.030)  # between measured sizes
+    # Beyond the largest size: the measured slope (5 ms a row), steeper than the model's 1 ms.
+    assert table.predict(9, model) == pytest.approx(0.060)
+
+
+def test_step_time_table_ignores_a_stalled_step():
+    table = StepTimeTable(window=5)
+    for step_s in (0.020, 0.021, 0.019, 0.500, 0.020):  # another process stole the CPU once
+        table.observe(1, step_s)
+    assert table.predict(1, linear(0.0, 0.0)) == pytest.approx(0.020)
+
+
+def test_step_time_table_forgets_stale_sizes():
+    table = StepTimeTable(max_age_steps=3)
+    table.observe(5, 1.0)
+    for _ in range(4):
+        table.observe(1, 0.01)
+    assert table.predict(5, linear(0.01, 0.001)) == pytest.approx(0.014)  # 5 is stale: re-explore
+
+
+def test_a_size_seen_once_is_retried_sooner_than_a_well_measured_one():
+    table = StepTimeTable(window=9, max_age_steps=1000, probe_age_steps=10)
+    table.observe(3, 0.500)  # one probe, stalled
+    for _ in range(9):
+        table.observe(2, 0.015)
+    model = linear(0.010, 0.001)
+    assert table.predict(3, model) == pytest.approx(0.500)
+    for _ in range(5):
+        table.observe(1, 0.010)
+    assert table.predict(3, model) == pytest.approx(0.020)  # forgotten after 10 steps: extrapolated
+    assert table.predict(2, model) == pytest.approx(0.015)  # 9 samples: kept
+
+
+def test_chooser_with_measured_nonlinear_step_times_stops_speculating():
+    # Verify rows measured as expensive (each one costs a whole decode): with 50% acceptance no k
+    # pays, though the linear model alone would have said it does.
+    table, model = StepTimeTable(), linear(0.020, 0.0005)
+    assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [4]
+    for m in range(1, 6):
+        table.observe(m, 0.020 * m)
+    assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [0]
+
+
+# --- Speculator: proposer + tracker + chooser, fake step times -----------------------------------
 
 class _Req:
     def __init__(self, rid, tokens):
         self.request_id, self.all_token_ids, self.sampling_params, self.generator = rid, tokens, None, None
 
 
+class CountingNgram(NgramProposer):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.num_calls = 0
+
+    def propose(self, requests, num_tokens):
+        self.num_calls += 1
+        return super().propose(requests, num_tokens)
+
+
+def decode_step(num_decodes, base_s=0.010, per_row_s=0.006, budget_s=math.inf):
+    """A decode-only step whose cost model says each draft row costs per_row_s (60% of a decode)."""
+    return DraftStep(num_decodes, 0, lambda n: base_s + per_row_s * n, budget_s)
+
+
+COPY = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4]  # ends in a 4-token match: proposes 5 6 7 8
+CHAT = [9, 2, 3, 10, 11, 12, 13, 14, 2, 3]  # ends in a 2-token match: proposes 10 11 12 13
+
+
 def test_speculator_truncates_cheap_proposals_to_the_chosen_k():
-    from rtserve.spec.proposer import NgramProposer
-    from rtserve.spec.speculator import Speculator
     spec = Speculator(NgramProposer(1, 2), max_k=4)
     reqs = [_Req("copy", [1, 2, 3, 4, 5, 1, 2]), _Req("none", [7, 8, 9])]
-    props = spec.propose(reqs, [4, 4], 2, linear(0.05, 0.0001))
+    cheap = decode_step(2, 0.05, 0.0001)
+    props = spec.propose(reqs, [4, 4], cheap)
     assert [p.token_ids for p in props] == [[3, 4, 5, 1], []]
     for _ in range(20):
         spec.observe("copy", 4, 0)  # never accepted: the chooser stops proposing for it
-    assert spec.propose(reqs, [4, 4], 2, linear(0.05, 0.0001))[0].token_ids == []
-    assert spec.propose(reqs[:1], [2], 1, linear(0.05, 0.0001))[0].token_ids in ([], [3, 4])
+    assert spec.propose(reqs, [4, 4], cheap)[0].token_ids == []
+    assert spec.propose(reqs[:1], [2], decode_step(1, 0.05, 0.0001))[0].token_ids in ([], [3, 4])
     spec.free("copy")
     assert "copy" not in spec.tracker._per_request
     fresh = Speculator(NgramProposer(1, 2), max_k=4)
-    assert fresh.propose(reqs, [2, 4], 2, linear(0.05, 0.0001))[0].token_ids == [3, 4]  # caps respected
+    assert fresh.propose(reqs, [2, 4], cheap)[0].token_ids == [3, 4]  # caps respected
+
+
+def test_no_request_can_pay_so_the_proposer_is_not_even_asked():
+    # Verify rows cost 60% of a decode; acceptance no better than the 0.5 prior cannot pay for one,
+    # so the step is planned exactly as with speculation off: no lookup, no drafts.
+    proposer = CountingNgram(2, 4)
+    spec = Speculator(proposer, max_k=4)
+    props = spec.propose([_Req("a", COPY), _Req("b", CHAT)], [4, 4], decode_step(2))
+    assert [p.token_ids for p in props] == [[], []] and proposer.num_calls == 0
+
+
+def test_copy_requests_speculate_and_chat_matches_do_not():
+    proposer = CountingNgram(2, 4)
+    spec = Speculator(proposer, max_k=4)
+    for i in range(30):  # history: 4-token matches were always right, 2-token matches never
+        spec.tracker.observe(f"old-copy{i}", 4, 4, prior_key=4)
+        spec.tracker.observe(f"old-chat{i}", 4, 0, prior_key=2)
+    props = spec.propose([_Req("copy", COPY), _Req("chat", CHAT)], [4, 4], decode_step(2, base_s=0.020))
+    assert [p.token_ids for p in props] == [[5, 6, 7, 8], []]
+    assert [p.prior_key for p in props] == [4, 2]  # the chat match was found, and not worth verifying
+    spec.observe("copy", 4, 4)  # the copy request's own record now counts too
+    assert spec.tracker.rate("copy", 4) > 0.95 and spec.tracker.rate("chat", 2) < 0.1
+
+
+def test_verification_priced_by_measured_decode_steps_of_that_many_rows():
+    # The cost model says a draft row is nearly free; measured decode-only steps say a row costs
+    # what a whole decode does (int4 GEMV at batch 1): 90% acceptance cannot pay for that.
+    spec = Speculator(NgramProposer(2, 4), max_k=4)
+    for i in range(30):
+        spec.tracker.observe(f"old{i}", 4, 4, prior_key=4)
+    free_rows = decode_step(1, per_row_s=0.0001)
+    assert spec.propose([_Req("copy", COPY)], [4], free_rows)[0].token_ids == [5, 6, 7, 8]
+    for rows in range(1, 6):
+        spec.observe_step(rows, 0, 0.010 * rows)
+    assert spec.propose([_Req("copy", COPY)], [4], free_rows)[0].token_ids == []
+    # A step that also prefills runs another path: its drafts are priced by the cost model.
+    with_prefill = DraftStep(1, 64, lambda n: 0.050 + 0.0001 * n)
+    assert spec.propose([_Req("copy", COPY)], [4], with_prefill)[0].token_ids == [5, 6, 7, 8]
+
+
+def test_real_time_budget_limits_verification():
+    spec = Speculator(NgramProposer(2, 4), max_k=4)
+    for i in range(30):
+        spec.tracker.observe(f"old{i}", 4, 4, prior_key=4)
+    cheap = dict(base_s=0.010, per_row_s=0.001)
+    assert spec.propose([_Req("c", COPY)], [4], decode_step(1, **cheap))[0].token_ids == [5, 6, 7, 8]
+    assert spec.propose([_Req("c", COPY)], [4], decode_step(1, **cheap, budget_s=0.0125))[0].token_ids == [5, 6]
+    assert spec.propose([_Req("c", COPY)], [4], decode_step(1, **cheap, budget_s=0.008))[0].token_ids == []
 
 
 def test_speculator_tells_an_expensive_proposer_k_before_it_drafts():
-    from rtserve.spec.proposer import Proposal, Proposer
-    from rtserve.spec.speculator import Speculator
-
     class Expensive(Proposer):
         is_cheap = False
         asked = None
@@ -132,43 +229,8 @@ def test_speculator_tells_an_expensive_proposer_k_before_it_drafts():
 
     proposer = Expensive()
     spec = Speculator(proposer, max_k=5)
-    spec.propose([_Req("a", [1])], [3], 1, linear(0.05, 0.0005))
+    spec.propose([_Req("a", [1])], [3], decode_step(1, 0.05, 0.0005))
     assert 1 <= proposer.asked[0] <= 3
-    spec.propose([_Req("a", [1])] * 64, [5] * 64, 64, linear(0.0, 0.01))  # compute-bound: nothing
-    assert proposer.asked == [0] * 64
-
-
-# --- StepTimeTable: measured step time by token count --------------------------------------------
-
-def test_step_time_table_prefers_measurements_and_interpolates():
-    from rtserve.spec.adaptive import StepTimeTable
-    table = StepTimeTable(decay=0.5)
-    model = linear(0.010, 0.001)  # the cost model believes tokens are cheap
-    assert table.predict(5, model) == pytest.approx(0.015)  # nothing measured: the model
-    table.observe(1, 0.020)
-    table.observe(5, 0.040)
-    assert table.predict(1, model) == pytest.approx(0.020)
-    assert table.predict(3, model) == pytest.approx(0.030)  # between measured sizes
-    assert table.predict(9, model) == pytest.approx(0.044)  # measured level + the model's slope
-    table.observe(5, 0.020)
-    assert table.predict(5, model) == pytest.approx(0.030)  # EWMA
-
-
-def test_step_time_table_forgets_stale_sizes():
-    from rtserve.spec.adaptive import StepTimeTable
-    table = StepTimeTable(max_age_steps=3)
-    table.observe(5, 1.0)
-    for _ in range(4):
-        table.observe(1, 0.01)
-    assert table.predict(5, linear(0.01, 0.001)) == pytest.approx(0.014)  # 5 is stale: re-explore
-
-
-def test_chooser_with_measured_nonlinear_step_times_stops_speculating():
-    # Verify tokens measured as expensive (each one costs a whole decode): with 50% acceptance no k
-    # pays, though the linear model alone would have said it does.
-    from rtserve.spec.adaptive import StepTimeTable
-    table, model = StepTimeTable(), linear(0.020, 0.0005)
-    assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [4]
-    for m in range(1, 6):
-        table.observe(m, 0.020 * m)
-    assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [0]
+    proposer.asked = None
+    spec.propose([_Req("a", [1])] * 64, [5] * 64, decode_step(64, 0.0, 0.01))  # compute-bound: nothing
+    assert proposer.asked is None  # not even called

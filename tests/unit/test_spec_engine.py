@@ -77,7 +77,7 @@ def test_greedy_identical_to_hf_mixed_with_plain_requests(make_spec_core, refere
     core = make_spec_core(proposer)
     for i, prompt in enumerate(PROMPTS):
         add(core, f"r{i}", prompt)
-    add(core, "plain", PROMPTS[0], logprobs=2)  # logprobs: never speculated, shares the verify batches
+    add(core, "plain", PROMPTS[0], logprobs=2)  # logprobs: speculated too, shares the verify batches
     got = run_to_completion(core)
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == reference
     assert got["plain"] == reference[0]
@@ -148,6 +148,72 @@ def test_adaptive_k_keeps_greedy_exact(make_spec_core, reference, proposer):
     got = run_to_completion(core)
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == reference
     assert_no_leaks(core)
+
+
+def run_with_logprobs(core):
+    tokens, logprobs = {}, {}
+    while core.has_unfinished:
+        for out in core.step().outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            logprobs.setdefault(out.request_id, []).extend(out.new_logprobs or [])
+    return tokens, logprobs
+
+
+def assert_same_logprobs(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a.token_id, a.top_ids) == (b.token_id, b.top_ids)
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_logprobs_with_drafts_equal_those_without(make_spec_core, tiny_weights, reference, proposer):
+    """Every emitted token, accepted draft or the target's own, carries the logprob and top-k a plain
+    decode of that position computes; a stop inside the accepted drafts cuts the logprobs too."""
+    core = make_spec_core(proposer)
+    plain = EngineCore(dataclasses.replace(core.config, speculative=SpeculativeConfig()), TINY, tiny_weights)
+    for c in (core, plain):
+        for i, prompt in enumerate(PROMPTS):
+            add(c, f"r{i}", prompt, logprobs=3)
+        add(c, "top0", PROMPTS[3], logprobs=0)
+        add(c, "eos", PROMPTS[0], logprobs=1, eos=(reference[0][2],))
+        add(c, "none", PROMPTS[1])
+    accepted = {}
+    observe = core.speculator.observe
+
+    def record(rid, num_draft, num_accepted):
+        accepted[rid] = accepted.get(rid, 0) + num_accepted
+        observe(rid, num_draft, num_accepted)
+
+    core.speculator.observe = record
+    got, got_lps = run_with_logprobs(core)
+    want, want_lps = run_with_logprobs(plain)
+    assert got == want
+    assert got["eos"] == reference[0][:3]
+    for rid in want:
+        assert_same_logprobs(got_lps[rid], want_lps[rid])
+        assert len(got_lps[rid]) == (0 if rid == "none" else len(got[rid]))
+    assert sum(n for rid, n in accepted.items() if rid != "none") > 0  # drafts emitted with logprobs
+    assert_no_leaks(core)
+
+
+def test_sampled_logprobs_with_drafts_are_the_targets(make_spec_core, tiny_hf_model):
+    """Sampled (seeded) with an always-accepted draft: each emitted token's logprobs are the target's
+    raw log-softmax at that position (before temperature), whichever row of the verify step it came from."""
+    core = make_spec_core("draft_self")
+    add(core, "s", PROMPTS[4], temperature=0.8, seed=7, logprobs=2)
+    tokens, logprobs = run_with_logprobs(core)
+    assert core.stats().spec_decode.num_accepted_tokens > 0
+    context = list(PROMPTS[4])
+    with torch.no_grad():
+        for token_id, lp in zip(tokens["s"], logprobs["s"]):
+            expected = tiny_hf_model(torch.tensor([context])).logits[0, -1].log_softmax(-1)
+            top = expected.topk(2)
+            assert lp.token_id == token_id and lp.top_ids == top.indices.tolist()
+            assert lp.logprob == pytest.approx(expected[token_id].item(), abs=1e-4)
+            assert lp.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+            context.append(token_id)
 
 
 def test_sampled_tokens_keep_the_target_distribution(make_spec_core, tiny_hf_model):
