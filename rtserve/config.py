@@ -99,9 +99,11 @@ class RTClassDefaults:
 class RTConfig:
     """Real-time scheduling: policy, per-class default budgets, admission and backpressure bounds.
 
-    `policy="fcfs"` is today's arrival-order behaviour with no admission control and no expiry (the
-    baseline to compare against); `"deadline"` orders by deadline, sizes prefill chunks to running
-    streams' ITL slack, admits firm requests only if they can make their TTFT, and drops late ones.
+    `policy="fcfs"` is arrival order with no deadline-based admission, no expiry and no ITL-based
+    limits (the vLLM-like baseline to compare against); `"deadline"` orders by deadline in tiers (on
+    time, late, batch), sizes each step and the running set to the streams' ITL budgets, admits firm
+    requests only if they can make their TTFT, and drops firm requests that become late
+    (rtserve/engine/rt_policy.py).
     """
 
     policy: str = "deadline"
@@ -109,7 +111,10 @@ class RTConfig:
     soft: RTClassDefaults = field(default_factory=RTClassDefaults)
     batch: RTClassDefaults = field(default_factory=lambda: RTClassDefaults(None, None, None))
     batch_max_wait_s: float = 30.0    # a batch request waits at most this long behind deadline work
-    min_prefill_chunk: int = 16       # prefill tokens per step even when ITL slack is exhausted
+    min_prefill_chunk: int = 8        # prefill tokens per step even when ITL slack is exhausted
+    step_slack_fraction: float = 0.8  # steps are planned to end within this share of the tightest slack
+    background_slot_share: float = 0.5  # late and batch work joins only below this share of the ITL cap
+    max_step_stretch: float = 1.5     # a step with prefill is planned at most this much longer than its decodes
     max_num_waiting: int = 256        # bounded waiting queue (requests) ...
     max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
@@ -123,6 +128,10 @@ class RTConfig:
             raise ValueError("RTConfig.policy must be 'deadline' or 'fcfs'")
         if min(self.batch_max_wait_s, self.slow_reader_timeout_s) <= 0:
             raise ValueError("RTConfig timeouts must be positive")
+        if not 0 < self.step_slack_fraction <= 1 or not 0 <= self.background_slot_share <= 1:
+            raise ValueError("RTConfig.step_slack_fraction must be in (0, 1], background_slot_share in [0, 1]")
+        if not self.max_step_stretch >= 1:
+            raise ValueError("RTConfig.max_step_stretch must be >= 1")
         if min(self.min_prefill_chunk, self.max_num_waiting, self.max_waiting_tokens,
                self.max_buffered_outputs, self.cost_min_samples, self.cost_window) <= 0:
             raise ValueError("RTConfig counts must be positive")

@@ -151,7 +151,11 @@ class EngineStats:
 class QueueSnapshot:
     """The scheduler's queue and cost model after a step: enough to predict a new request's TTFT.
 
-    `waiting` holds `(order_key, num_prefill_tokens)` per waiting request in the policy's order.
+    `waiting` holds `(order_key, num_prefill_tokens)` per waiting request in the policy's order, and
+    `running_prefills` the same for running requests with prompt tokens left; an order key is the
+    policy's `(tier, time)` (rtserve/engine/rt_params.py). `num_free_slots` is how many more
+    sequences may join the running set now: below `max_num_seqs`, and under the deadline policy also
+    below its ITL-based cap for a firm request (negative: that many must finish first).
     `num_requests_added` counts every EngineCoreRequest the core has received, so the client knows
     which of the requests it sent are not yet reflected here.
     """
@@ -159,13 +163,14 @@ class QueueSnapshot:
     timestamp: float
     policy: str
     num_requests_added: int
-    waiting: list[tuple[float, int]] = field(default_factory=list)
+    waiting: list[tuple[tuple[int, float], int]] = field(default_factory=list)
     num_running: int = 0
     num_decodes: int = 0
-    num_running_prefill_tokens: int = 0
+    running_prefills: list[tuple[tuple[int, float], int]] = field(default_factory=list)
     num_context_tokens: int = 0
     running_remaining_tokens: list[int] = field(default_factory=list)  # ascending, max_tokens bound
-    max_num_seqs: int = 1
+    num_free_slots: int = 0
+    step_s: float = 0.0  # predicted duration of the step that starts as this snapshot is sent
     prefill_token_budget: int = 1
     cost_coeffs: tuple[float, ...] = ()
     cost_calibrated: bool = False

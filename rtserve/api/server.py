@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="always verify k drafts instead of choosing k from acceptance and load")
     rt = p.add_argument_group("real-time scheduling (rtserve/engine/rt_policy.py)")
     rt.add_argument("--policy", choices=("deadline", "fcfs"), default=None,
-                    help="deadline: EDF, ITL-sized prefill chunks, firm admission and expiry (default); "
+                    help="deadline: tiered EDF, ITL-sized steps and running set, firm admission and drops "
+                         "(default); "
                          "fcfs: arrival order, no admission or expiry (baseline)")
     for cls, (ttft, itl) in (("firm", (500, 50)), ("soft", (500, 50))):
         rt.add_argument(f"--rt-{cls}-ttft-ms", type=float, default=None, help=f"default {cls} TTFT budget ({ttft})")
@@ -63,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--slow-reader-timeout-s", type=float, default=None,
                     help="a paused (unread) stream is aborted after this long (30)")
     rt.add_argument("--min-prefill-chunk", type=int, default=None,
-                    help="prefill tokens per step even when streams have no ITL slack left (16)")
+                    help="prefill tokens per step even when streams have no ITL slack left (8)")
+    rt.add_argument("--rt-step-slack-fraction", type=float, default=None,
+                    help="plan each step to end within this share of the tightest ITL slack, at most; less "
+                         "when measured steps overrun their prediction (0.8)")
+    rt.add_argument("--rt-max-step-stretch", type=float, default=None,
+                    help="a step with prefill is planned at most this many times its decodes' time (1.5)")
+    rt.add_argument("--rt-background-slot-share", type=float, default=None,
+                    help="late and batch work joins the running set only below this share of its ITL cap (0.5)")
     rt.add_argument("--rt-cost-min-samples", type=int, default=None,
                     help="measured steps before the step-time model is trusted (8)")
     lim = p.add_argument_group("request limits")
@@ -129,7 +137,9 @@ def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
                           batch_max_wait_s=args.rt_batch_max_wait_s, max_num_waiting=args.max_num_waiting,
                           max_waiting_tokens=args.max_waiting_tokens, max_buffered_outputs=args.max_buffered_outputs,
                           slow_reader_timeout_s=args.slow_reader_timeout_s, min_prefill_chunk=args.min_prefill_chunk,
-                          cost_min_samples=args.rt_cost_min_samples)
+                          cost_min_samples=args.rt_cost_min_samples, step_slack_fraction=args.rt_step_slack_fraction,
+                          max_step_stretch=args.rt_max_step_stretch,
+                          background_slot_share=args.rt_background_slot_share)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

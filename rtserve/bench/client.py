@@ -26,6 +26,8 @@ class RequestStatus:
     OK = "ok"
     REJECTED = "rejected"  # HTTP 429/503/529 before the stream started
     ERROR = "error"  # any other HTTP status, transport failure or a mid-stream error
+    DROPPED = "dropped"  # stopped by the server for a deadline: finish_reason "deadline", or a 504
+    #                      deadline_exceeded before the first token (rtserve's firm class)
     CANCELLED = "cancelled"  # still in flight when --duration-s ran out
 
 
@@ -54,6 +56,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     server_rt: dict | None = None
+    finish_reason: str | None = None
 
     @classmethod
     def for_spec(cls, spec: RequestSpec, arrival_s: float) -> RequestRecord:
@@ -180,6 +183,8 @@ async def send_request(http: httpx.AsyncClient, target: Target, body: dict,
 async def _record_http_failure(resp: httpx.Response, record: RequestRecord) -> None:
     body = (await resp.aread())[:300].decode("utf-8", errors="replace")
     record.status = RequestStatus.REJECTED if resp.status_code in REJECT_STATUSES else RequestStatus.ERROR
+    if resp.status_code == 504 and "deadline_exceeded" in body:
+        record.status = RequestStatus.DROPPED
     record.retry_after_s = parse_retry_after_s(resp.headers)
     record.error = f"HTTP {resp.status_code}: {body}"
 
@@ -187,6 +192,8 @@ async def _record_http_failure(resp: httpx.Response, record: RequestRecord) -> N
 def _finish(record: RequestRecord, state: StreamState, sent_at: float, ended_at: float) -> None:
     if state.error:
         record.status, record.error = RequestStatus.ERROR, state.error
+    elif state.finish_reason == "deadline":  # a partial answer, cut off by the server: not a completion
+        record.status, record.error = RequestStatus.DROPPED, "stopped by the server for a deadline"
     elif not state.chunk_times_s:
         record.status, record.error = RequestStatus.ERROR, "stream ended without a token chunk"
     else:
@@ -205,3 +212,4 @@ def _fill_timings(record: RequestRecord, state: StreamState, sent_at: float, end
     record.prompt_tokens = state.prompt_tokens
     record.cached_tokens = state.cached_tokens
     record.server_rt = state.server_rt
+    record.finish_reason = state.finish_reason

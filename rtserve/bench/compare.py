@@ -7,7 +7,7 @@ from rtserve.bench.report import fmt_rate
 _ROWS: tuple[tuple[str, tuple[str, ...], float], ...] = (
     ("requests", ("num_requests",), 1), ("completed", ("num_completed",), 1),
     ("rejected", ("num_rejected",), 1), ("errors", ("num_errors",), 1),
-    ("cancelled", ("num_cancelled",), 1),
+    ("cancelled", ("num_cancelled",), 1), ("dropped", ("num_dropped",), 1),
     ("req/s", ("request_throughput_per_s",), 1),
     ("output tok/s", ("output_throughput_tok_per_s",), 1),
     ("total tok/s", ("total_throughput_tok_per_s",), 1),
@@ -51,6 +51,10 @@ def _rows(metrics_a: dict, metrics_b: dict) -> list[tuple[str, float | None, flo
         rows.append((label, None if a is None else a * scale, None if b is None else b * scale))
     classes = [c for c in metrics_a.get("per_class", {}) if c in metrics_b.get("per_class", {})]
     for c in classes:
+        for label, key in (("late", "num_late"), ("rejected", "num_rejected"), ("dropped", "num_dropped")):
+            a, b = _get(metrics_a["per_class"][c], (key,)), _get(metrics_b["per_class"][c], (key,))
+            if a is not None or b is not None:
+                rows.append((f"{c} {label}", a, b))
         for kind in ("slo", "budget"):
             a = _get(metrics_a["per_class"][c], (kind, "attainment"))
             b = _get(metrics_b["per_class"][c], (kind, "attainment"))

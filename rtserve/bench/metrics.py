@@ -5,7 +5,9 @@
   consecutive chunks, pooled over all completed requests (one gap may cover several tokens).
 - Throughputs divide completed work by the phase duration.
 - Goodput: completed requests meeting every given limit, per second. Attainment: that count over
-  *all* requests issued, so rejected, failed and cancelled requests count as misses.
+  *all* requests issued, so rejected, failed, cancelled and dropped requests (stopped by the server
+  for a deadline: a partial answer is not a completion) count as misses.
+- Late (per class): completed requests that missed their own rt budget, i.e. served late.
 Latencies leave here in milliseconds (the report edge); records stay in seconds.
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ class ClassMetrics:
     num_rejected: int
     num_errors: int
     num_cancelled: int
+    num_dropped: int
+    num_late: int  # completed, but past their own rt budget: served late
     ttft: Distribution
     tpot: Distribution
     itl: Distribution
@@ -72,6 +76,7 @@ class PhaseMetrics:
     num_rejected: int
     num_errors: int
     num_cancelled: int
+    num_dropped: int
     total_input_tokens: int
     total_output_tokens: int
     request_throughput_per_s: float
@@ -175,7 +180,8 @@ def compute_phase_metrics(records: Sequence[RequestRecord], duration_s: float, r
 def class_metrics(rt_class: str, records: Sequence[RequestRecord], duration_s: float,
                   slo_limits: SloLimits | None) -> ClassMetrics:
     done = [r for r in records if r.is_ok]
-    return ClassMetrics(rt_class, **_counts(records), **_latencies(done),
+    num_late = sum(1 for r in done if (b := budget_limits(r)) is not None and not meets_limits(r, b))
+    return ClassMetrics(rt_class, **_counts(records), num_late=num_late, **_latencies(done),
                         slo=attainment(records, slo_limits, duration_s),
                         budget=budget_attainment(records, duration_s))
 
@@ -194,7 +200,8 @@ def _counts(records: Sequence[RequestRecord]) -> dict[str, int]:
     return {"num_requests": len(records), "num_completed": statuses.count(RequestStatus.OK),
             "num_rejected": statuses.count(RequestStatus.REJECTED),
             "num_errors": statuses.count(RequestStatus.ERROR),
-            "num_cancelled": statuses.count(RequestStatus.CANCELLED)}
+            "num_cancelled": statuses.count(RequestStatus.CANCELLED),
+            "num_dropped": statuses.count(RequestStatus.DROPPED)}
 
 
 def _class_order(rt_class: str) -> tuple[int, str]:

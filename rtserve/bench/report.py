@@ -25,7 +25,8 @@ def format_phase(m: PhaseMetrics, limits_text: str) -> str:
     lines = [
         f"=== rate {fmt_rate(m.rate_per_s)}/s: {m.num_requests} requests in {m.duration_s:.2f} s ===",
         f"completed {m.num_completed}  rejected {m.num_rejected} (429/503/529)  errors {m.num_errors}"
-        f"  cancelled {m.num_cancelled}  peak concurrency {m.peak_concurrency}",
+        f"  cancelled {m.num_cancelled}  dropped {m.num_dropped} (deadline)"
+        f"  peak concurrency {m.peak_concurrency}",
         f"throughput {m.request_throughput_per_s:.2f} req/s  {m.output_throughput_tok_per_s:.1f} "
         f"output tok/s  {m.total_throughput_tok_per_s:.1f} total tok/s "
         f"({m.total_input_tokens} in / {m.total_output_tokens} out tokens)",
@@ -38,13 +39,13 @@ def format_phase(m: PhaseMetrics, limits_text: str) -> str:
     if m.slo is not None:
         lines.append(f"goodput ({limits_text}): {_attained(m.slo)}, {m.slo.goodput_req_per_s:.2f} req/s")
     if m.per_class:
-        lines.append(f"{'class':<8}{'sent':>6}{'done':>6}{'rej':>5}{'err':>5}{'canc':>6}"
-                     f"{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'ITL p99':>9}"
+        lines.append(f"{'class':<8}{'sent':>6}{'done':>6}{'late':>6}{'rej':>5}{'drop':>6}{'err':>5}"
+                     f"{'canc':>6}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'ITL p99':>9}"
                      f"{'SLO %':>8}{'budget %':>10}")
         for c in m.per_class.values():
-            lines.append(f"{c.rt_class:<8}{c.num_requests:>6}{c.num_completed:>6}{c.num_rejected:>5}"
-                         f"{c.num_errors:>5}{c.num_cancelled:>6}{c.ttft.p50_ms:>10.1f}"
-                         f"{c.ttft.p99_ms:>10.1f}{c.tpot.p50_ms:>10.1f}{c.itl.p99_ms:>9.1f}"
+            lines.append(f"{c.rt_class:<8}{c.num_requests:>6}{c.num_completed:>6}{c.num_late:>6}"
+                         f"{c.num_rejected:>5}{c.num_dropped:>6}{c.num_errors:>5}{c.num_cancelled:>6}"
+                         f"{c.ttft.p50_ms:>10.1f}{c.ttft.p99_ms:>10.1f}{c.tpot.p50_ms:>10.1f}{c.itl.p99_ms:>9.1f}"
                          f"{_pct(c.slo):>8}{_pct(c.budget):>10}")
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ class StreamState:
     """What one stream has produced so far; `on_payload` is the only per-chunk work."""
 
     __slots__ = ("chunk_times_s", "num_content_chunks", "completion_tokens", "prompt_tokens",
-                 "cached_tokens", "server_rt", "error", "done")
+                 "cached_tokens", "server_rt", "finish_reason", "error", "done")
 
     def __init__(self) -> None:
         self.chunk_times_s: list[float] = []  # perf_counter() of each chunk with non-empty choices
@@ -47,6 +47,7 @@ class StreamState:
         self.prompt_tokens: int | None = None
         self.cached_tokens: int | None = None
         self.server_rt: dict | None = None
+        self.finish_reason: str | None = None  # of the first choice, once given
         self.error: str | None = None
         self.done = False
 
@@ -73,6 +74,8 @@ class StreamState:
             delta = choice.get("delta")
             if (delta.get("content") if delta else choice.get("text")):
                 self.num_content_chunks += 1
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
         usage = obj.get("usage")
         if usage:
             self._on_usage(usage)

@@ -310,7 +310,7 @@ class AsyncLLM:
         now = time.monotonic()
         tracker.on_tokens(len(delta.token_ids), now)
         if delta.finished:
-            delta.rt = tracker.finish(now, delta.finish_reason, num_preemptions)
+            delta.rt = tracker.finish(now, delta.finish_reason, num_preemptions, delta.error)
             if self.rt_listener is not None:
                 self.rt_listener.on_finished(delta.rt, now)
 

@@ -2,8 +2,9 @@
 
 Times are taken when a delta reaches the client (API process), the nearest point to what the user sees.
 A budget is missed when: ttft — the first token came later than `ttft_s` after arrival (or never came
-because the request was dropped for it); itl — some gap between consecutive tokens exceeded `itl_s`;
-deadline — the last token came later than `deadline_s` after arrival (or the request was stopped for it).
+because the request was dropped for it); itl — some gap between consecutive tokens exceeded `itl_s` (or
+the request was stopped because its next token could not come in time); deadline — the last token came
+later than `deadline_s` after arrival (or the request was stopped for it).
 """
 from __future__ import annotations
 
@@ -81,7 +82,9 @@ class RTTracker:
         self.last_token_s = now_s
         self.num_tokens += num_tokens
 
-    def finish(self, now_s: float, finish_reason: str | None, num_preemptions: int = 0) -> RTReport:
+    def finish(self, now_s: float, finish_reason: str | None, num_preemptions: int = 0,
+               error: str | None = None) -> RTReport:
+        """`error`: the engine's reason when it dropped the request (tells an ITL drop from a deadline_ms one)."""
         rt, gaps = self.rt, sorted(self.gaps_s)
         ttft = None if self.first_token_s is None else self.first_token_s - self.arrival_s
         end = self.last_token_s if self.last_token_s is not None else now_s
@@ -93,8 +96,12 @@ class RTTracker:
         report.num_itl_misses = 0 if rt.itl_s is None else sum(1 for g in gaps if g > rt.itl_s)
         if rt.ttft_s is not None and (ttft is None and report.dropped or ttft is not None and ttft > rt.ttft_s):
             report.missed.append("ttft")
-        if report.num_itl_misses:
+        stopped_for = None  # which budget a mid-stream drop was for: its next token could not be on time
+        if report.dropped and ttft is not None:
+            by_itl = rt.deadline_s is None or (error is not None and "itl budget" in error)
+            stopped_for = "itl" if by_itl else "deadline"
+        if report.num_itl_misses or stopped_for == "itl":
             report.missed.append("itl")
-        if rt.deadline_s is not None and (report.e2e_s > rt.deadline_s or report.dropped and ttft is not None):
+        if rt.deadline_s is not None and (report.e2e_s > rt.deadline_s or stopped_for == "deadline"):
             report.missed.append("deadline")
         return report

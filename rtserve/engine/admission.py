@@ -4,8 +4,9 @@ The decision is made in the engine client (API process) from the engine's latest
 plus the requests it sent that the snapshot does not reflect yet, so it costs microseconds and never
 waits for the engine's current step (a decision inside the engine core would wait up to one step).
 
-Predicted TTFT of a new request = time already spent since arrival
-    + max(compute: every prefill token ahead of it in the policy's order, its own prompt included,
+Predicted TTFT of a new request = time already spent since arrival + the rest of the step in flight
+    + max(compute: every prefill token ahead of it in the policy's order (running or waiting), its own
+               prompt included,
                at the prefill token budget per step, each step costed by the step-time model,
           slot:    time until enough running sequences finish to give it a sequence slot).
 A firm request whose predicted TTFT exceeds its budget is refused before any byte is sent; its
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from rtserve.config import RTConfig
 from rtserve.engine.cost_model import StepCostModel, StepFeatures
+from rtserve.engine.rt_params import BACKGROUND, ON_TIME, OrderKey
 from rtserve.protocol import QueueSnapshot, RTClass, RTParams
 
 MIN_RETRY_AFTER_S = 0.05
@@ -30,7 +32,7 @@ class PendingRequest:
     """A request sent to the engine core after the latest snapshot was taken (`seq` = its send count)."""
 
     seq: int
-    order_key: float
+    order_key: OrderKey
     num_prefill_tokens: int
 
 
@@ -43,35 +45,43 @@ class AdmissionDecision:
     message: str = ""
 
 
-def order_key(policy: str, rt: RTParams, arrival_s: float, config: RTConfig) -> float:
-    """The new request's place in the waiting order (same key as the policy in the engine core)."""
+def order_key(policy: str, rt: RTParams, arrival_s: float, config: RTConfig) -> OrderKey:
+    """A new request's place in the waiting order (the policy's key in the engine core, at arrival)."""
     if policy == "fcfs":
-        return arrival_s
-    return arrival_s + (rt.ttft_s if rt.ttft_s is not None else config.batch_max_wait_s)
+        return ON_TIME, arrival_s
+    if rt.ttft_s is None:
+        return BACKGROUND, arrival_s
+    return ON_TIME, arrival_s + rt.ttft_s
 
 
-def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: float,
-                   num_prompt_tokens: int, elapsed_s: float = 0.0) -> float:
-    """Predicted time from now to the first token of a request with this order key and prompt."""
+def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: OrderKey,
+                   num_prompt_tokens: int, elapsed_s: float = 0.0, now: float | None = None) -> float:
+    """Predicted time from now to the first token of a request with this order key and prompt.
+
+    With `now`, the part of the step in flight since the snapshot (`step_s` long) still to run counts.
+    """
+    in_flight_s = 0.0 if now is None else max(snap.step_s - (now - snap.timestamp), 0.0)
     model = StepCostModel.from_coeffs(snap.cost_coeffs, snap.cost_calibrated)
     ahead = [n for k, n in snap.waiting if k <= key] + [p.num_prefill_tokens for p in pending if p.order_key <= key]
-    num_tokens = snap.num_running_prefill_tokens + sum(ahead) + num_prompt_tokens
+    running_ahead = sum(n for k, n in snap.running_prefills if k <= key)
+    num_tokens = running_ahead + sum(ahead) + num_prompt_tokens
     per_step = max(snap.prefill_token_budget, 1)
     num_steps = math.ceil(num_tokens / per_step)
     step_s = model.predict_s(StepFeatures(snap.num_decodes, min(per_step, num_tokens), snap.num_context_tokens))
     compute_s = num_steps * step_s
-    num_short = len(ahead) + 1 - (snap.max_num_seqs - snap.num_running)
+    num_short = len(ahead) + 1 - snap.num_free_slots
     slot_s = 0.0
     if num_short > 0:
         decode_s = model.predict_s(StepFeatures(max(snap.num_decodes, 1), 0, snap.num_context_tokens))
         remaining = snap.running_remaining_tokens
         num_steps_to_slot = remaining[min(num_short, len(remaining)) - 1] if remaining else 0
         slot_s = num_steps_to_slot * decode_s
-    return elapsed_s + max(compute_s, slot_s)
+    # The model predicts a typical step; its mean relative error, twice, pads the whole wait.
+    return elapsed_s + (in_flight_s + max(compute_s, slot_s)) * (1.0 + 2.0 * snap.cost_mean_rel_error)
 
 
 def _queue_drain_s(snap: QueueSnapshot, pending: list[PendingRequest]) -> float:
-    return predict_ttft_s(snap, pending, math.inf, 0)
+    return predict_ttft_s(snap, pending, (math.inf, math.inf), 0)
 
 
 def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRequest], rt: RTParams,
@@ -89,7 +99,7 @@ def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRe
     if snap.policy != "deadline" or rt.rt_class != RTClass.FIRM or not snap.cost_calibrated:
         return AdmissionDecision(True)
     key = order_key(snap.policy, rt, arrival_s, config)
-    predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0))
+    predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0), now)
     for budget, name in ((rt.ttft_s, "ttft"), (rt.deadline_s, "deadline")):
         if budget is not None and predicted > budget:
             retry = _clamp(predicted - budget)

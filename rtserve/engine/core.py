@@ -12,6 +12,7 @@ import torch
 
 from rtserve.config import EngineConfig, ModelConfig
 from rtserve.engine.cost_model import StepCostModel
+from rtserve.engine.queue_snapshot import build_queue_snapshot
 from rtserve.engine.request import Request
 from rtserve.engine.rt_policy import make_policy, resolve_rt
 from rtserve.engine.scheduler import Scheduler
@@ -144,26 +145,5 @@ class EngineCore:
 
     def queue_snapshot(self) -> QueueSnapshot:
         """What admission control in the engine client needs to predict a new request's TTFT."""
-        sched, now = self.scheduler, time.monotonic()
-        running = [r for r in sched.running if not r.is_paused]
-        num_decodes = sum(1 for r in running if r.num_remaining_prefill_tokens == 0)
-        budget = self.config.scheduler.max_num_batched_tokens
-        model = self.cost_model
-        return QueueSnapshot(
-            timestamp=now, policy=self.policy.name, num_requests_added=self.num_requests_added,
-            waiting=[(self.policy.order_key(r), r.num_remaining_prefill_tokens + 1) for r in sched.waiting],
-            num_running=len(sched.running), num_decodes=num_decodes,
-            num_running_prefill_tokens=sum(r.num_remaining_prefill_tokens for r in running),
-            num_context_tokens=sum(r.num_computed_tokens for r in running),
-            running_remaining_tokens=sorted(self._remaining_tokens(r) for r in sched.running),
-            max_num_seqs=self.config.scheduler.max_num_seqs,
-            prefill_token_budget=max(self.policy.prefill_token_budget(running, now, budget - num_decodes,
-                                                                      sched.waiting), 1),
-            cost_coeffs=model.coeffs, cost_calibrated=model.is_calibrated,
-            cost_mean_abs_error_s=model.mean_abs_error_s, cost_mean_rel_error=model.mean_rel_error)
-
-    def _remaining_tokens(self, req: Request) -> int:
-        limit = self.max_model_len - req.num_prompt_tokens
-        if req.sampling_params.max_tokens is not None:
-            limit = min(limit, req.sampling_params.max_tokens)
-        return max(limit - req.num_output_tokens, 0)
+        return build_queue_snapshot(self.scheduler, self.cost_model, self.num_requests_added,
+                                    self.max_model_len, time.monotonic())

@@ -8,7 +8,12 @@ steps it is refitted by least squares over the last `window` steps (the window i
 with every coefficient kept non-negative (an active-set refit), a light ridge pull toward the prior
 (a feature no recent step exercised keeps its prior cost), and one trimmed refit that drops stalls
 (a step preempted by another process or a GC pause), so it predicts a typical step, not a mean
-inflated by rare multi-second outliers.
+inflated by rare multi-second outliers. How far real steps overrun that typical prediction is kept
+apart: `overrun_ratio` is the measured / predicted ratio a step exceeds about once in 10^5 steps,
+extrapolated from the window's median and 99th percentile of log ratios as if they were normal (256
+steps cannot show a 10^-5 tail); until 32 steps are measured it is a cautious 1.5. A deadline plan
+leaves that margin (rtserve/engine/rt_policy.py): a firm stream lives for hundreds of steps, and one
+overrun step drops it.
 
 Why not recursive least squares: with the non-negativity projection and a forgetting factor, RLS
 diverged on a contended CPU (coefficients of 1e14 after a few hundred noisy steps); a windowed refit
@@ -27,6 +32,9 @@ NUM_FEATURES = 4
 DEFAULT_PRIOR = (0.005, 0.0005, 0.0001, 0.0)
 _ERR_ALPHA = 0.05    # EWMA weight of the newest prediction error
 _RIDGE = 1e-4        # pull toward the prior, relative to each feature's own energy in the window
+_TAIL_STRETCH = 4.265 / 2.326  # normal quantiles: z(1 - 1e-5) / z(0.99)
+_OVERRUN_MIN_SAMPLES = 32
+_OVERRUN_PRIOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class StepCostModel:
         self.num_samples = 0
         self.mean_abs_error_s = 0.0
         self.mean_rel_error = 0.0
+        self.overrun_ratio = _OVERRUN_PRIOR  # measured / predicted step time exceeded once in ~10^5 steps
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
 
@@ -89,6 +98,7 @@ class StepCostModel:
         self.num_samples += 1
         if self.num_samples % self.refit_every == 0 or self.num_samples == self.min_samples:
             self.theta = self._fit()
+            self.overrun_ratio = self._overrun_ratio()
 
     def _fit(self) -> list[float]:
         """Fit, then refit without outliers (stalls: residual above 3 median absolute residuals)."""
@@ -101,6 +111,15 @@ class StepCostModel:
             if keep.sum() >= NUM_FEATURES * 2 and not keep.all():
                 theta = self._solve(x[keep], y[keep])
         return theta.tolist()
+
+    def _overrun_ratio(self) -> float:
+        if len(self._ys) < _OVERRUN_MIN_SAMPLES:
+            return _OVERRUN_PRIOR
+        x = np.array(self._xs, dtype=np.float64)  # [n, NUM_FEATURES]
+        y = np.array(self._ys, dtype=np.float64)  # [n]
+        log_ratio = np.log(np.maximum(y, 1e-9) / np.maximum(x @ np.array(self.theta), 1e-9))
+        median, p99 = np.quantile(log_ratio, [0.5, 0.99])
+        return max(float(np.exp(median + _TAIL_STRETCH * (p99 - median))), 1.0)
 
     def _solve(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Ridge least squares toward the prior; coefficients that come out negative are fixed at 0."""
@@ -131,3 +150,17 @@ class StepCostModel:
         if per_token <= 0:
             return 1 << 30
         return int(math.floor((time_budget_s - base) / per_token))
+
+    def max_decodes(self, time_budget_s: float, num_prefill_tokens: int, num_context_tokens: int) -> int | None:
+        """Most decodes a step with this prefill can hold and still be predicted within budget.
+
+        Returns 0 when even the prefill alone is predicted over budget; None (no bound) when decodes
+        are (so far) predicted to cost nothing.
+        """
+        base = self.predict_s(StepFeatures(0, num_prefill_tokens, num_context_tokens))
+        per_decode = self.theta[1]
+        if time_budget_s <= base:
+            return 0
+        if per_decode <= 0:
+            return None
+        return int(math.floor((time_budget_s - base) / per_decode))

@@ -11,6 +11,10 @@ from rtserve.config import RTConfig
 from rtserve.engine.validation import InvalidRequest
 from rtserve.protocol import RTClass, RTParams
 
+# Where a request stands in the deadline policy's order: `(tier, time)`, smaller first (rt_policy.py).
+OrderKey = tuple[int, float]
+STARVING, ON_TIME, LATE, BACKGROUND = -1, 0, 1, 2
+
 HARD_CLASS_MESSAGE = (
     "rt class 'hard' is not supported: a Linux process with a garbage collector cannot guarantee hard "
     "deadlines. Use 'firm' (refused at once if it cannot make its deadline, dropped if it becomes late, "

@@ -1,21 +1,34 @@
-"""Real-time scheduling policy: what runs next, how many prefill tokens fit, who is preempted, who expired.
+"""Real-time scheduling policy: what runs next, how much fits a step, who makes room, who is dropped.
 
-The scheduler owns the mechanics (token budget, KV allocation, preemption by recompute); it asks a
-policy object four questions each step. Two implementations, chosen by `RTConfig.policy`:
+The scheduler owns the mechanics (token budget, KV allocation, preemption by recompute); each step it
+asks a policy object to order the queues, size the prefill budget, admit, pick victims and name late
+requests. Two implementations, chosen by `RTConfig.policy`:
 
-- `FCFSPolicy` ("fcfs"): arrival order, full prefill budget, the last admitted request is preempted,
-  nothing expires. Today's behaviour, kept as the baseline to compare against.
-- `DeadlinePolicy` ("deadline"): earliest deadline first (EDF) over each request's next due time
-  (TTFT deadline before its first token, last token + ITL budget after it); each step's prefill
-  tokens are capped so the cost model predicts the step to end before the tightest next-token
-  deadline of the running streams (decodes never stall behind a long prompt); batch requests carry
-  a virtual deadline `arrival + batch_max_wait_s`, so they fill leftover capacity but never starve;
-  the victim of a preemption is the request with most slack, batch first.
+- `FCFSPolicy` ("fcfs"): arrival order, full prefill budget, admission limited only by sequence slots
+  and KV blocks, the last admitted request is preempted, nothing expires (vLLM's behaviour: the
+  baseline to compare against).
+- `DeadlinePolicy` ("deadline"), built for overload, where plain EDF fails: every queued request is
+  late, and serving the most overdue first makes every newer one late too (the domino effect). So work
+  is ordered in tiers, EDF inside each (`order_key` = (tier, time)):
 
-Request classes: `firm` is refused at admission if its TTFT cannot be met (rtserve/engine/admission.py)
-and dropped (FinishReason.DEADLINE) once its TTFT deadline passes before its first token, or its
-whole-response deadline passes while streaming; `soft` is best effort, misses are counted;
-`batch` has no deadline. `hard` is refused: see HARD_CLASS_MESSAGE.
+      starving batch  <  on time  <  late  <  background
+
+  *on time*: firm or soft work whose next deadline (TTFT, then last token + ITL) is still ahead;
+  *late*: soft work already past it (it has missed; it runs in capacity on-time work leaves);
+  *background*: batch, by arrival; *starving batch*: the oldest batch request that has waited past
+  `batch_max_wait_s` and still needs prefill: first in line for slots and blocks, but limited to
+  `min_prefill_chunk` prefill tokens a step, so batch never starves yet cannot stall the streams.
+  A waiting request ranked before a running prefill takes the prefill budget first (`runs_first`).
+  Each step is planned with the cost model to end within a fraction (`plan_fraction`, which leaves
+  room for the model's measured overruns) of the tightest running stream's ITL slack, and to last at
+  most `max_step_stretch` times its decodes alone (an even cadence). A request joins the running set
+  only while a step with one more decode still fits the ITL budget (`can_admit`): more streams than
+  that would make every stream late; late and batch work only below `background_slot_share` of that.
+  A waiting on-time firm request that finds no slot or blocks may preempt batch work, then soft work
+  with the most slack (`victims_for`); firm streams are never preempted for it.
+
+Firm requests are refused at admission when their TTFT cannot be met (rtserve/engine/admission.py)
+and dropped once their next token can no longer be on time (rtserve/engine/firm_deadlines.py).
 """
 from __future__ import annotations
 
@@ -23,10 +36,13 @@ from collections import deque
 from collections.abc import Iterable
 
 from rtserve.config import RTConfig
+from rtserve.engine import firm_deadlines
 from rtserve.engine.cost_model import StepCostModel, StepFeatures
 from rtserve.engine.request import Request
 from rtserve.engine.rt_params import HARD_CLASS_MESSAGE, resolve_rt  # noqa: F401 - re-exported
+from rtserve.engine.rt_params import BACKGROUND, LATE, ON_TIME, STARVING, OrderKey
 from rtserve.protocol import RTClass
+
 
 class FCFSPolicy:
     """Arrival order; the scheduler's behaviour before real-time policy existed."""
@@ -34,14 +50,11 @@ class FCFSPolicy:
     name = "fcfs"
     enforces_deadlines = False  # no admission control, no expiry
 
-    def order_key(self, req: Request) -> float:
-        return req.arrival_time
+    def order_key(self, req: Request, now: float) -> OrderKey:
+        return ON_TIME, req.arrival_time
 
-    def order_waiting(self, waiting: deque[Request], now: float) -> None:
+    def order(self, running: list[Request], waiting: deque[Request], now: float) -> None:
         """Preempted requests were put back at the front; the rest stay in arrival order."""
-
-    def order_running(self, running: list[Request], now: float) -> None:
-        pass
 
     def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
                              waiting: Iterable[Request] = ()) -> int:
@@ -50,8 +63,23 @@ class FCFSPolicy:
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
         return None
 
+    def max_chunk_tokens(self, req: Request, now: float) -> int | None:
+        return None
+
+    def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
+        return False  # running requests keep the prefill budget they had
+
+    def can_admit(self, req: Request, running: list[Request], now: float) -> bool:
+        return True
+
+    def max_num_running(self, running: list[Request], req: Request | None = None) -> int | None:
+        return None
+
     def pick_victim(self, candidates: list[Request], now: float) -> Request:
         return candidates[-1]  # the most recently admitted
+
+    def victims_for(self, req: Request, running: list[Request], now: float) -> list[Request]:
+        return []
 
     def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
         return []
@@ -61,7 +89,7 @@ class FCFSPolicy:
 
 
 class DeadlinePolicy:
-    """Earliest deadline first, ITL-slack-sized prefill chunks, most-slack preemption, firm expiry."""
+    """Tiered EDF, ITL-sized steps and admission, firm-first room making, firm drops (module doc)."""
 
     name = "deadline"
     enforces_deadlines = True
@@ -69,101 +97,165 @@ class DeadlinePolicy:
     def __init__(self, config: RTConfig, cost_model: StepCostModel) -> None:
         self.config = config
         self.cost_model = cost_model
+        self._starving_id: str | None = None  # refreshed by `order` each step
 
-    def order_key(self, req: Request) -> float:
-        """When this request next needs service; batch work gets a virtual, distant deadline."""
+    def order_key(self, req: Request, now: float) -> OrderKey:
+        if req.request_id == self._starving_id:
+            return STARVING, req.arrival_time
         due = req.next_token_deadline
-        if due is not None:
-            return due
-        return req.arrival_time + self.config.batch_max_wait_s
+        if due is None:
+            return BACKGROUND, req.arrival_time
+        return (ON_TIME if due >= now else LATE), due
 
-    def order_waiting(self, waiting: deque[Request], now: float) -> None:
-        ordered = sorted(waiting, key=lambda r: (self.order_key(r), r.arrival_time))
+    def order(self, running: list[Request], waiting: deque[Request], now: float) -> None:
+        """Running: decodes first (stall-free), then prefills by key. Waiting: by key."""
+        self._starving_id = self._oldest_starving_batch((*running, *waiting), now)
+        running.sort(key=lambda r: (r.num_remaining_prefill_tokens > 0, self.order_key(r, now),
+                                    r.arrival_time))
+        ordered = sorted(waiting, key=lambda r: (self.order_key(r, now), r.arrival_time))
         waiting.clear()
         waiting.extend(ordered)
 
-    def order_running(self, running: list[Request], now: float) -> None:
-        """Decodes first (stall-free), each group by deadline; the tail holds the preemption candidates."""
-        running.sort(key=lambda r: (r.num_remaining_prefill_tokens > 0, self.order_key(r), r.arrival_time))
+    def _oldest_starving_batch(self, requests: Iterable[Request], now: float) -> str | None:
+        starving = [r for r in requests if r.rt.rt_class == RTClass.BATCH and not r.is_paused
+                    and r.num_remaining_prefill_tokens > 0 and now - r.arrival_time >= self.config.batch_max_wait_s]
+        return min(starving, key=lambda r: r.arrival_time).request_id if starving else None
+
+    def is_starving(self, req: Request) -> bool:
+        return req.request_id == self._starving_id
+
+    def plan_fraction(self) -> float:
+        """The share of a slack a step is planned to fill: the rest absorbs the cost model's overruns."""
+        return min(self.config.step_slack_fraction, 1.0 / self.cost_model.overrun_ratio)
 
     def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
                              waiting: Iterable[Request] = ()) -> int:
-        """Prefill tokens that keep the step's predicted time within the tightest ITL slack.
+        """Prefill tokens that keep the step's predicted time within the tightest stream's slack.
 
-        EDF across both kinds of work: when some prompt's TTFT deadline, still reachable, comes before
-        the tightest stream's next token, the prompt is the more urgent work and gets the whole budget.
-        A prompt already past its deadline does not (under overload every queued prompt is late, and
-        letting them all win would stall every stream: EDF's domino effect).
+        The slack is the time left to the earliest next-token deadline of the running streams; a
+        stream already late (a soft one: firm ones are dropped) still bounds the step to half its ITL
+        budget, so that prefill progresses and the next gap stays near the budget. With no stream
+        running the step is bounded by the interactive classes' ITL budget all the same: a request
+        arriving meanwhile waits for the step in flight. The step is planned to fill `plan_fraction`
+        of that time; at least `min_prefill_chunk` tokens always fit.
         """
         if not self.cost_model.is_calibrated:
             return token_budget
-        decodes = [r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0]
-        streams = _streams(decodes)
-        if not streams:
-            return token_budget
-        stream_due = min(r.next_token_deadline for r in streams)
-        prompt_dues = [self.order_key(r) for r in (*running, *waiting)
-                       if not r.is_paused and r.num_remaining_prefill_tokens > 0]
-        if any(now <= due <= stream_due for due in prompt_dues):
-            return token_budget
-        time_budget_s = self.step_time_budget_s(decodes, now)
-        num_context = sum(r.num_computed_tokens for r in running if not r.is_paused)
+        active = [r for r in running if not r.is_paused]
+        decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
+        streams = [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+        if streams:
+            stream_due = min(r.next_token_deadline for r in streams)
+            slack_s = max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+        else:
+            budgets = [b for b in (self.config.firm.itl_s, self.config.soft.itl_s) if b is not None]
+            if not budgets:
+                return token_budget
+            slack_s = min(budgets)
+        num_context = sum(r.num_computed_tokens for r in active)
+        time_budget_s = self.plan_fraction() * slack_s
+        if streams:  # keep the cadence even: a prefill step is at most this much longer than a decode step
+            decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
+            time_budget_s = min(time_budget_s, self.config.max_step_stretch * decode_step_s)
         fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
-        """Seconds the next step may take so that the tightest stream's next token is on time; None
-        when no running stream has an ITL budget. Bounds prefill chunks and verification alike.
-
-        A stream already late (slack used up) still bounds the step: to half its ITL budget, so that
-        prefill keeps progressing and the next gap stays near the budget.
-        """
+        """Seconds the next step may take so that the tightest stream's next token is on time (the
+        planned share of its slack; a late stream still allows half its ITL budget); None when no
+        running stream has an ITL budget. Bounds speculative verification as prefill chunks are."""
         streams = _streams(r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0)
         if not streams:
             return None
         stream_due = min(r.next_token_deadline for r in streams)
-        return max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+        return self.plan_fraction() * max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+
+    def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
+        """A waiting request ranked before a running prefill takes the prefill budget before it."""
+        return self.order_key(waiting_req, now) < self.order_key(running_req, now)
+
+    def max_chunk_tokens(self, req: Request, now: float) -> int | None:
+        """The starving batch request's share of each step; None (no cap) for everyone else."""
+        return self.config.min_prefill_chunk if self.is_starving(req) else None
+
+    def can_admit(self, req: Request, running: list[Request], now: float) -> bool:
+        """True while a step with one more decode still fits the ITL budget (see `max_num_running`).
+
+        Late and background (batch) work joins only below `background_slot_share` of that cap: it holds
+        its slot for many steps, and the rest of the cap stays free for on-time arrivals. The first
+        request always joins an empty running set.
+        """
+        cap = self.max_num_running(running, req)
+        if cap is None:
+            return True
+        if self.order_key(req, now)[0] in (LATE, BACKGROUND):
+            cap = int(cap * self.config.background_slot_share)
+        # Alone, a request runs whatever the model predicts: nothing would run better, and the engine
+        # must make progress.
+        return sum(1 for r in running if not r.is_paused) + 1 <= max(cap, 1)
+
+    def max_num_running(self, running: list[Request], req: Request | None = None) -> int | None:
+        """Most sequences a step may hold (as decodes, beside a minimum prefill chunk) and still end
+        within `plan_fraction` of the tightest ITL budget: the running streams', the candidate's
+        (a firm request's default when `req` is None). Batch candidates are also held to the interactive
+        classes' default ITL, so batch decodes never take the capacity a stream would need.
+        None: no bound (uncalibrated model, or no ITL budget anywhere).
+        """
+        if not self.cost_model.is_calibrated:
+            return None
+        active = [r for r in running if not r.is_paused]
+        itls = [r.rt.itl_s for r in active if r.rt.itl_s is not None]
+        if req is None or req.rt.rt_class == RTClass.BATCH:
+            itls += [self.config.firm.itl_s] + ([self.config.soft.itl_s] if req is not None else [])
+        else:
+            itls.append(req.rt.itl_s)
+        itls = [i for i in itls if i is not None]
+        if not itls:
+            return None
+        num_context = sum(r.num_tokens for r in active) + (req.num_tokens if req is not None else 0)
+        return self.cost_model.max_decodes(self.plan_fraction() * min(itls), self.config.min_prefill_chunk,
+                                           num_context)
+
+    def _slack_s(self, req: Request, now: float) -> float:
+        due = req.next_token_deadline
+        return (req.arrival_time + self.config.batch_max_wait_s if due is None else due) - now
+
+    def _victim_rank(self, req: Request) -> int:
+        """Who gives way first: batch (not starving), soft, the starving batch, firm."""
+        if req.rt.rt_class == RTClass.BATCH:
+            return 1 if self.is_starving(req) else 3
+        return 2 if req.rt.rt_class == RTClass.SOFT else 0
 
     def pick_victim(self, candidates: list[Request], now: float) -> Request:
-        """Batch first, then the most slack; among equals the most recently admitted."""
-        def rank(item: tuple[int, Request]) -> tuple[bool, float, int]:
+        """Batch first, then soft, then the most slack; among equals the most recently admitted."""
+        def rank(item: tuple[int, Request]) -> tuple[int, float, int]:
             i, r = item
-            return r.rt.rt_class == RTClass.BATCH, self.order_key(r) - now, i
+            return self._victim_rank(r), self._slack_s(r, now), i
         return max(enumerate(candidates), key=rank)[1]
 
-    def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
-        """Firm requests that became late, or will be before even the shortest step could end.
+    def victims_for(self, req: Request, running: list[Request], now: float) -> list[Request]:
+        """Running requests that may be preempted to make room for waiting `req`, first victim first.
 
-        Returns (request, error text). Soft and batch never expire.
+        Only an on-time firm request makes room, and only batch (not the starving one) and soft work
+        give it: batch by most slack, then soft by most slack. Firm streams are never displaced.
         """
+        if not req.is_firm or self.order_key(req, now)[0] != ON_TIME:
+            return []
+        movable = [r for r in running if self._victim_rank(r) >= 2]
+        return sorted(movable, key=lambda r: (self._victim_rank(r), self._slack_s(r, now)), reverse=True)
+
+    def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
+        """Firm requests whose next token can no longer be on time: (request, error text)."""
         out = []
-        # No step ends sooner than the model's smallest step: a first token due before then is lost.
-        horizon_s = self.cost_model.predict_s(StepFeatures(0, 1, 0)) if self.cost_model.is_calibrated else 0.0
         for req in requests:
-            if not req.is_firm:
-                continue
-            ttft_due, deadline = req.ttft_deadline, req.deadline
-            if req.first_token_time is None and ttft_due is not None and now + horizon_s > ttft_due:
-                where = "queued" if req.num_computed_tokens == 0 else "prefilling"
-                out.append((req, f"deadline: ttft budget of {req.rt.ttft_s * 1000:.0f} ms passed while "
-                                 f"{where} ({(now - req.arrival_time) * 1000:.0f} ms since arrival); "
-                                 f"dropped without sending a token"))
-            elif deadline is not None and now > deadline:
-                out.append((req, f"deadline: deadline_ms budget of {req.rt.deadline_s * 1000:.0f} ms passed "
-                                 f"after {req.num_output_tokens} tokens; stopped"))
+            reason = firm_deadlines.drop_reason(req, now, self.cost_model)
+            if reason is not None:
+                out.append((req, reason))
         return out
 
     def late_token(self, req: Request, now: float) -> str | None:
-        """A firm request's token sampled after its deadline is not delivered: the error text, or None."""
-        if not req.is_firm:
-            return None
-        if req.first_token_time is None and req.ttft_deadline is not None and now > req.ttft_deadline:
-            return (f"deadline: ttft budget of {req.rt.ttft_s * 1000:.0f} ms passed before the first token was "
-                    f"ready ({(now - req.arrival_time) * 1000:.0f} ms); dropped without sending a token")
-        if req.deadline is not None and now > req.deadline:
-            return (f"deadline: deadline_ms budget of {req.rt.deadline_s * 1000:.0f} ms passed after "
-                    f"{req.num_output_tokens} tokens; stopped")
-        return None
+        """A firm token sampled after its deadline is not delivered: the error text, or None."""
+        return firm_deadlines.late_token_reason(req, now)
 
 
 def _streams(decodes: Iterable[Request]) -> list[Request]:

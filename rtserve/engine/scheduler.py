@@ -5,12 +5,13 @@ costs as many tokens as fit (the rest comes next step). Running requests are ser
 order; then waiting requests are admitted (with their prefix-cache hit) while budget, sequence slots
 and KV blocks allow. When blocks run out, a victim chosen by `pick_victim` is preempted: its blocks
 are freed and it returns to the front of the waiting queue to be recomputed later (its generated
-tokens are kept and become part of the recomputed prefix).
+tokens are kept and become part of the recomputed prefix). A waiting request that does not fit may
+have running requests preempted to make room for it, if the policy names them (`victims_for`).
 
 Real-time decisions are not made here: a policy object (rtserve/engine/rt_policy.py) orders the
-waiting and running requests, caps each step's prefill tokens, picks preemption victims and names
-requests whose deadline passed (`expire`). Paused requests (a slow reader) keep their blocks but
-are not scheduled.
+waiting and running requests, says which waiting request goes before a running prefill, caps each
+step's prefill tokens, agrees to each admission, picks victims and names requests whose deadline
+passed (`expire`). Paused requests (a slow reader) keep their blocks but are not scheduled.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from rtserve.engine.scheduler_output import RunnerOutput, ScheduledSeq, Schedule
 from rtserve.engine.stop_check import check_stop
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import EngineCoreOutput, FinishReason
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
@@ -53,17 +55,37 @@ class Scheduler:
         now = self.clock()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        self.policy.order_running(self.running, now)
-        self.policy.order_waiting(self.waiting, now)
+        self.policy.order(self.running, self.waiting, now)
         # Prefill chunks share the token budget with decodes and are further capped by the policy.
         prefill_budget = self.policy.prefill_token_budget(self.running, now, budget, self.waiting)
+        budget, prefill_budget, deferred = self._schedule_running(out, budget, prefill_budget, now)
+        if not out.preempted_ids:
+            budget, prefill_budget = self._admit_waiting(out, budget, prefill_budget, now)
+        self._schedule_deferred(out, deferred, budget, prefill_budget, now)
+        self._schedule_drafts(out, self.config.max_num_batched_tokens - out.num_scheduled_tokens)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prefill_budget: int,
+                          now: float) -> tuple[int, int, list[Request]]:
+        """Schedule running requests in order, preempting for blocks as needed.
+
+        A prefill chunk the policy ranks after the first waiting request is deferred (returned) so
+        that admission goes first; it gets what the budget has left afterwards.
+        """
+        head = next((r for r in self.waiting if not r.is_paused), None)
+        deferred: list[Request] = []
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
+            num_remaining = req.num_tokens - req.num_computed_tokens
             if req.is_paused:
                 idx += 1
                 continue
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
+            if num_remaining > 1 and head is not None and self.policy.runs_first(head, req, now):
+                deferred.append(req)
+                idx += 1
+                continue
+            num_new = self._chunk(req, num_remaining, budget, prefill_budget, now)
             if num_new <= 0:
                 idx += 1
                 continue
@@ -73,10 +95,20 @@ class Scheduler:
             budget -= num_new
             prefill_budget -= num_new if num_new > 1 else 0
             idx += 1
-        if not out.preempted_ids:
-            self._admit_waiting(out, budget, prefill_budget)
-        self._schedule_drafts(out, self.config.max_num_batched_tokens - out.num_scheduled_tokens)
-        return out
+        return budget, prefill_budget, deferred
+
+    def _schedule_deferred(self, out: SchedulerOutput, deferred: list[Request], budget: int,
+                           prefill_budget: int, now: float) -> None:
+        """Prefill chunks deferred behind admission, with the budget left (never preempts)."""
+        for req in deferred:
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted to make room meanwhile
+            num_new = self._chunk(req, req.num_tokens - req.num_computed_tokens, budget, prefill_budget, now)
+            if num_new <= 0 or not self.kv.allocate_slots(req, num_new):
+                continue
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+            prefill_budget -= num_new
 
     def _schedule_drafts(self, out: SchedulerOutput, budget: int) -> None:
         """Extend scheduled decodes by their draft tokens with the budget left over (never preempts).
@@ -98,12 +130,15 @@ class Scheduler:
             seq.block_ids = self.kv.block_ids(req.request_id)
             budget -= num_spec
 
-    def _chunk(self, num_remaining: int, budget: int, prefill_budget: int) -> int:
+    def _chunk(self, req: Request, num_remaining: int, budget: int, prefill_budget: int, now: float) -> int:
         """Tokens to compute this step: a decode (1) always fits the budget; a prefill chunk is capped."""
         if num_remaining == 1:
             return min(1, budget)
-        limit = self.config.long_prefill_token_threshold
         num = min(num_remaining, budget, max(prefill_budget, 0))
+        cap = self.policy.max_chunk_tokens(req, now)
+        if cap is not None:
+            num = min(num, cap)
+        limit = self.config.long_prefill_token_threshold
         return min(num, limit) if limit > 0 else num
 
     def _allocate_or_preempt(self, req: Request, num_new: int, idx: int, out: SchedulerOutput,
@@ -127,15 +162,32 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int, prefill_budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, prefill_budget: int,
+                       now: float) -> tuple[int, int]:
+        """Admit waiting requests in the policy's order while slots, blocks and budget allow.
+
+        A request that does not fit may have the policy's victims preempted to make room for it (never
+        one admitted this step); otherwise admission stops there, so the order is kept. Returns the
+        (token, prefill token) budget left.
+        """
+        admitted: list[Request] = []
         for req in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget <= 0:
                 break
             if req.is_paused:
                 continue
             hit_blocks, num_cached = self.kv.get_computed_blocks(req)
-            num_new = self._chunk(req.num_tokens - num_cached, budget, prefill_budget)
-            if num_new <= 0 or not self.kv.allocate_slots(req, num_new, hit_blocks):
+            num_new = self._chunk(req, req.num_tokens - num_cached, budget, prefill_budget, now)
+            if num_new <= 0:
+                break
+            if not self._fits(req, num_new, hit_blocks, self.running, now):
+                refund = self._make_room(req, num_new, hit_blocks, admitted, out, now)
+                if refund is None:
+                    break
+                budget, prefill_budget = budget + refund[0], prefill_budget + refund[1]
+                hit_blocks, num_cached = self.kv.get_computed_blocks(req)
+                num_new = self._chunk(req, req.num_tokens - num_cached, budget, prefill_budget, now)
+            if not self.kv.allocate_slots(req, num_new, hit_blocks):
                 break
             self.waiting.remove(req)
             req.num_computed_tokens = num_cached
@@ -143,9 +195,44 @@ class Scheduler:
                 req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            admitted.append(req)
             out.seqs.append(ScheduledSeq(req, num_cached, num_new, self.kv.block_ids(req.request_id)))
             budget -= num_new
             prefill_budget -= num_new if num_new > 1 else 0
+        return budget, prefill_budget
+
+    def _fits(self, req: Request, num_new: int, hit_blocks: list, running: list[Request], now: float,
+              num_blocks_freed: int = 0) -> bool:
+        """A sequence slot (the policy agreeing) and KV blocks for `req`'s first chunk, beside `running`."""
+        return (len(running) < self.config.max_num_seqs and self.policy.can_admit(req, running, now)
+                and self.kv.num_blocks_short(req, num_new, hit_blocks) <= num_blocks_freed)
+
+    def _make_room(self, req: Request, num_new: int, hit_blocks: list, admitted: list[Request],
+                   out: SchedulerOutput, now: float) -> tuple[int, int] | None:
+        """Preempt the fewest of the policy's victims for `req` that make it fit; None if none would.
+
+        Victims scheduled this step are taken out of `out`: returns the (token, prefill token) budget
+        they had, to give back.
+        """
+        victims = [v for v in self.policy.victims_for(req, self.running, now) if v not in admitted]
+        remaining, freed, chosen = list(self.running), 0, []
+        for victim in victims:
+            if self._fits(req, num_new, hit_blocks, remaining, now, freed):
+                break
+            chosen.append(victim)
+            remaining.remove(victim)
+            freed += self.kv.num_reclaimable_blocks(victim)
+        if not chosen or not self._fits(req, num_new, hit_blocks, remaining, now, freed):
+            return None
+        num_tokens = num_prefill = 0
+        for victim in chosen:
+            for seq in [s for s in out.seqs if s.request is victim]:
+                out.seqs.remove(seq)
+                num_tokens += seq.num_new_tokens
+                num_prefill += seq.num_new_tokens if seq.num_new_tokens > 1 else 0
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+        return num_tokens, num_prefill
 
     def expire(self) -> list[EngineCoreOutput]:
         """Finish (FinishReason.DEADLINE) every request the policy says became late; frees blocks at once."""

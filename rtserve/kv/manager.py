@@ -59,21 +59,36 @@ class KVCacheManager:
         Returns False, changing nothing, when there is not enough free capacity.
         """
         new_computed_blocks = new_computed_blocks or []
-        held = self._blocks.get(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(held) - len(new_computed_blocks)
-        needed = max(needed, 0)
-        if needed + self.pool.count_evictable(new_computed_blocks) > self.pool.num_free_blocks:
+        if self.num_blocks_short(request, num_new_tokens, new_computed_blocks) > 0:
             return False
         if request.request_id not in self._blocks:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += len(new_computed_blocks) * self.block_size
+        needed = self._num_new_blocks(request, num_new_tokens, new_computed_blocks)
         self.pool.touch(new_computed_blocks)
-        held = self._blocks.setdefault(request.request_id, held)
+        held = self._blocks.setdefault(request.request_id, [])
         held.extend(new_computed_blocks)
         held.extend(self.pool.allocate(needed))
         self._num_registered.setdefault(request.request_id, len(new_computed_blocks))
         return True
+
+    def num_blocks_short(self, request, num_new_tokens: int,
+                         new_computed_blocks: list[KVBlock] | None = None) -> int:
+        """Free blocks missing for `allocate_slots(request, num_new_tokens, new_computed_blocks)`; 0: it fits."""
+        new_computed_blocks = new_computed_blocks or []
+        needed = self._num_new_blocks(request, num_new_tokens, new_computed_blocks)
+        needed += self.pool.count_evictable(new_computed_blocks)  # a hit on a free block consumes it
+        return max(needed - self.pool.num_free_blocks, 0)
+
+    def num_reclaimable_blocks(self, request) -> int:
+        """Blocks that would return to the free list if `request` were freed (those no one else holds)."""
+        return sum(1 for b in self._blocks.get(request.request_id, ()) if b.ref_cnt == 1)
+
+    def _num_new_blocks(self, request, num_new_tokens: int, new_computed_blocks: list[KVBlock]) -> int:
+        held = self._blocks.get(request.request_id, ())
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(held) - len(new_computed_blocks)
+        return max(needed, 0)
 
     def cache_blocks(self, request) -> None:
         """Register the request's full blocks whose tokens are now computed."""

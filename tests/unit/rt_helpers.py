@@ -28,8 +28,11 @@ class FakeClock:
 
 def make_sched(policy="deadline", budget=512, max_seqs=8, num_blocks=256, block_size=16, clock=None,
                calibrated=True, **rt_kw):
-    rt = RTConfig(policy=policy, **rt_kw)
+    """A scheduler on the fake cost model; steps are planned to fill the whole slack (the model has no
+    measured overruns) unless `step_slack_fraction` or `max_step_stretch` are given."""
+    rt = RTConfig(policy=policy, **{"step_slack_fraction": 1.0, "max_step_stretch": 1000.0, **rt_kw})
     model = StepCostModel.from_coeffs(FAKE_COEFFS, calibrated=calibrated)
+    model.overrun_ratio = 1.0
     kv = KVCacheManager(num_blocks, block_size)
     clock = clock or FakeClock()
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=8192),
@@ -37,10 +40,11 @@ def make_sched(policy="deadline", budget=512, max_seqs=8, num_blocks=256, block_
     return sched, kv, clock, rt
 
 
-def rt_req(rid, n, arrival, rt_class="soft", max_tokens=64, config=None, **budgets_s):
+def rt_req(rid, n, arrival, rt_class="soft", max_tokens=64, config=None, first_token=1, **budgets_s):
+    """A request of `n` prompt tokens first_token, first_token + 1, ... (shared prefixes hit the cache)."""
     rt = resolve_rt(RTParams(rt_class, **budgets_s), config or RTConfig())
-    return Request(rid, list(range(1, n + 1)), SamplingParams(temperature=0, max_tokens=max_tokens), arrival,
-                   eos_token_ids=(0,), rt=rt)
+    return Request(rid, list(range(first_token, first_token + n)),
+                   SamplingParams(temperature=0, max_tokens=max_tokens), arrival, eos_token_ids=(0,), rt=rt)
 
 
 def step(sched, clock, dt=0.01, token=7):

@@ -119,3 +119,23 @@ def test_peak_concurrency():
     records = [_record(0, chunks=(1.0,), output_tokens=1), _record(1, chunks=(0.5,), output_tokens=1, send_s=0.2),
                _record(2, chunks=(0.1,), output_tokens=1, send_s=1.0)]  # starts as record 0 ends
     assert peak_concurrency(records) == 2
+
+
+def test_deadline_drops_are_counted_apart_and_never_goodput_and_late_completions_are_counted():
+    firm = {"class": "firm", "ttft_ms": 150.0, "itl_ms": 60.0}
+    records = [
+        _record(0, chunks=(0.1, 0.15, 0.2), output_tokens=3, rt_class="firm", rt_budget=firm),
+        _record(1, chunks=(0.1, 0.2), output_tokens=2, rt_class="firm", rt_budget=firm),  # served late
+        # stopped mid-stream for its deadline: every gap it got was on time, but it is not a completion
+        _record(2, status=RequestStatus.DROPPED, chunks=(0.1, 0.15), output_tokens=2, rt_class="firm",
+                rt_budget=firm),
+        _record(3, status=RequestStatus.DROPPED, rt_class="firm", rt_budget=firm),  # 504 before a token
+        _record(4, status=RequestStatus.REJECTED, rt_class="firm", rt_budget=firm),
+    ]
+    m = compute_phase_metrics(records, duration_s=1.0, rate_per_s=1.0, limits=parse_goodput(["ttft:500"]))
+    assert (m.num_completed, m.num_dropped, m.num_rejected) == (2, 2, 1)
+    firm_m = m.per_class["firm"]
+    assert firm_m.num_dropped == 2 and firm_m.num_late == 1 and firm_m.num_rejected == 1
+    assert firm_m.budget.num_good == 1 and firm_m.budget.num_requests == 5
+    assert m.slo.num_good == 2 and m.slo.goodput_req_per_s == 2.0  # the drop meets ttft:500 yet is no good
+    assert not meets_limits(records[2], SloLimits(ttft_ms=1e9))

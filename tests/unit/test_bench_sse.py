@@ -57,3 +57,19 @@ def test_mid_stream_error_and_bad_json():
     bad = StreamState()
     bad.on_payload("{not json", 1.0)
     assert bad.error.startswith("malformed")
+
+
+def test_finish_reason_is_kept_and_a_deadline_stop_is_a_drop():
+    from rtserve.bench.client import RequestRecord, RequestStatus, _finish
+    state = StreamState()
+    state.on_payload('{"choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}', 0.1)
+    state.on_payload('{"choices":[{"index":0,"delta":{},"finish_reason":"deadline"}]}', 0.2)
+    assert state.finish_reason == "deadline"
+    record = RequestRecord(0, "firm", 10, 16, 0.0)
+    _finish(record, state, 0.0, 0.3)
+    assert record.status == RequestStatus.DROPPED and record.finish_reason == "deadline"
+    done = StreamState()
+    done.on_payload('{"choices":[{"index":0,"text":"x","finish_reason":"length"}]}', 0.1)
+    record = RequestRecord(1, "firm", 10, 16, 0.0)
+    _finish(record, done, 0.0, 0.2)
+    assert record.status == RequestStatus.OK and record.finish_reason == "length"

@@ -1,4 +1,5 @@
 """Step-time cost model: RLS calibration, error tracking, prefill-token inversion."""
+import math
 import random
 
 import pytest
@@ -89,3 +90,25 @@ def test_unexercised_feature_keeps_its_prior():
         model.observe(f, 0.004 + 0.001 * f.num_decodes)
     assert model.coeffs[2] == pytest.approx(0.0001, rel=0.05)
     assert model.coeffs[1] == pytest.approx(0.001, rel=0.05)
+
+
+def test_max_decodes_inverts_the_model():
+    model = StepCostModel.from_coeffs((0.010, 0.001, 0.0001, 0.0))
+    # 30 ms budget beside 8 prefill tokens (0.8 ms): 19 decodes of 1 ms.
+    assert model.max_decodes(0.030, 8, 0) == 19
+    assert model.max_decodes(0.010, 8, 0) == 0  # the step's own cost is over budget
+    assert StepCostModel.from_coeffs((0.010, 0.0, 0.0001, 0.0)).max_decodes(0.030, 8, 0) is None
+
+
+def test_overrun_ratio_is_cautious_until_measured_then_tracks_the_noise_tail():
+    model = StepCostModel()
+    assert model.overrun_ratio == 1.5  # nothing measured yet
+    rng = random.Random(6)
+    for f in random_steps(256, seed=7):
+        model.observe(f, true_step_s(f))
+    assert model.overrun_ratio == pytest.approx(1.0, abs=0.02)  # exact measurements: no margin needed
+    noisy = StepCostModel()
+    for f in random_steps(256, seed=8):
+        noisy.observe(f, true_step_s(f) * math.exp(rng.gauss(0.0, 0.1)))
+    # Log-normal noise with sigma 0.1 exceeds exp(4.26 * 0.1) = 1.53 once in 10^5 steps.
+    assert 1.35 < noisy.overrun_ratio < 1.75

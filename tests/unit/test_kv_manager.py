@@ -62,3 +62,20 @@ def test_hit_on_free_cached_blocks_counts_against_capacity():
     # needs 2 new blocks + revives 2 free cached ones = 4 > 3 free.
     assert not kv.allocate_slots(b, 8, hits)
     assert kv.num_free_blocks == 3
+    assert kv.num_blocks_short(b, 8, hits) == 1
+
+
+def test_blocks_short_and_reclaimable_blocks_answer_before_anything_is_committed():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a, b = req("a", range(8)), req("b", list(range(8)) + [50, 51])
+    assert kv.num_blocks_short(a, 8) == 0 and kv.allocate_slots(a, 8)
+    a.num_computed_tokens = 8
+    kv.cache_blocks(a)
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 8 and kv.allocate_slots(b, 2, hits)  # shares a's two blocks, adds one
+    assert kv.num_reclaimable_blocks(a) == 0  # both of its blocks are b's prefix too
+    assert kv.num_reclaimable_blocks(b) == 1
+    c = req("c", range(100, 112))
+    assert kv.num_blocks_short(c, 12) == 2 and kv.num_free_blocks == 1
+    kv.free(b)
+    assert kv.num_blocks_short(c, 12) == 1

@@ -7,7 +7,8 @@ import pytest
 
 from rtserve.client.async_llm import AdmissionRejected, AsyncLLM
 from rtserve.config import EngineConfig, RTConfig
-from rtserve.engine.admission import PendingRequest, decide, predict_ttft_s
+from rtserve.engine.admission import PendingRequest, decide, order_key, predict_ttft_s
+from rtserve.engine.rt_params import BACKGROUND, LATE, ON_TIME
 from rtserve.protocol import (EngineCoreAbort, EngineCoreOutput, EngineCoreOutputs, EngineCorePause,
                               EngineCoreRequest, EngineStats, QueueSnapshot, RTParams)
 from rtserve.sampling_params import SamplingParams
@@ -17,30 +18,59 @@ FIRM = RTParams("firm", ttft_s=0.3, itl_s=0.05)
 SOFT = RTParams("soft", ttft_s=0.3, itl_s=0.05)
 
 
+def on_time(key: float) -> tuple[int, float]:
+    return ON_TIME, key
+
+
 def snapshot(waiting=(), policy="deadline", calibrated=True, **kw) -> QueueSnapshot:
+    """`waiting` as (deadline, num_tokens): every entry on time."""
     kw.setdefault("prefill_token_budget", 100)
-    kw.setdefault("max_num_seqs", 64)
+    kw.setdefault("num_free_slots", 64 - kw.get("num_running", 0))
     kw.setdefault("num_requests_added", 0)
-    return QueueSnapshot(timestamp=0.0, policy=policy, waiting=list(waiting),
+    return QueueSnapshot(timestamp=0.0, policy=policy, waiting=[(on_time(k), n) for k, n in waiting],
                          cost_coeffs=FAKE_COEFFS, cost_calibrated=calibrated, **kw)
 
 
 def test_predicted_ttft_counts_prefill_work_ahead_in_policy_order():
     # 10 ms + 0.1 ms/token per step; 100 prefill tokens per step.
     snap = snapshot([(1.0, 300), (5.0, 1000)])
-    assert predict_ttft_s(snap, [], key=2.0, num_prompt_tokens=100) == pytest.approx(4 * 0.020)
-    assert predict_ttft_s(snap, [], key=9.0, num_prompt_tokens=100) == pytest.approx(14 * 0.020)
-    pending = [PendingRequest(1, 1.5, 200)]
-    assert predict_ttft_s(snap, pending, key=2.0, num_prompt_tokens=100) == pytest.approx(6 * 0.020)
-    # Running decodes make each step dearer; running prefills are ahead of everyone.
-    snap = snapshot([], num_decodes=10, num_running=10, num_running_prefill_tokens=100)
-    assert predict_ttft_s(snap, [], key=0.0, num_prompt_tokens=100) == pytest.approx(2 * 0.030)
+    assert predict_ttft_s(snap, [], key=on_time(2.0), num_prompt_tokens=100) == pytest.approx(4 * 0.020)
+    assert predict_ttft_s(snap, [], key=on_time(9.0), num_prompt_tokens=100) == pytest.approx(14 * 0.020)
+    pending = [PendingRequest(1, on_time(1.5), 200)]
+    assert predict_ttft_s(snap, pending, key=on_time(2.0), num_prompt_tokens=100) == pytest.approx(6 * 0.020)
+    # Running decodes make each step dearer; running prefills ranked before it are ahead of it.
+    snap = snapshot([], num_decodes=10, num_running=10, running_prefills=[(on_time(0.5), 100)])
+    assert predict_ttft_s(snap, [], key=on_time(1.0), num_prompt_tokens=100) == pytest.approx(2 * 0.030)
+
+
+def test_late_and_background_work_is_not_ahead_of_an_on_time_request():
+    # A late soft prompt and a batch prompt, waiting and running: the deadline policy serves them after it.
+    snap = snapshot([], num_decodes=10, num_running=10)
+    snap.waiting = [((LATE, 0.5), 1000), ((BACKGROUND, 0.1), 2000)]
+    snap.running_prefills = [((BACKGROUND, 0.0), 2000)]
+    assert predict_ttft_s(snap, [], key=on_time(1.0), num_prompt_tokens=100) == pytest.approx(0.030)
+    assert order_key("deadline", FIRM, 1.0, RTConfig()) == (ON_TIME, 1.3)
+    assert order_key("deadline", RTParams("batch"), 1.0, RTConfig()) == (BACKGROUND, 1.0)
+    assert order_key("fcfs", FIRM, 1.0, RTConfig()) == (ON_TIME, 1.0)
+
+
+def test_the_rest_of_the_step_in_flight_and_the_model_error_count():
+    snap = snapshot([(1.0, 100)], step_s=0.040)
+    snap.timestamp = 10.0
+    # Prefill: 2 steps of 20 ms, after the 30 ms left of the step in flight since the snapshot.
+    assert predict_ttft_s(snap, [], on_time(2.0), 100, 0.0, now=10.010) == pytest.approx(0.070)
+    assert predict_ttft_s(snap, [], on_time(2.0), 100, 0.0, now=10.100) == pytest.approx(0.040)
+    snap.cost_mean_rel_error = 0.1  # a model that errs by 10% on average: its waits are padded by 20%
+    assert predict_ttft_s(snap, [], on_time(2.0), 100, 0.0, now=10.100) == pytest.approx(0.048)
 
 
 def test_waiting_for_a_sequence_slot_is_predicted_from_running_remaining_tokens():
-    snap = snapshot([], max_num_seqs=2, num_running=2, num_decodes=2, running_remaining_tokens=[5, 40])
+    snap = snapshot([], num_free_slots=0, num_running=2, num_decodes=2, running_remaining_tokens=[5, 40])
     # A slot frees after 5 decode steps of 12 ms each; the prefill itself is one 20 ms step.
-    assert predict_ttft_s(snap, [], key=0.0, num_prompt_tokens=100) == pytest.approx(5 * 0.012)
+    assert predict_ttft_s(snap, [], key=on_time(0.0), num_prompt_tokens=100) == pytest.approx(5 * 0.012)
+    # Over the deadline policy's ITL cap by one: the second stream to finish frees the slot.
+    snap.num_free_slots = -1
+    assert predict_ttft_s(snap, [], key=on_time(0.0), num_prompt_tokens=100) == pytest.approx(40 * 0.012)
 
 
 def test_firm_is_refused_with_retry_after_the_excess_soft_is_admitted():
@@ -74,14 +104,15 @@ def test_bounded_queue_refuses_every_class():
         d = decide(cfg, full, [], rt, 1.0, 10, 1.0)
         assert not d.admitted and d.reason == "queue_full" and d.retry_after_s > 0
     assert not decide(cfg, snapshot([(0.0, 950)]), [], SOFT, 1.0, 100, 1.0).admitted  # tokens bound
-    assert not decide(cfg, snapshot([(0.0, 10)] * 2), [PendingRequest(1, 0.0, 10)], SOFT, 1.0, 10, 1.0).admitted
+    assert not decide(cfg, snapshot([(0.0, 10)] * 2), [PendingRequest(1, on_time(0.0), 10)], SOFT, 1.0, 10,
+                      1.0).admitted
 
 
 def test_decision_takes_well_under_10_ms_with_a_full_queue():
     cfg = RTConfig()
     snap = snapshot([(float(i), 200) for i in range(255)], running_remaining_tokens=list(range(64)),
                     num_running=64, num_decodes=64)
-    pending = [PendingRequest(i, float(i), 100) for i in range(50)]
+    pending = [PendingRequest(i, on_time(float(i)), 100) for i in range(50)]
     start = time.perf_counter()
     for _ in range(100):
         decide(cfg, snap, pending, FIRM, 100.0, 500, 100.0)

@@ -1,4 +1,5 @@
-"""Queue expiry: late firm requests are dropped (FinishReason.DEADLINE) and their KV freed at once."""
+"""Firm deadlines: a firm request whose next token can no longer be on time (TTFT, ITL or deadline_ms) is
+dropped (FinishReason.DEADLINE) and its KV freed at once; a firm token sampled late is never delivered."""
 from rtserve.client.output_processor import OutputProcessor
 from rtserve.client.rt_report import RTTracker
 from rtserve.config import CacheConfig, EngineConfig, RTConfig, SchedulerConfig
@@ -7,7 +8,7 @@ from rtserve.protocol import EngineCoreOutput, EngineCoreRequest, FinishReason, 
 from rtserve.sampling_params import SamplingParams
 from tests.unit.conftest import TINY
 from rtserve.engine.scheduler_output import RunnerOutput
-from tests.unit.rt_helpers import FakeClock, make_sched, rt_req, step
+from tests.unit.rt_helpers import FakeClock, ids, make_sched, rt_req, step
 
 
 def test_firm_request_whose_ttft_passes_while_queued_is_dropped():
@@ -132,3 +133,71 @@ def test_firm_that_cannot_make_its_ttft_even_with_the_shortest_step_is_dropped_e
     sched.add_request(rt_req("firm", 8, clock.now, "firm", ttft_s=0.1))
     step(sched, clock, 0.095)  # 5 ms of budget left: less than any step
     assert [o.request_id for o in sched.expire()] == ["firm"]
+
+
+def test_firm_stream_whose_next_token_cannot_be_on_time_is_dropped_not_served_late():
+    sched, kv, clock, _ = make_sched()
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", max_tokens=100, ttft_s=0.5, itl_s=0.05))
+    sched.add_request(rt_req("soft", 8, clock.now, max_tokens=100, ttft_s=0.5, itl_s=0.05, first_token=100))
+    for _ in range(3):
+        step(sched, clock, 0.01)
+        assert sched.expire() == []
+    clock.advance(0.038)  # 12 ms left of its 50 ms budget; the shortest step (one decode) takes 11 ms
+    assert sched.expire() == []
+    clock.advance(0.002)  # 10 ms left: its 4th token can no longer be on time
+    outs = sched.expire()
+    assert [(o.request_id, o.finish_reason, o.new_token_ids) for o in outs] == [("firm", "deadline", [])]
+    assert "itl budget of 50 ms cannot be met for token 4 (40 ms since token 3); stopped" in outs[0].error
+    assert kv.block_ids("firm") == [] and "firm" not in sched.requests
+    clock.advance(1.0)
+    assert sched.expire() == [] and "soft" in sched.requests  # a late soft stream is never dropped
+
+
+def test_firm_token_sampled_after_its_itl_deadline_is_never_delivered():
+    sched, kv, clock, _ = make_sched()
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", max_tokens=100, ttft_s=0.5, itl_s=0.05))
+    sched.add_request(rt_req("soft", 8, clock.now, max_tokens=100, ttft_s=0.5, itl_s=0.05, first_token=100))
+    step(sched, clock, 0.01)
+    out = sched.schedule()
+    clock.advance(0.06)  # the step ran 10 ms past both streams' ITL deadline
+    outs = {o.request_id: o for o in sched.update(out, RunnerOutput({"firm": 7, "soft": 7}))}
+    assert (outs["firm"].new_token_ids, outs["firm"].finish_reason) == ([], "deadline")
+    assert "itl budget of 50 ms was missed for token 2 (60 ms since token 1)" in outs["firm"].error
+    assert (outs["soft"].new_token_ids, outs["soft"].finish_reason) == ([7], None)
+    assert kv.block_ids("firm") == [] and sched.requests["soft"].num_output_tokens == 2
+
+
+def test_firm_stream_is_stopped_as_soon_as_its_deadline_ms_cannot_be_met():
+    sched, kv, clock, _ = make_sched()
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", max_tokens=100, ttft_s=0.5, itl_s=1.0,
+                             deadline_s=0.1))
+    for _ in range(5):
+        step(sched, clock, 0.01)
+    clock.advance(0.04)  # 10 ms before its deadline, less than one decode step (11 ms)
+    outs = sched.expire()
+    assert outs[0].finish_reason == "deadline"
+    assert "deadline_ms budget of 100 ms cannot be met after 5 tokens" in outs[0].error
+
+
+def test_fcfs_delivers_late_firm_tokens():
+    sched, _, clock, _ = make_sched("fcfs")
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", max_tokens=100, ttft_s=0.5, itl_s=0.05))
+    step(sched, clock, 0.01)
+    clock.advance(1.0)
+    assert sched.expire() == []
+    assert ids(step(sched, clock, 0.5)) == [("firm", 1)] and sched.requests["firm"].num_output_tokens == 2
+
+
+def test_a_stream_dropped_for_its_itl_or_its_deadline_reports_that_budget_missed():
+    itl_drop = RTTracker(RTParams("firm", 0.3, 0.05, 2.0), arrival_s=0.0)
+    itl_drop.on_tokens(1, 0.1)
+    itl_drop.on_tokens(1, 0.14)
+    report = itl_drop.finish(0.2, "deadline", error="deadline: itl budget of 50 ms cannot be met for token 3")
+    assert report.dropped and report.missed == ["itl"] and report.num_itl_misses == 0
+    no_deadline = RTTracker(RTParams("firm", 0.3, 0.05, None), arrival_s=0.0)
+    no_deadline.on_tokens(1, 0.1)
+    assert no_deadline.finish(0.2, "deadline").missed == ["itl"]
+    deadline_drop = RTTracker(RTParams("firm", 0.3, 0.05, 0.5), arrival_s=0.0)
+    deadline_drop.on_tokens(1, 0.1)
+    report = deadline_drop.finish(0.45, "deadline", error="deadline: deadline_ms budget of 500 ms cannot be met")
+    assert report.missed == ["deadline"] and not report.met

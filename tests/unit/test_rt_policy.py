@@ -1,4 +1,5 @@
-"""Real-time policy: EDF order, ITL-slack-sized prefill chunks, batch filling, victims, rt resolution."""
+"""Real-time policy: tiered EDF order, ITL-sized steps and running set, batch filling and starving, victims,
+rt resolution."""
 import pytest
 
 from rtserve.config import RTClassDefaults, RTConfig
@@ -72,8 +73,9 @@ def test_fcfs_gives_the_long_prompt_the_whole_budget():
 
 def test_exhausted_slack_still_gives_a_minimum_prefill_chunk():
     sched, _, clock, _ = make_sched("deadline", budget=512, min_prefill_chunk=16)
-    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.005))  # tighter than any step
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.020))
     step(sched, clock)
+    clock.advance(0.1)  # the stream is late: half its ITL budget, 10 ms, is less than its decode alone
     sched.add_request(rt_req("long", 2000, clock.now))
     assert dict(ids(step(sched, clock)))["long"] == 16
 
@@ -126,12 +128,14 @@ def test_a_stream_already_late_bounds_the_step_to_half_its_itl_budget():
     assert got["stream"] == 1 and 385 <= got["long"] <= 390  # (50 ms - 11 ms) / 0.1 ms
 
 
-def test_a_prompt_due_before_the_tightest_stream_gets_the_whole_budget():
+def test_an_urgent_prompt_does_not_stretch_a_step_past_the_streams_slack():
+    # Due in 20 ms, it cannot be prefilled in time anyway (2000 tokens take 200 ms): a full-budget step
+    # would only make the stream late too.
     sched, _, clock, _ = make_sched("deadline", budget=1024)
     sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
     step(sched, clock, 0.01)
-    sched.add_request(rt_req("urgent", 2000, clock.now - 1.0, ttft_s=1.02))  # due in 20 ms < 50 ms
-    assert dict(ids(step(sched, clock)))["urgent"] == 1023
+    sched.add_request(rt_req("urgent", 2000, clock.now - 1.0, ttft_s=1.02))
+    assert 385 <= dict(ids(step(sched, clock)))["urgent"] <= 390
 
 
 def test_a_prompt_already_past_its_deadline_does_not_override_the_itl_cap():
@@ -150,10 +154,118 @@ def test_step_time_budget_is_the_tightest_stream_slack_and_bounds_verification_t
     sched.add_request(rt_req("batch", 8, clock.now, "batch"))  # no ITL budget: never binds
     step(sched, clock, 0.01)
     clock.advance(0.02)
-    assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.030)
+    share = sched.policy.plan_fraction()  # the planned share of the slack
+    assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.030 * share)
     clock.advance(0.1)  # late: half its ITL budget
-    assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.025)
+    assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.025 * share)
     fcfs, _, fclock, _ = make_sched("fcfs")
     fcfs.add_request(rt_req("tight", 8, fclock.now, itl_s=0.050))
     step(fcfs, fclock, 0.01)
     assert fcfs.policy.step_time_budget_s(fcfs.running, fclock.now) is None
+
+
+def test_late_soft_work_waits_behind_on_time_work_and_batch_behind_both():
+    sched, _, clock, _ = make_sched(max_seqs=1)
+    sched.add_request(rt_req("batch", 8, clock.now - 5.0, "batch"))
+    sched.add_request(rt_req("late", 8, clock.now - 2.0, ttft_s=0.5))  # missed its TTFT 1.5 s ago
+    sched.add_request(rt_req("fresh", 8, clock.now, ttft_s=0.5))
+    order = []
+    for _ in range(3):
+        out = sched.schedule()
+        order.append(out.seqs[0].request.request_id)
+        sched.finish_requests([order[-1]], "abort")
+    assert order == ["fresh", "late", "batch"]
+
+
+def test_fcfs_keeps_arrival_order_whatever_the_deadlines():
+    sched, _, clock, _ = make_sched("fcfs", max_seqs=1)
+    sched.add_request(rt_req("batch", 8, clock.now - 5.0, "batch"))
+    sched.add_request(rt_req("late", 8, clock.now - 2.0, ttft_s=0.5))
+    sched.add_request(rt_req("fresh", 8, clock.now, ttft_s=0.5))
+    assert [r for r, _ in ids(sched.schedule())] == ["batch"]
+
+
+def test_a_waiting_on_time_prompt_takes_the_prefill_budget_before_a_running_batch_prefill():
+    sched, _, clock, _ = make_sched("deadline", budget=512)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("batch", 2000, clock.now, "batch"))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("firm", 300, clock.now, "firm", ttft_s=0.5, first_token=5000))
+    got = dict(ids(step(sched, clock, 0.01)))
+    # (50 ms - 10 ms - 1 decode ms) / 0.1 ms = 390 prefill tokens: the firm prompt's 300 first.
+    assert got["stream"] == 1 and got["firm"] == 300 and 85 <= got["batch"] <= 90
+    fcfs, _, clock2, _ = make_sched("fcfs", budget=512)
+    fcfs.add_request(rt_req("batch", 2000, clock2.now, "batch"))
+    step(fcfs, clock2, 0.01)
+    fcfs.add_request(rt_req("firm", 300, clock2.now, "firm", ttft_s=0.5))
+    assert ids(step(fcfs, clock2, 0.01)) == [("batch", 512)]
+
+
+def test_steps_are_bounded_by_the_interactive_itl_budget_even_with_no_stream_running():
+    sched, _, clock, _ = make_sched("deadline", budget=1024)
+    sched.add_request(rt_req("batch", 2000, clock.now, "batch"))
+    assert ids(sched.schedule()) == [("batch", 400)]  # (50 ms - 10 ms) / 0.1 ms
+    fcfs, _, clock2, _ = make_sched("fcfs", budget=1024)
+    fcfs.add_request(rt_req("batch", 2000, clock2.now, "batch"))
+    assert ids(fcfs.schedule()) == [("batch", 1024)]
+
+
+def test_steps_leave_room_for_the_cost_models_observed_overruns():
+    sched, _, clock, _ = make_sched("deadline", budget=1024, step_slack_fraction=0.8)
+    sched.policy.cost_model.overrun_ratio = 2.0  # some steps took twice their prediction
+    assert sched.policy.plan_fraction() == 0.5
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("long", 2000, clock.now, "batch"))
+    assert 139 <= dict(ids(step(sched, clock)))["long"] <= 140  # (25 ms - 11 ms) / 0.1 ms
+    sched.policy.cost_model.overrun_ratio = 1.0
+    assert sched.policy.plan_fraction() == 0.8
+
+
+def test_the_running_set_is_capped_so_that_a_step_of_decodes_fits_the_itl_budget():
+    # 20 ms ITL budget: 10 ms per step + 8 minimum prefill tokens (0.8 ms) leave room for 9 decodes.
+    tight = RTClassDefaults(0.5, 0.020, None)
+    sched, _, clock, _ = make_sched("deadline", budget=512, max_seqs=64, soft=tight, firm=tight)
+    for i in range(12):
+        sched.add_request(rt_req(f"s{i}", 8, clock.now, itl_s=0.020))
+    step(sched, clock, 0.005)
+    assert len(sched.running) == 9 and len(sched.waiting) == 3
+    assert sched.policy.max_num_running(sched.running) == 9
+    fcfs, _, clock2, _ = make_sched("fcfs", budget=512, max_seqs=64)
+    for i in range(12):
+        fcfs.add_request(rt_req(f"s{i}", 8, clock2.now, itl_s=0.020))
+    step(fcfs, clock2, 0.005)
+    assert len(fcfs.running) == 12
+
+
+def test_batch_joins_only_below_its_share_of_the_cap_but_never_finds_an_empty_engine_closed():
+    tight = RTClassDefaults(0.5, 0.020, None)
+    sched, _, clock, _ = make_sched("deadline", budget=512, max_seqs=64, soft=tight, firm=tight)
+    for i in range(6):
+        sched.add_request(rt_req(f"b{i}", 8, clock.now, "batch"))
+    step(sched, clock, 0.005)
+    assert [r.request_id for r in sched.running] == ["b0", "b1", "b2", "b3"]  # int(9 * 0.5)
+    alone, _, clock2, _ = make_sched("deadline", background_slot_share=0.0)
+    alone.add_request(rt_req("b", 8, clock2.now, "batch"))
+    assert ids(alone.schedule()) == [("b", 8)]
+
+
+def test_the_oldest_starving_batch_request_goes_first_with_a_small_share_of_each_step():
+    sched, _, clock, _ = make_sched("deadline", budget=512, batch_max_wait_s=30.0, min_prefill_chunk=16)
+    sched.add_request(rt_req("young-batch", 2000, clock.now - 31.0, "batch"))
+    sched.add_request(rt_req("old-batch", 2000, clock.now - 40.0, "batch"))
+    sched.add_request(rt_req("soft", 100, clock.now, ttft_s=0.5))
+    assert ids(step(sched, clock, 0.01)) == [("old-batch", 16), ("soft", 100), ("young-batch", 284)]
+    # 16 tokens a step while it prefills, first of the prefills; the soft stream decodes.
+    got = ids(sched.schedule())
+    assert got[:2] == [("soft", 1), ("old-batch", 16)] and got[2][0] == "young-batch"
+
+
+def test_a_prefill_step_is_at_most_max_step_stretch_times_its_decodes():
+    sched, _, clock, _ = make_sched("deadline", budget=1024, max_step_stretch=1.5)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("long", 2000, clock.now, "batch"))
+    # One decode: 11 ms; with prefill at most 16.5 ms, though the 50 ms slack would allow 390 tokens.
+    assert 54 <= dict(ids(step(sched, clock)))["long"] <= 55

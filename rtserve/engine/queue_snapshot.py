@@ -1,0 +1,60 @@
+"""The scheduler's queue as admission control sees it (`QueueSnapshot`), built after every step.
+
+A function of the scheduler and the cost model only, so the engine core and the deterministic
+scheduling simulation in the tests build it the same way.
+"""
+from __future__ import annotations
+
+from rtserve.engine.cost_model import StepCostModel, StepFeatures
+from rtserve.engine.request import Request
+from rtserve.engine.scheduler import Scheduler
+from rtserve.protocol import QueueSnapshot
+
+
+def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_requests_added: int,
+                         max_model_len: int, now: float) -> QueueSnapshot:
+    """What admission control in the engine client needs to predict a new request's TTFT.
+
+    A request the policy limits to a fixed share of each step (a starving batch request) is not work
+    ahead of anyone: its share comes off the prefill budget instead.
+    """
+    policy = sched.policy
+    running = [r for r in sched.running if not r.is_paused]
+    num_decodes = sum(1 for r in running if r.num_remaining_prefill_tokens == 0)
+    budget = sched.config.max_num_batched_tokens
+    num_free_slots = sched.config.max_num_seqs - len(sched.running)
+    max_num_running = policy.max_num_running(running)
+    if max_num_running is not None:
+        num_free_slots = min(num_free_slots, max_num_running - len(running))
+    running_prefills = [r for r in running if r.num_remaining_prefill_tokens > 0]
+    shares = {r.request_id: share for r in (*running_prefills, *sched.waiting)
+              if (share := policy.max_chunk_tokens(r, now)) is not None}
+    num_shared = sum(shares.values())
+    prefill_token_budget = policy.prefill_token_budget(running, now, budget - num_decodes, sched.waiting)
+    num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
+    num_context = sum(r.num_computed_tokens for r in running)
+    step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context))
+
+    def ahead(requests) -> list[tuple[tuple[int, float], int]]:
+        return [(policy.order_key(r, now), r.num_remaining_prefill_tokens + 1) for r in requests
+                if r.request_id not in shares]
+
+    return QueueSnapshot(
+        timestamp=now, policy=policy.name, num_requests_added=num_requests_added,
+        waiting=ahead(sched.waiting), num_running=len(sched.running), num_decodes=num_decodes,
+        running_prefills=ahead(running_prefills),
+        num_context_tokens=num_context,
+        running_remaining_tokens=sorted(remaining_tokens(r, max_model_len) for r in sched.running),
+        num_free_slots=num_free_slots,
+        prefill_token_budget=max(prefill_token_budget - num_shared, 1),
+        step_s=step_s if running or sched.waiting else 0.0,
+        cost_coeffs=cost_model.coeffs, cost_calibrated=cost_model.is_calibrated,
+        cost_mean_abs_error_s=cost_model.mean_abs_error_s, cost_mean_rel_error=cost_model.mean_rel_error)
+
+
+def remaining_tokens(req: Request, max_model_len: int) -> int:
+    """Output tokens the request may still generate (its max_tokens or the context length bound it)."""
+    limit = max_model_len - req.num_prompt_tokens
+    if req.sampling_params.max_tokens is not None:
+        limit = min(limit, req.sampling_params.max_tokens)
+    return max(limit - req.num_output_tokens, 0)
