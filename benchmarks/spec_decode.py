@@ -9,6 +9,10 @@ Measures:
                (accepted / proposed draft tokens), mean tokens per verify step, greedy identity
   N streams    N concurrent requests (--stream-mix: all prompts in turn, or only copy / chat ones),
                all added at once: output tok/s over the whole run, each method vs off
+The methods' engines run side by side in one process and take turns step by step (the order rotating
+every round), each timed over its own steps only: on a shared machine the load of the moment then
+falls on every method alike, which a run-after-run comparison cannot ensure. Each engine's scheduler
+clock stands still while the others step, so its deadlines see only its own steps, as if it ran alone.
 Methods: off, ngram (adaptive k), ngram-fixed (k always 4 when there is a match), and with
 --draft-layers L a layer-skip draft (the target's first L layers + its LM head: same tokenizer).
 
@@ -72,7 +76,27 @@ def build_core(method: str, args, max_streams: int):
         draft_cfg = dataclasses.replace(full.config, num_layers=args.draft_layers)
         proposer = DraftModelProposer.from_weights(draft_cfg, full.weights, num_blocks=2048,
                                                    block_size=config.cache.block_size)
-    return EngineCore(config, model_config, weights, proposer=proposer)
+    core = EngineCore(config, model_config, weights, proposer=proposer)
+    core.scheduler.clock = EngineClock()
+    return core
+
+
+class EngineClock:
+    """Monotonic seconds that stand still between `pause()` and `resume()` (it starts paused)."""
+
+    def __init__(self) -> None:
+        self._paused_s = 0.0
+        self._paused_at: float | None = time.monotonic()
+
+    def __call__(self) -> float:
+        return (time.monotonic() if self._paused_at is None else self._paused_at) - self._paused_s
+
+    def resume(self) -> None:
+        self._paused_s += time.monotonic() - self._paused_at
+        self._paused_at = None
+
+    def pause(self) -> None:
+        self._paused_at = time.monotonic()
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -80,23 +104,40 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
                             add_special_tokens=False)
 
 
-def run(core, prompts: list[list[int]], max_tokens: int) -> tuple[dict[str, list[int]], float, float]:
-    """All prompts at once, greedy. Returns (tokens per request, total seconds, seconds after first tokens)."""
+def run(cores: dict, prompts: list[list[int]], max_tokens: int) -> dict[str, tuple[dict[str, list[int]], Timing]]:
+    """The same prompts, all at once, greedy, on every engine; steps interleaved across engines.
+    Returns per engine (tokens per request, its own step time)."""
     from rtserve.protocol import EngineCoreRequest
     from rtserve.sampling_params import SamplingParams
-    for i, ids in enumerate(prompts):
-        core.add_request(EngineCoreRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                                           time.monotonic()))
-    tokens: dict[str, list[int]] = {}
-    start = time.perf_counter()
-    first = None
-    while core.has_unfinished:
-        for out in core.step().outputs:
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if first is None and len(tokens) == len(prompts):
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return tokens, end - start, end - (first or start)
+    for core in cores.values():
+        for i, ids in enumerate(prompts):
+            core.add_request(EngineCoreRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                                               core.scheduler.clock()))
+    results = {name: ({}, Timing()) for name in cores}
+    order = list(cores)
+    while any(core.has_unfinished for core in cores.values()):
+        for name in order:
+            core, (tokens, timing) = cores[name], results[name]
+            if not core.has_unfinished:
+                continue
+            core.scheduler.clock.resume()
+            start = time.perf_counter()
+            outputs = core.step().outputs
+            step_s = time.perf_counter() - start
+            core.scheduler.clock.pause()
+            timing.total_s += step_s
+            if len(tokens) == len(prompts):  # every request had its first token before this step
+                timing.after_first_s += step_s
+            for out in outputs:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        order = order[1:] + order[:1]
+    return results
+
+
+@dataclasses.dataclass
+class Timing:
+    total_s: float = 0.0  # the engine's own steps, first to last
+    after_first_s: float = 0.0  # its steps after every request had its first token
 
 
 def spec_counts(core) -> tuple[int, int, int]:
@@ -137,16 +178,14 @@ def main() -> None:
     if not args.no_batch1:
         print(f"== batch 1, greedy, {args.max_tokens} tokens, decode tok/s after the first token ==  {load()}")
         cores = {method: build_core(method, args, 1) for method in methods}
-        for core in cores.values():
-            run(core, [next(iter(prompts.values()))], 16)  # warm-up
+        run(cores, [next(iter(prompts.values()))], 16)  # warm-up
         for name, ids in prompts.items():
             rates: dict[str, list[float]] = {m: [] for m in methods}
             outs, before = {}, {m: spec_counts(c) for m, c in cores.items()}
-            for _ in range(args.repeats):  # methods interleaved, so machine noise hits all of them alike
-                for method, core in cores.items():
-                    tokens, _, decode_s = run(core, [ids], args.max_tokens)
+            for _ in range(args.repeats):
+                for method, (tokens, timing) in run(cores, [ids], args.max_tokens).items():
                     outs[method] = tokens["q0"]
-                    rates[method].append((len(tokens["q0"]) - 1) / decode_s)
+                    rates[method].append((len(tokens["q0"]) - 1) / timing.after_first_s)
             base = statistics.median(rates["off"])
             for method in methods:
                 rate, out, ref = statistics.median(rates[method]), outs[method], outs["off"]
@@ -156,7 +195,7 @@ def main() -> None:
                 print(f"{name:12s} {method:12s} {rate:6.1f} tok/s  x{rate / base:4.2f}  {len(out):3d} tokens  {drafts}"
                       f"  {same if method != 'off' else ''}", flush=True)
 
-    for n in [int(x) for x in args.streams.split(",") if x]:  # streams: interleaved repeats, median
+    for n in [int(x) for x in args.streams.split(",") if x]:  # streams: median of the repeats
         mix = list(prompts.values()) if args.stream_mix == "all" else [
             ids for name, ids in prompts.items() if name.startswith(args.stream_mix)]
         print(f"== {n} concurrent streams ({args.stream_mix} prompts in turn), aggregate output tok/s ==  {load()}")
@@ -164,14 +203,12 @@ def main() -> None:
         cores = {method: build_core(method, args, n) for method in methods}
         rates = {m: [] for m in methods}
         before = {}
-        for core in cores.values():
-            run(core, batch[:2], 8)  # warm-up
-        for rep in range(args.repeats):  # interleaved, as above
-            for method, core in cores.items():
-                if rep == args.repeats - 1:
-                    before[method] = spec_counts(core)
-                tokens, total_s, _ = run(core, batch, args.max_tokens)
-                rates[method].append(sum(len(t) for t in tokens.values()) / total_s)
+        run(cores, batch[:2], 8)  # warm-up
+        for rep in range(args.repeats):
+            if rep == args.repeats - 1:
+                before = {method: spec_counts(core) for method, core in cores.items()}
+            for method, (tokens, timing) in run(cores, batch, args.max_tokens).items():
+                rates[method].append(sum(len(t) for t in tokens.values()) / timing.total_s)
         base = statistics.median(rates["off"])
         for method in methods:
             rate = statistics.median(rates[method])

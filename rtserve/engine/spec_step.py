@@ -7,7 +7,6 @@ step-time budget); after the update, what was accepted feeds the estimates and t
 from __future__ import annotations
 
 import math
-import time
 
 from rtserve.engine.cost_model import StepCostModel, StepFeatures
 from rtserve.engine.request import Request
@@ -36,7 +35,7 @@ def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: Ste
         return cost_model.predict_s(StepFeatures(len(decoding) + num_draft_tokens, num_prefill,
                                                  num_context + num_draft_tokens))
 
-    time_budget_s = scheduler.policy.step_time_budget_s(running, time.monotonic())
+    time_budget_s = scheduler.policy.step_time_budget_s(running, scheduler.clock())
     step = DraftStep(len(decoding), num_prefill, cost_model_s, math.inf if time_budget_s is None else time_budget_s)
     spare = budget - num_prefill
     caps = [min(_max_drafts(r, max_model_len), spare) for r in decoding]

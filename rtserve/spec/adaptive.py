@@ -33,18 +33,24 @@ class StepTimeTable:
     GEMM above it), so the k chooser trusts what steps of the same size actually took, interpolates
     between measured sizes, and extrapolates with the steeper of the cost model's slope and the
     measured one. A size is forgotten when not seen for `max_age_steps`, or sooner while it has few
-    samples (`probe_age_steps` per sample): its first steps are the likeliest to be slow for reasons
-    of their own (a stall, a kernel's first call at a new shape), and a size that looked slow once
-    must not block speculation for long.
+    samples (`probe_age_steps` per sample): a size that looked slow once (a stall) must not block
+    speculation for long. The engine's first `warmup_steps` steps are not recorded: they run cold
+    (TorchScript's profiling runs, first allocations) and took several times a warm step here.
     """
 
-    def __init__(self, window: int = 9, max_age_steps: int = 1000, probe_age_steps: int = 100) -> None:
+    def __init__(self, window: int = 9, max_age_steps: int = 1000, probe_age_steps: int = 30,
+                 warmup_steps: int = 8) -> None:
         self.window, self.max_age_steps, self.probe_age_steps = window, max_age_steps, probe_age_steps
+        self.warmup_steps = warmup_steps
+        self._num_seen = 0
         self._step = 0
         self._samples: dict[int, deque[float]] = {}
         self._table: dict[int, tuple[float, int]] = {}  # num_rows -> (median seconds, step last seen)
 
     def observe(self, num_rows: int, step_s: float) -> None:
+        self._num_seen += 1
+        if self._num_seen <= self.warmup_steps:
+            return
         self._step += 1
         samples = self._samples.setdefault(num_rows, deque(maxlen=self.window))
         if not self._is_fresh(num_rows):

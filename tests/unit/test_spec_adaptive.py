@@ -75,7 +75,7 @@ def test_time_budget_caps_the_verify_step():
 # --- StepTimeTable: measured decode-only step time by rows ---------------------------------------
 
 def test_step_time_table_prefers_measurements_and_interpolates():
-    table = StepTimeTable()
+    table = StepTimeTable(warmup_steps=0)
     model = linear(0.010, 0.001)  # the cost model believes rows are cheap
     assert table.predict(5, model) == pytest.approx(0.015)  # nothing measured: the model
     table.observe(1, 0.020)
@@ -88,14 +88,23 @@ def test_step_time_table_prefers_measurements_and_interpolates():
 
 
 def test_step_time_table_ignores_a_stalled_step():
-    table = StepTimeTable(window=5)
+    table = StepTimeTable(window=5, warmup_steps=0)
     for step_s in (0.020, 0.021, 0.019, 0.500, 0.020):  # another process stole the CPU once
         table.observe(1, step_s)
     assert table.predict(1, linear(0.0, 0.0)) == pytest.approx(0.020)
 
 
+def test_step_time_table_skips_the_engine_s_cold_first_steps():
+    table = StepTimeTable(warmup_steps=2)
+    table.observe(3, 0.500)  # TorchScript's profiling runs
+    table.observe(1, 0.300)
+    table.observe(1, 0.010)
+    assert table.predict(1, linear(0.0, 0.0)) == pytest.approx(0.010)
+    assert table.predict(3, linear(0.0, 0.001)) == pytest.approx(0.012)  # never measured
+
+
 def test_step_time_table_forgets_stale_sizes():
-    table = StepTimeTable(max_age_steps=3)
+    table = StepTimeTable(max_age_steps=3, warmup_steps=0)
     table.observe(5, 1.0)
     for _ in range(4):
         table.observe(1, 0.01)
@@ -103,7 +112,7 @@ def test_step_time_table_forgets_stale_sizes():
 
 
 def test_a_size_seen_once_is_retried_sooner_than_a_well_measured_one():
-    table = StepTimeTable(window=9, max_age_steps=1000, probe_age_steps=10)
+    table = StepTimeTable(window=9, max_age_steps=1000, probe_age_steps=10, warmup_steps=0)
     table.observe(3, 0.500)  # one probe, stalled
     for _ in range(9):
         table.observe(2, 0.015)
@@ -118,7 +127,7 @@ def test_a_size_seen_once_is_retried_sooner_than_a_well_measured_one():
 def test_chooser_with_measured_nonlinear_step_times_stops_speculating():
     # Verify rows measured as expensive (each one costs a whole decode): with 50% acceptance no k
     # pays, though the linear model alone would have said it does.
-    table, model = StepTimeTable(), linear(0.020, 0.0005)
+    table, model = StepTimeTable(warmup_steps=0), linear(0.020, 0.0005)
     assert SpecLengthChooser(max_k=4).choose([0.5], [4], lambda n: table.predict(1 + n, model)) == [4]
     for m in range(1, 6):
         table.observe(m, 0.020 * m)
@@ -197,6 +206,8 @@ def test_verification_priced_by_measured_decode_steps_of_that_many_rows():
         spec.tracker.observe(f"old{i}", 4, 4, prior_key=4)
     free_rows = decode_step(1, per_row_s=0.0001)
     assert spec.propose([_Req("copy", COPY)], [4], free_rows)[0].token_ids == [5, 6, 7, 8]
+    for _ in range(spec.step_times.warmup_steps):
+        spec.observe_step(1, 0, 1.0)  # cold steps: not recorded
     for rows in range(1, 6):
         spec.observe_step(rows, 0, 0.010 * rows)
     assert spec.propose([_Req("copy", COPY)], [4], free_rows)[0].token_ids == []
