@@ -45,9 +45,11 @@ def prompt_ids(n: int, seed: int, vocab: int = 49152) -> list[int]:
 
 class RtserveEngine:
     def __init__(self, quantization: str, max_streams: int) -> None:
-        from rtserve.config import CacheConfig, EngineConfig, SchedulerConfig
+        from rtserve.config import CacheConfig, EngineConfig, RTConfig, SchedulerConfig
         from rtserve.engine.core import EngineCore
+        # FCFS: every stream runs at once (the deadline policy would cap the running set to fit 50 ms).
         self.config = EngineConfig(quantization=quantization, cache=CacheConfig(enable_prefix_caching=False),
+                                   rt=RTConfig(policy="fcfs"),
                                    scheduler=SchedulerConfig(max_num_batched_tokens=PREFILL_LEN,
                                                              max_num_seqs=max(64, max_streams)))
         self.core = EngineCore.from_config(self.config)
