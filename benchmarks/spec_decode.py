@@ -4,7 +4,7 @@ Drives `EngineCore.step()` directly (no HTTP), greedy, chat-templated prompts of
   copy   input-grounded ("Repeat the following text exactly", rename a variable in code, fix a typo):
          prompt lookup should find most of the answer in the prompt
   chat   open questions: little to copy; adaptive k should fall back to plain decoding
-Measures:
+Measures (tok/s: the median over the repeats; xN: the median over the repeats of method / off):
   batch 1      per prompt: output tok/s after the first token, off vs each method, acceptance
                (accepted / proposed draft tokens), mean tokens per verify step, greedy identity
   N streams    N concurrent requests (--stream-mix: all prompts in turn, or only copy / chat ones),
@@ -14,7 +14,8 @@ every round), each timed over its own steps only: on a shared machine the load o
 falls on every method alike, which a run-after-run comparison cannot ensure. Each engine's scheduler
 clock stands still while the others step, so its deadlines see only its own steps, as if it ran alone.
 Methods: off, ngram (adaptive k), ngram-fixed (k always 4 when there is a match), and with
---draft-layers L a layer-skip draft (the target's first L layers + its LM head: same tokenizer).
+--draft-layers L a layer-skip draft (the target's first L layers + its LM head: same tokenizer);
+off2 is a second engine without speculation, an A/A check of the measurement's noise floor.
 
 Requests carry the default real-time budgets (soft class, 50 ms ITL): under `--policy deadline` (the
 server's default) adaptive k never lets a verify step run past the tightest stream's ITL slack, so
@@ -58,7 +59,7 @@ def build_core(method: str, args, max_streams: int):
     from rtserve.engine.core import EngineCore
     from rtserve.model.loader import default_model_path, load_model
     from rtserve.model.quantized_loader import load_fast_checkpoint
-    spec = {"off": SpeculativeConfig(),
+    spec = {"off": SpeculativeConfig(), "off2": SpeculativeConfig(),
             "ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k),
             "ngram-fixed": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, adaptive=False),
             "draft": SpeculativeConfig(method="draft", num_speculative_tokens=args.k)}[method]
@@ -186,14 +187,13 @@ def main() -> None:
                 for method, (tokens, timing) in run(cores, [ids], args.max_tokens).items():
                     outs[method] = tokens["q0"]
                     rates[method].append((len(tokens["q0"]) - 1) / timing.after_first_s)
-            base = statistics.median(rates["off"])
             for method in methods:
                 rate, out, ref = statistics.median(rates[method]), outs[method], outs["off"]
                 diverge = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), None)
                 same = "identical" if out == ref else f"differs from token {diverge}"
                 drafts = spec_summary(before[method], spec_counts(cores[method])) if method != "off" else ""
-                print(f"{name:12s} {method:12s} {rate:6.1f} tok/s  x{rate / base:4.2f}  {len(out):3d} tokens  {drafts}"
-                      f"  {same if method != 'off' else ''}", flush=True)
+                print(f"{name:12s} {method:12s} {rate:6.1f} tok/s  x{paired_ratio(rates, method):4.2f}  "
+                      f"{len(out):3d} tokens  {drafts}  {same if method != 'off' else ''}", flush=True)
 
     for n in [int(x) for x in args.streams.split(",") if x]:  # streams: median of the repeats
         mix = list(prompts.values()) if args.stream_mix == "all" else [
@@ -209,14 +209,18 @@ def main() -> None:
                 before = {method: spec_counts(core) for method, core in cores.items()}
             for method, (tokens, timing) in run(cores, batch, args.max_tokens).items():
                 rates[method].append(sum(len(t) for t in tokens.values()) / timing.total_s)
-        base = statistics.median(rates["off"])
         for method in methods:
             rate = statistics.median(rates[method])
             drafts = spec_summary(before[method], spec_counts(cores[method])) if method != "off" else ""
-            print(f"{method:12s} {rate:7.1f} tok/s  x{rate / base:4.2f}  (runs: "
+            print(f"{method:12s} {rate:7.1f} tok/s  x{paired_ratio(rates, method):4.2f}  (runs: "
                   f"{', '.join(f'{r:.0f}' for r in rates[method])})  {drafts}", flush=True)
         del cores
     print(f"== done ==  {load()}")
+
+
+def paired_ratio(rates: dict[str, list[float]], method: str) -> float:
+    """Median over the repeats of method / off: each repeat ran both side by side (a paired sample)."""
+    return statistics.median(r / b for r, b in zip(rates[method], rates["off"]))
 
 
 def load() -> str:
