@@ -115,6 +115,7 @@ class RTConfig:
     step_slack_fraction: float = 0.8  # steps are planned to end within this share of the tightest slack
     background_slot_share: float = 0.5  # late and batch work joins only below this share of the ITL cap
     max_step_stretch: float = 1.5     # a step with prefill is planned at most this much longer than its decodes
+    min_running: int = 8              # the ITL-based running-set cap never goes below this
     max_num_waiting: int = 256        # bounded waiting queue (requests) ...
     max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it

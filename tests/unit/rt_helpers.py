@@ -30,7 +30,7 @@ def make_sched(policy="deadline", budget=512, max_seqs=8, num_blocks=256, block_
                calibrated=True, **rt_kw):
     """A scheduler on the fake cost model; steps are planned to fill the whole slack (the model has no
     measured overruns) unless `step_slack_fraction` or `max_step_stretch` are given."""
-    rt = RTConfig(policy=policy, **{"step_slack_fraction": 1.0, "max_step_stretch": 1000.0, **rt_kw})
+    rt = RTConfig(policy=policy, **{"step_slack_fraction": 1.0, "max_step_stretch": 1000.0, "min_running": 0, **rt_kw})
     model = StepCostModel.from_coeffs(FAKE_COEFFS, calibrated=calibrated)
     model.overrun_ratio = 1.0
     kv = KVCacheManager(num_blocks, block_size)
