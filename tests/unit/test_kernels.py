@@ -38,6 +38,23 @@ def test_paged_decode_attention_matches_reference(group, head_dim):
     _assert_close_bf16(out, ref)
 
 
+@pytest.mark.parametrize("block_size", [1, 5, 8, 32])
+def test_paged_decode_attention_any_block_size(block_size):
+    # The fast kernel walks 16 tokens at a time across block boundaries wherever they fall.
+    gen = torch.Generator().manual_seed(block_size)
+    lens = torch.tensor([1, 16, 17, 33, 70])
+    num_blocks = int(sum(-(-n // block_size) for n in lens.tolist())) + 3
+    width = -(-int(lens.max()) // block_size)
+    k = _bf16(num_blocks * block_size, KVH, HD, gen=gen)
+    v = _bf16(num_blocks * block_size, KVH, HD, gen=gen)
+    q = _bf16(len(lens), H, HD, gen=gen)
+    table = torch.randperm(num_blocks, generator=gen)[:len(lens) * width] if num_blocks >= len(lens) * width \
+        else torch.randint(0, num_blocks, (len(lens) * width,), generator=gen)
+    table = table.view(len(lens), width)
+    out = torch.ops.rtserve.paged_decode_attention(q, k, v, table, lens, block_size, HD ** -0.5)
+    _assert_close_bf16(out, kernels.reference_paged_decode_attention(q, k, v, table, lens, block_size, HD ** -0.5))
+
+
 def test_paged_decode_attention_ignores_padding_and_extreme_scores():
     gen = torch.Generator().manual_seed(1)
     k = _bf16(4 * BS, KVH, HD, gen=gen) * 30  # large logits: the softmax must subtract the max
