@@ -120,7 +120,7 @@ class RTConfig:
     max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
     slow_reader_timeout_s: float = 30.0  # a paused stream is aborted after this long
-    cost_prior_s: tuple[float, float, float, float] = (0.005, 0.0005, 0.0001, 0.0)
+    cost_prior_s: tuple[float, ...] = (0.005, 0.0005, 0.0001, 0.0, 0.5)  # rtserve/engine/cost_model.py
     cost_window: int = 256            # the step-time model is fitted over this many recent steps
     cost_min_samples: int = 8         # steps measured before predictions are trusted
 

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from rtserve.config import RTConfig
-from rtserve.engine.cost_model import StepCostModel, StepFeatures
+from rtserve.engine.cost_model import StepCostModel, StepFeatures, prefill_pairs
 from rtserve.engine.rt_params import BACKGROUND, ON_TIME, OrderKey
 from rtserve.protocol import QueueSnapshot, RTClass, RTParams
 
@@ -68,7 +68,10 @@ def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: Orde
     per_step = max(snap.prefill_token_budget, 1)
     num_steps = math.ceil(num_tokens / per_step)
     step_s = model.predict_s(StepFeatures(snap.num_decodes, min(per_step, num_tokens), snap.num_context_tokens))
-    compute_s = num_steps * step_s
+    # Prefill attention grows with each prompt's length, whatever the chunking: its pairs once, in total
+    # (a running prefill's remaining tokens counted from position 0: a lower bound).
+    prompts = [n for k, n in snap.running_prefills if k <= key] + ahead + [num_prompt_tokens]
+    compute_s = num_steps * step_s + model.prefill_attention_s(sum(prefill_pairs(n) for n in prompts))
     num_short = len(ahead) + 1 - snap.num_free_slots
     slot_s = 0.0
     if num_short > 0:

@@ -12,7 +12,7 @@ Pure functions of the request, the time and the cost model: unit-tested with a f
 """
 from __future__ import annotations
 
-from rtserve.engine.cost_model import StepCostModel, StepFeatures
+from rtserve.engine.cost_model import StepCostModel, StepFeatures, prefill_pairs
 from rtserve.engine.request import Request
 
 
@@ -34,7 +34,8 @@ def min_time_to_next_token_s(req: Request, cost_model: StepCostModel) -> float:
     if not cost_model.is_calibrated:
         return 0.0
     num_remaining = req.num_remaining_prefill_tokens
-    features = StepFeatures(0, num_remaining + 1, 0) if num_remaining > 0 else StepFeatures(1, 0, 0)
+    features = StepFeatures(1, 0, 0) if num_remaining <= 0 else StepFeatures(
+        0, num_remaining + 1, 0, prefill_pairs(num_remaining + 1, req.num_computed_tokens))
     return cost_model.predict_s(features)
 
 

@@ -137,7 +137,10 @@ class DeadlinePolicy:
         budget, so that prefill progresses and the next gap stays near the budget. With no stream
         running the step is bounded by the interactive classes' ITL budget all the same: a request
         arriving meanwhile waits for the step in flight. The step is planned to fill `plan_fraction`
-        of that time; at least `min_prefill_chunk` tokens always fit.
+        of that time; at least `min_prefill_chunk` tokens always fit, except when the only prefill
+        work is background batch work beside running streams: then it gets only what fits, possibly
+        nothing (a long prompt's deep chunks cost more than a 50 ms step allows: 16 tokens at position
+        1,900 beside 4 decodes measured 62 ms), until the streams leave room or it starves.
         """
         if not self.cost_model.is_calibrated:
             return token_budget
@@ -157,8 +160,18 @@ class DeadlinePolicy:
         if streams:  # keep the cadence even: a prefill step is at most this much longer than a decode step
             decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
             time_budget_s = min(time_budget_s, self.config.max_step_stretch * decode_step_s)
-        fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)
+        # The deepest running prefill bounds the chunk: its attention costs the most per token.
+        start = max((r.num_computed_tokens for r in active if r.num_remaining_prefill_tokens > 0), default=0)
+        fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context, start)
+        if streams and fit < self.config.min_prefill_chunk and self._only_background_prefill(active, waiting, now):
+            return min(fit, token_budget)  # batch work waits for capacity (or until it starves)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
+
+    def _only_background_prefill(self, active: list[Request], waiting: Iterable[Request], now: float) -> bool:
+        """True when every prefill that could run is background (batch, not starving) work."""
+        candidates = [r for r in active if r.num_remaining_prefill_tokens > 0]
+        candidates += [r for r in waiting if not r.is_paused]
+        return all(self.order_key(r, now)[0] == BACKGROUND for r in candidates)
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
         """Seconds the next step may take so that the tightest stream's next token is on time (the

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rtserve.engine.cost_model import StepFeatures
+from rtserve.engine.cost_model import StepFeatures, prefill_pairs
 from rtserve.engine.request import Request
 from rtserve.protocol import TokenLogprob
 
@@ -56,7 +56,10 @@ class SchedulerOutput:
         num_decodes = sum(s.num_new_tokens for s in self.seqs if s.num_sequence_tokens == 1)
         return StepFeatures(num_decodes=num_decodes,
                             num_prefill_tokens=self.num_scheduled_tokens - num_decodes,
-                            num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs))
+                            num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs),
+                            num_prefill_pairs=sum(prefill_pairs(s.num_new_tokens, s.start_pos)
+                                                  for s in self.seqs if s.num_sequence_tokens != 1),
+                            num_prefill_seqs=sum(1 for s in self.seqs if s.num_sequence_tokens != 1))
 
 
 @dataclass

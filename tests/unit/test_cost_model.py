@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rtserve.engine.cost_model import StepCostModel, StepFeatures
+from rtserve.engine.cost_model import StepCostModel, StepFeatures, prefill_pairs
 
 TRUE = (0.004, 0.0008, 0.00015, 0.002)  # intercept, per decode, per prefill token, per 1k context
 
@@ -64,9 +64,53 @@ def test_max_prefill_tokens_inverts_the_model():
     assert free.max_prefill_tokens(0.050, 4, 0) >= 1 << 20
 
 
-def test_prior_must_have_four_coefficients():
+def test_prior_has_at_most_six_coefficients_and_missing_ones_cost_nothing():
     with pytest.raises(ValueError):
-        StepCostModel(prior=(0.1, 0.2))
+        StepCostModel(prior=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
+    with pytest.raises(ValueError):
+        StepCostModel(prior=())
+    assert StepCostModel(prior=(0.1, 0.2)).coeffs == (0.1, 0.2, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_step_with_prefill_pays_a_per_chunk_cost():
+    model = StepCostModel.from_coeffs((0.010, 0.001, 0.0001, 0.0, 0.0, 0.008))
+    assert model.predict_s(StepFeatures(4, 0)) == pytest.approx(0.014)
+    assert model.predict_s(StepFeatures(4, 10)) == pytest.approx(0.014 + 0.001 + 0.008)  # one chunk implied
+    assert model.predict_s(StepFeatures(4, 20, num_prefill_seqs=2)) == pytest.approx(0.014 + 0.002 + 0.016)
+    # The chunk cost is paid once a single token is added: 50 ms - 14 ms - 8 ms leaves 280 tokens.
+    assert model.max_prefill_tokens(0.050, 4, 0) == 280
+    assert model.max_prefill_tokens(0.02255, 4, 0) == 5
+    assert model.max_prefill_tokens(0.0215, 4, 0) == 0
+
+
+def test_prefill_pairs_count_the_causal_attention_of_a_chunk():
+    assert prefill_pairs(1, 0) == 1
+    assert prefill_pairs(4, 0) == 1 + 2 + 3 + 4
+    assert prefill_pairs(4, 100) == 101 + 102 + 103 + 104
+    # Chunking does not change the total: a 2,048-token prompt in 16-token chunks.
+    assert sum(prefill_pairs(16, s) for s in range(0, 2048, 16)) == prefill_pairs(2048)
+
+
+def test_calibrates_the_prefill_attention_cost():
+    truth = TRUE + (0.6,)  # 0.6 s per million query-key pairs
+    rng = random.Random(11)
+    model = StepCostModel()
+    for _ in range(200):
+        n, start = rng.choice([0, 16, 64, 256]), rng.choice([0, 512, 1024, 1900])
+        f = StepFeatures(rng.randint(0, 16), n, rng.randint(0, 5000), prefill_pairs(n, start) if n else 0)
+        model.observe(f, true_step_s(f, truth))
+    assert model.coeffs[4] == pytest.approx(0.6, rel=0.02)
+    deep, shallow = StepFeatures(4, 16, 1000, prefill_pairs(16, 1900)), StepFeatures(4, 16, 1000, prefill_pairs(16))
+    assert model.predict_s(deep) - model.predict_s(shallow) == pytest.approx(0.6 * 16 * 1900 / 1e6, rel=0.03)
+
+
+def test_max_prefill_tokens_shrinks_with_the_chunk_position():
+    model = StepCostModel.from_coeffs((0.010, 0.001, 0.0001, 0.0, 0.5))
+    at_start, deep = model.max_prefill_tokens(0.050, 4, 0), model.max_prefill_tokens(0.050, 4, 0, prefill_start=1900)
+    assert deep < at_start
+    for n, start in ((at_start, 0), (deep, 1900)):  # the largest chunk within budget
+        assert model.predict_s(StepFeatures(4, n, 0, prefill_pairs(n, start))) <= 0.050 + 1e-12
+        assert model.predict_s(StepFeatures(4, n + 1, 0, prefill_pairs(n + 1, start))) > 0.050
 
 
 def test_never_diverges_on_heavy_tailed_contended_measurements():

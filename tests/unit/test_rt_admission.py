@@ -43,6 +43,14 @@ def test_predicted_ttft_counts_prefill_work_ahead_in_policy_order():
     assert predict_ttft_s(snap, [], key=on_time(1.0), num_prompt_tokens=100) == pytest.approx(2 * 0.030)
 
 
+def test_predicted_ttft_counts_the_prefill_attention_of_long_prompts_ahead():
+    snap = snapshot([(1.0, 2000)])
+    snap.cost_coeffs = FAKE_COEFFS + (0.5,)  # 0.5 s per million query-key pairs
+    without = 21 * 0.020  # 2,100 tokens at 100 per 20 ms step
+    pairs = 2000 * 2001 // 2 + 100 * 101 // 2
+    assert predict_ttft_s(snap, [], key=on_time(2.0), num_prompt_tokens=100) == pytest.approx(without + 0.5 * pairs / 1e6)
+
+
 def test_late_and_background_work_is_not_ahead_of_an_on_time_request():
     # A late soft prompt and a batch prompt, waiting and running: the deadline policy serves them after it.
     snap = snapshot([], num_decodes=10, num_running=10)

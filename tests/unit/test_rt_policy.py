@@ -269,3 +269,22 @@ def test_a_prefill_step_is_at_most_max_step_stretch_times_its_decodes():
     sched.add_request(rt_req("long", 2000, clock.now, "batch"))
     # One decode: 11 ms; with prefill at most 16.5 ms, though the 50 ms slack would allow 390 tokens.
     assert 54 <= dict(ids(step(sched, clock)))["long"] <= 55
+
+
+def test_exhausted_slack_gives_batch_work_nothing_until_it_starves():
+    sched, _, clock, _ = make_sched("deadline", budget=512, min_prefill_chunk=16, batch_max_wait_s=5.0,
+                                    min_running=2)  # a slot for the batch request: only the budget is tested
+    # A 10.5 ms ITL budget: the stream's decode step alone (11 ms) already fills it.
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.0105, max_tokens=1000))
+    step(sched, clock)
+    sched.add_request(rt_req("long", 2000, clock.now, "batch"))
+    for _ in range(3):
+        assert ids(step(sched, clock)) == [("stream", 1)]  # the batch prompt waits for capacity
+    clock.advance(5.0)  # ... but never starves: past batch_max_wait_s it gets the minimum chunk
+    assert dict(ids(step(sched, clock)))["long"] == 16
+    # A soft prompt in the same place always gets the minimum chunk (it has a TTFT to make).
+    sched2, _, clock2, _ = make_sched("deadline", budget=512, min_prefill_chunk=16, min_running=2)
+    sched2.add_request(rt_req("stream", 8, clock2.now, itl_s=0.0105, max_tokens=1000))
+    step(sched2, clock2)
+    sched2.add_request(rt_req("soft", 2000, clock2.now))
+    assert dict(ids(step(sched2, clock2)))["soft"] == 16
