@@ -156,6 +156,8 @@ class QueueSnapshot:
     policy's `(tier, time)` (rtserve/engine/rt_params.py). `num_free_slots` is how many more
     sequences may join the running set now: below `max_num_seqs`, and under the deadline policy also
     below its ITL-based cap for a firm request (negative: that many must finish first).
+    `num_preemptible` counts running requests a waiting firm request may preempt to take their slot
+    (the deadline policy's victims: batch and soft work).
     `num_requests_added` counts every EngineCoreRequest the core has received, so the client knows
     which of the requests it sent are not yet reflected here.
     """
@@ -170,6 +172,7 @@ class QueueSnapshot:
     num_context_tokens: int = 0
     running_remaining_tokens: list[int] = field(default_factory=list)  # ascending, max_tokens bound
     num_free_slots: int = 0
+    num_preemptible: int = 0
     step_s: float = 0.0  # predicted duration of the step that starts as this snapshot is sent
     prefill_token_budget: int = 1
     cost_coeffs: tuple[float, ...] = ()

@@ -8,7 +8,8 @@ Predicted TTFT of a new request = time already spent since arrival + the rest of
     + max(compute: every prefill token ahead of it in the policy's order (running or waiting), its own
                prompt included,
                at the prefill token budget per step, each step costed by the step-time model,
-          slot:    time until enough running sequences finish to give it a sequence slot).
+          slot:    time until enough running sequences finish to give it a sequence slot; a firm
+                   request counts the batch and soft requests it may preempt as free slots).
 A firm request whose predicted TTFT exceeds its budget is refused before any byte is sent; its
 Retry-After is the excess (how much the queue ahead must drain first). Soft and batch requests are
 admitted whenever the queue has room. Pure functions of their inputs: unit-tested with fake snapshots.
@@ -55,10 +56,13 @@ def order_key(policy: str, rt: RTParams, arrival_s: float, config: RTConfig) -> 
 
 
 def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: OrderKey,
-                   num_prompt_tokens: int, elapsed_s: float = 0.0, now: float | None = None) -> float:
+                   num_prompt_tokens: int, elapsed_s: float = 0.0, now: float | None = None,
+                   can_preempt: bool = False) -> float:
     """Predicted time from now to the first token of a request with this order key and prompt.
 
     With `now`, the part of the step in flight since the snapshot (`step_s` long) still to run counts.
+    `can_preempt`: the request (an on-time firm one) takes a preemptible request's slot instead of
+    waiting for a stream to finish.
     """
     in_flight_s = 0.0 if now is None else max(snap.step_s - (now - snap.timestamp), 0.0)
     model = StepCostModel.from_coeffs(snap.cost_coeffs, snap.cost_calibrated)
@@ -72,7 +76,7 @@ def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: Orde
     # (a running prefill's remaining tokens counted from position 0: a lower bound).
     prompts = [n for k, n in snap.running_prefills if k <= key] + ahead + [num_prompt_tokens]
     compute_s = num_steps * step_s + model.prefill_attention_s(sum(prefill_pairs(n) for n in prompts))
-    num_short = len(ahead) + 1 - snap.num_free_slots
+    num_short = len(ahead) + 1 - snap.num_free_slots - (snap.num_preemptible if can_preempt else 0)
     slot_s = 0.0
     if num_short > 0:
         decode_s = model.predict_s(StepFeatures(max(snap.num_decodes, 1), 0, snap.num_context_tokens))
@@ -102,7 +106,8 @@ def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRe
     if snap.policy != "deadline" or rt.rt_class != RTClass.FIRM or not snap.cost_calibrated:
         return AdmissionDecision(True)
     key = order_key(snap.policy, rt, arrival_s, config)
-    predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0), now)
+    predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0), now,
+                               can_preempt=True)
     for budget, name in ((rt.ttft_s, "ttft"), (rt.deadline_s, "deadline")):
         if budget is not None and predicted > budget:
             retry = _clamp(predicted - budget)

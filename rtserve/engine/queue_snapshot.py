@@ -46,6 +46,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
         num_context_tokens=num_context,
         running_remaining_tokens=sorted(remaining_tokens(r, max_model_len) for r in sched.running),
         num_free_slots=num_free_slots,
+        num_preemptible=policy.num_firm_victims(running, now),
         prefill_token_budget=max(prefill_token_budget - num_shared, 1),
         step_s=step_s if running or sched.waiting else 0.0,
         cost_coeffs=cost_model.coeffs, cost_calibrated=cost_model.is_calibrated,
@@ -58,3 +59,4 @@ def remaining_tokens(req: Request, max_model_len: int) -> int:
     if req.sampling_params.max_tokens is not None:
         limit = min(limit, req.sampling_params.max_tokens)
     return max(limit - req.num_output_tokens, 0)
+

@@ -81,6 +81,9 @@ class FCFSPolicy:
     def victims_for(self, req: Request, running: list[Request], now: float) -> list[Request]:
         return []
 
+    def num_firm_victims(self, running: list[Request], now: float) -> int:
+        return 0
+
     def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
         return []
 
@@ -259,6 +262,10 @@ class DeadlinePolicy:
             return []
         movable = [r for r in running if self._victim_rank(r) >= 2]
         return sorted(movable, key=lambda r: (self._victim_rank(r), self._slack_s(r, now)), reverse=True)
+
+    def num_firm_victims(self, running: list[Request], now: float) -> int:
+        """How many running requests an on-time firm arrival could preempt (admission's slot wait)."""
+        return sum(1 for r in running if self._victim_rank(r) >= 2)
 
     def expired(self, requests: Iterable[Request], now: float) -> list[tuple[Request, str]]:
         """Firm requests whose next token can no longer be on time: (request, error text)."""

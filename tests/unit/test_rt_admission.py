@@ -225,3 +225,13 @@ async def test_reader_that_catches_up_is_resumed():
     pauses = [m.paused for m in llm._transport.sent if isinstance(m, EngineCorePause)]
     assert pauses == [True, False] and llm._paused == {}
     await gen.aclose()
+
+
+def test_a_firm_request_counts_preemptible_work_as_free_slots():
+    # Running set full (8 soft streams, 200 tokens left each): a soft arrival waits for one to finish;
+    # a firm one takes a soft stream's slot by preemption, so only its prefill step counts.
+    snap = snapshot([], num_free_slots=0, num_running=8, num_decodes=8, num_preemptible=8,
+                    running_remaining_tokens=[200] * 8)
+    assert predict_ttft_s(snap, [], on_time(0.0), 100) == pytest.approx(200 * 0.018)
+    assert predict_ttft_s(snap, [], on_time(0.0), 100, can_preempt=True) == pytest.approx(0.028)
+    assert decide(RTConfig(), snap, [], FIRM, 0.0, 100, 0.0).admitted
