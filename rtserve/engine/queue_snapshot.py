@@ -30,7 +30,8 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     shares = {r.request_id: share for r in (*running_prefills, *sched.waiting)
               if (share := policy.max_chunk_tokens(r, now)) is not None}
     num_shared = sum(shares.values())
-    prefill_token_budget = policy.prefill_token_budget(running, now, budget - num_decodes, sched.waiting)
+    prefill_token_budget = policy.prefill_token_budget(running, now, budget - num_decodes, sched.waiting,
+                                                       interactive=True)
     num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
     num_context = sum(r.num_computed_tokens for r in running)
     step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context))

@@ -57,7 +57,7 @@ class FCFSPolicy:
         """Preempted requests were put back at the front; the rest stay in arrival order."""
 
     def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
-                             waiting: Iterable[Request] = ()) -> int:
+                             waiting: Iterable[Request] = (), interactive: bool = False) -> int:
         return token_budget
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
@@ -132,7 +132,7 @@ class DeadlinePolicy:
         return max(min(self.config.step_slack_fraction, 1.0 / self.cost_model.overrun_ratio), _MIN_PLAN_FRACTION)
 
     def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
-                             waiting: Iterable[Request] = ()) -> int:
+                             waiting: Iterable[Request] = (), interactive: bool = False) -> int:
         """Prefill tokens that keep the step's predicted time within the tightest stream's slack.
 
         The slack is the time left to the earliest next-token deadline of the running streams; a
@@ -144,6 +144,7 @@ class DeadlinePolicy:
         work is background batch work beside running streams: then it gets only what fits, possibly
         nothing (a long prompt's deep chunks cost more than a 50 ms step allows: 16 tokens at position
         1,900 beside 4 decodes measured 62 ms), until the streams leave room or it starves.
+        `interactive`: the budget an on-time interactive prompt would get (admission's prediction).
         """
         if not self.cost_model.is_calibrated:
             return token_budget
@@ -166,7 +167,8 @@ class DeadlinePolicy:
         # The deepest running prefill bounds the chunk: its attention costs the most per token.
         start = max((r.num_computed_tokens for r in active if r.num_remaining_prefill_tokens > 0), default=0)
         fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context, start)
-        if streams and fit < self.config.min_prefill_chunk and self._only_background_prefill(active, waiting, now):
+        if (streams and not interactive and fit < self.config.min_prefill_chunk
+                and self._only_background_prefill(active, waiting, now)):
             return min(fit, token_budget)  # batch work waits for capacity (or until it starves)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 

@@ -38,3 +38,14 @@ def test_free_slots_follow_the_itl_cap_and_can_be_negative():
     fcfs.add_request(rt_req("a", 8, clock2.now))
     step(fcfs, clock2)
     assert build_queue_snapshot(fcfs, StepCostModel.from_coeffs(FAKE_COEFFS), 1, 8192, clock2.now).num_free_slots == 3
+
+
+def test_budget_and_victims_are_what_a_firm_arrival_would_get():
+    sched, kv, clock, _ = make_sched("deadline", budget=512, min_prefill_chunk=16, min_running=2)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.0105, max_tokens=1000))
+    step(sched, clock)
+    sched.add_request(rt_req("long", 2000, clock.now, "batch", first_token=3000))
+    assert [s.request.request_id for s in step(sched, clock).seqs] == ["stream"]  # batch gets nothing ...
+    snap = build_queue_snapshot(sched, sched.policy.cost_model, 2, 8192, clock.now)
+    assert snap.prefill_token_budget == 16  # ... but an interactive prompt would get the minimum chunk
+    assert snap.num_preemptible == 1  # the soft stream could give a firm arrival its slot
