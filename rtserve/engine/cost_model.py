@@ -162,10 +162,32 @@ class StepCostModel:
             active = [i for i, c in zip(active, sol) if c > 0]  # drop the negative ones, refit the rest
         return theta
 
+    def prefill_chunk_s(self, num_tokens: int, start: int = 0) -> float:
+        """What adding a prefill chunk of `num_tokens` at position `start` adds to a step."""
+        if num_tokens <= 0:
+            return 0.0
+        return max(self.theta[2] * num_tokens + self.theta[4] * prefill_pairs(num_tokens, start) / 1e6
+                   + self.theta[5], 0.0)
+
+    def max_chunk_tokens(self, time_s: float, start: int = 0) -> int:
+        """Most tokens of a prefill chunk at position `start` that add at most `time_s` to a step:
+        0 when not even one fits; a huge number when prefill tokens are (so far) predicted free."""
+        if self.prefill_chunk_s(1, start) > time_s:
+            return 0
+        if self.theta[2] <= 0 and self.theta[4] <= 0:
+            return 1 << 30
+        lo, hi = 1, 2
+        while self.prefill_chunk_s(hi, start) <= time_s and hi < (1 << 30):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # the chunk cost is increasing in its length
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.prefill_chunk_s(mid, start) <= time_s else (lo, mid)
+        return lo
+
     def max_prefill_tokens(self, time_budget_s: float, num_decodes: int, num_context_tokens: int,
                            prefill_start: int = 0) -> int:
         """Most prefill tokens a step with these decodes can add and still be predicted within budget,
-        for a chunk starting at position `prefill_start` (its attention grows with the position).
+        as one chunk starting at position `prefill_start` (its attention grows with the position).
 
         Returns 0 when even the decodes alone are predicted over budget; a huge number when prefill
         tokens are (so far) predicted to cost nothing.
@@ -173,20 +195,7 @@ class StepCostModel:
         base = self.predict_s(StepFeatures(num_decodes, 0, num_context_tokens))
         if time_budget_s <= base:
             return 0
-        per_token, per_pair, per_chunk = self.theta[2], self.theta[4] / 1e6, self.theta[5]
-        if per_token <= 0 and per_pair <= 0:
-            return 1 << 30 if base + per_chunk < time_budget_s else 0
-
-        def cost(n: int) -> float:
-            return per_token * n + per_pair * prefill_pairs(n, prefill_start) + per_chunk
-
-        lo, hi = 0, 1
-        while cost(hi) <= time_budget_s - base and hi < (1 << 30):
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # cost is increasing in n: the largest n within budget
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if cost(mid) <= time_budget_s - base else (lo, mid)
-        return lo
+        return self.max_chunk_tokens(time_budget_s - base, prefill_start)
 
     def max_decodes(self, time_budget_s: float, num_prefill_tokens: int, num_context_tokens: int) -> int | None:
         """Most decodes a step with this prefill can hold and still be predicted within budget.

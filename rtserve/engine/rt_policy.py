@@ -66,6 +66,12 @@ class FCFSPolicy:
     def max_chunk_tokens(self, req: Request, now: float) -> int | None:
         return None
 
+    def chunk_tokens(self, req: Request, start: int, num_tokens: int, now: float) -> int:
+        return num_tokens
+
+    def spend_prefill(self, req: Request, start: int, num_tokens: int) -> None:
+        pass
+
     def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
         return False  # running requests keep the prefill budget they had
 
@@ -101,6 +107,11 @@ class DeadlinePolicy:
         self.config = config
         self.cost_model = cost_model
         self._starving_id: str | None = None  # refreshed by `order` each step
+        # This step's prefill plan (set by `prefill_token_budget`, spent chunk by chunk): seconds left
+        # for prefill chunks (None: unbounded), whether streams are running, whether a chunk was placed.
+        self._prefill_left_s: float | None = None
+        self._plan_has_streams = False
+        self._plan_first_chunk = True
 
     def order_key(self, req: Request, now: float) -> OrderKey:
         if req.request_id == self._starving_id:
@@ -140,12 +151,13 @@ class DeadlinePolicy:
         budget, so that prefill progresses and the next gap stays near the budget. With no stream
         running the step is bounded by the interactive classes' ITL budget all the same: a request
         arriving meanwhile waits for the step in flight. The step is planned to fill `plan_fraction`
-        of that time; at least `min_prefill_chunk` tokens always fit, except when the only prefill
-        work is background batch work beside running streams: then it gets only what fits, possibly
-        nothing (a long prompt's deep chunks cost more than a 50 ms step allows: 16 tokens at position
-        1,900 beside 4 decodes measured 62 ms), until the streams leave room or it starves.
-        `interactive`: the budget an on-time interactive prompt would get (admission's prediction).
+        of that time, and each chunk is sized by its own position (`chunk_tokens`): this returns the
+        step's whole token budget. `interactive`: returns instead the tokens an arriving interactive
+        prompt would get (a chunk at position 0, at least `min_prefill_chunk`: admission's
+        prediction), and leaves the step's plan alone.
         """
+        if not interactive:
+            self._prefill_left_s, self._plan_has_streams, self._plan_first_chunk = None, False, True
         if not self.cost_model.is_calibrated:
             return token_budget
         active = [r for r in running if not r.is_paused]
@@ -164,19 +176,37 @@ class DeadlinePolicy:
         if streams:  # keep the cadence even: a prefill step is at most this much longer than a decode step
             decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
             time_budget_s = min(time_budget_s, self.config.max_step_stretch * decode_step_s)
-        # The deepest running prefill bounds the chunk: its attention costs the most per token.
-        start = max((r.num_computed_tokens for r in active if r.num_remaining_prefill_tokens > 0), default=0)
-        fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context, start)
-        if (streams and not interactive and fit < self.config.min_prefill_chunk
-                and self._only_background_prefill(active, waiting, now)):
-            return min(fit, token_budget)  # batch work waits for capacity (or until it starves)
+        if not interactive:  # each chunk then takes what its own position costs (`chunk_tokens`)
+            base_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
+            self._prefill_left_s, self._plan_has_streams = time_budget_s - base_s, bool(streams)
+            return token_budget
+        fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)  # at position 0
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 
-    def _only_background_prefill(self, active: list[Request], waiting: Iterable[Request], now: float) -> bool:
-        """True when every prefill that could run is background (batch, not starving) work."""
-        candidates = [r for r in active if r.num_remaining_prefill_tokens > 0]
-        candidates += [r for r in waiting if not r.is_paused]
-        return all(self.order_key(r, now)[0] == BACKGROUND for r in candidates)
+    def chunk_tokens(self, req: Request, start: int, num_tokens: int, now: float) -> int:
+        """At most `num_tokens` of `req`'s prompt from position `start` that fit this step's plan.
+
+        A chunk costs by its position (a chunk deep in a long prompt attends to all before it). The
+        starving batch request always gets its fixed share. The step's first other chunk gets at
+        least `min_prefill_chunk` tokens, so prefill always progresses,
+        except background batch work beside running streams: it gets only what fits, possibly nothing
+        (16 tokens at position 1,900 beside 4 decodes measured 62 ms, over a 50 ms ITL budget), until
+        the streams leave room or it starves.
+        """
+        if self._prefill_left_s is None or self.is_starving(req):
+            return num_tokens  # the starving batch request's share is fixed (`max_chunk_tokens`)
+        fit = self.cost_model.max_chunk_tokens(self._prefill_left_s, start)
+        if fit < self.config.min_prefill_chunk and self._plan_first_chunk and not (
+                self._plan_has_streams and self.order_key(req, now)[0] == BACKGROUND):
+            fit = self.config.min_prefill_chunk
+        return min(num_tokens, fit)
+
+    def spend_prefill(self, req: Request, start: int, num_tokens: int) -> None:
+        """A prefill chunk was placed in the step: its predicted cost comes off the plan."""
+        if not self.is_starving(req):
+            self._plan_first_chunk = False
+        if self._prefill_left_s is not None:
+            self._prefill_left_s -= self.cost_model.prefill_chunk_s(num_tokens, start)
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
         """Seconds the next step may take so that the tightest stream's next token is on time (the

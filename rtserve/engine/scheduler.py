@@ -92,6 +92,8 @@ class Scheduler:
             if not self._allocate_or_preempt(req, num_new, idx, out, now):
                 continue  # req itself was preempted; running[idx] is now the next one
             out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            if num_remaining > 1:
+                self.policy.spend_prefill(req, req.num_computed_tokens, num_new)
             budget -= num_new
             prefill_budget -= num_new if num_new > 1 else 0
             idx += 1
@@ -107,6 +109,7 @@ class Scheduler:
             if num_new <= 0 or not self.kv.allocate_slots(req, num_new):
                 continue
             out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            self.policy.spend_prefill(req, req.num_computed_tokens, num_new)
             budget -= num_new
             prefill_budget -= num_new
 
@@ -139,7 +142,8 @@ class Scheduler:
         if cap is not None:
             num = min(num, cap)
         limit = self.config.long_prefill_token_threshold
-        return min(num, limit) if limit > 0 else num
+        num = min(num, limit) if limit > 0 else num
+        return self.policy.chunk_tokens(req, req.num_tokens - num_remaining, num, now) if num > 0 else num
 
     def _allocate_or_preempt(self, req: Request, num_new: int, idx: int, out: SchedulerOutput,
                              now: float) -> bool:
@@ -197,6 +201,8 @@ class Scheduler:
             self.running.append(req)
             admitted.append(req)
             out.seqs.append(ScheduledSeq(req, num_cached, num_new, self.kv.block_ids(req.request_id)))
+            if req.num_tokens - num_cached > 1:
+                self.policy.spend_prefill(req, num_cached, num_new)
             budget -= num_new
             prefill_budget -= num_new if num_new > 1 else 0
         return budget, prefill_budget

@@ -288,3 +288,32 @@ def test_exhausted_slack_gives_batch_work_nothing_until_it_starves():
     step(sched2, clock2)
     sched2.add_request(rt_req("soft", 2000, clock2.now))
     assert dict(ids(step(sched2, clock2)))["soft"] == 16
+
+
+def test_each_chunk_is_sized_by_its_own_position():
+    # Prefill attention costs 1 s per million query-key pairs: a chunk deep in a long prompt is dear.
+    sched, _, clock, _ = make_sched("deadline", budget=2048)
+    sched.policy.cost_model.theta = list(FAKE_COEFFS) + [1.0, 0.0]
+    sched.add_request(rt_req("long", 3000, clock.now, max_tokens=1))
+    while sched.requests["long"].num_computed_tokens < 1900:
+        step(sched, clock, 0.05)
+    sched.add_request(rt_req("chat", 300, clock.now, first_token=5000))
+    out = step(sched, clock, 0.05)
+    got = dict(ids(out))
+    # 40 ms of prefill time (50 ms - the 10 ms step): the chat from position 0 takes 212 tokens
+    # (21.2 ms + 22.6 ms of pairs would exceed it at 300), the deep prompt what is left.
+    model = sched.policy.cost_model
+    assert got["chat"] == model.max_chunk_tokens(0.040, 0) < 300
+    left = 0.040 - model.prefill_chunk_s(got["chat"], 0)
+    assert got.get("long", 0) == model.max_chunk_tokens(left, 1900 if "long" not in got else
+                                                        [s.start_pos for s in out.seqs if s.request.request_id == "long"][0])
+
+
+def test_the_starving_batch_share_does_not_use_up_the_interactive_minimum_chunk():
+    sched, _, clock, _ = make_sched("deadline", budget=512, min_prefill_chunk=8, batch_max_wait_s=5.0, min_running=4)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.0105, max_tokens=1000))  # fills the ITL budget
+    step(sched, clock)
+    sched.add_request(rt_req("old-batch", 2000, clock.now - 10.0, "batch", first_token=3000))
+    sched.add_request(rt_req("firm", 60, clock.now, "firm", first_token=6000))
+    got = dict(ids(step(sched, clock)))
+    assert got["old-batch"] == 8 and got["firm"] == 8 and got["stream"] == 1
