@@ -16,7 +16,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     """What admission control in the engine client needs to predict a new request's TTFT.
 
     A request the policy limits to a fixed share of each step (a starving batch request) is not work
-    ahead of anyone: its share comes off the prefill budget instead.
+    ahead of anyone: the policy takes its share's time off the budget of an arriving prompt instead.
     """
     policy = sched.policy
     running = [r for r in sched.running if not r.is_paused]
@@ -29,7 +29,6 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     running_prefills = [r for r in running if r.num_remaining_prefill_tokens > 0]
     shares = {r.request_id: share for r in (*running_prefills, *sched.waiting)
               if (share := policy.max_chunk_tokens(r, now)) is not None}
-    num_shared = sum(shares.values())
     prefill_token_budget = policy.prefill_token_budget(running, now, budget - num_decodes, sched.waiting,
                                                        interactive=True)
     num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
@@ -48,7 +47,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
         running_remaining_tokens=sorted(remaining_tokens(r, max_model_len) for r in sched.running),
         num_free_slots=num_free_slots,
         num_preemptible=policy.num_firm_victims(running, now),
-        prefill_token_budget=max(prefill_token_budget - num_shared, 1),
+        prefill_token_budget=max(prefill_token_budget, 1),
         step_s=step_s if running or sched.waiting else 0.0,
         cost_coeffs=cost_model.coeffs, cost_calibrated=cost_model.is_calibrated,
         cost_mean_abs_error_s=cost_model.mean_abs_error_s, cost_mean_rel_error=cost_model.mean_rel_error)

@@ -180,6 +180,10 @@ class DeadlinePolicy:
             base_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
             self._prefill_left_s, self._plan_has_streams = time_budget_s - base_s, bool(streams)
             return token_budget
+        starving = next((r for r in (*active, *waiting) if self.is_starving(r)), None)
+        if starving is not None:  # its share runs first
+            time_budget_s -= self.cost_model.prefill_chunk_s(
+                min(self.config.min_prefill_chunk, starving.num_remaining_prefill_tokens), starving.num_computed_tokens)
         fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)  # at position 0
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 
