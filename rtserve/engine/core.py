@@ -5,7 +5,9 @@ requests of that step (loudly, with the error text) and the engine keeps serving
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import torch
@@ -56,6 +58,10 @@ class EngineCore:
         self._last_step_s = 0.0
         self._last_num_tokens = 0
         self.num_requests_added = 0  # every request received, accepted or not (see QueueSnapshot)
+        # RTSERVE_STEP_LOG=path: one JSON line per step (features, predicted and measured time, threads),
+        # to see where a deployment's step-time tail comes from.
+        step_log = os.environ.get("RTSERVE_STEP_LOG")
+        self._step_log = open(step_log, "a", buffering=1) if step_log else None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
@@ -118,12 +124,23 @@ class EngineCore:
         now = time.monotonic()
         self._last_step_s, self._last_num_tokens = now - start, sched.num_scheduled_tokens
         features = sched.step_features
+        if self._step_log is not None:
+            self._log_step(start, now, features)
         self.cost_model.observe(features, now - start)
         if self.speculator is not None:
             self.speculator.observe_step(features.num_decodes, features.num_prefill_tokens, now - start)
         if self.thread_governor is not None:
             self.thread_governor.tick()
         return EngineCoreOutputs(outputs, now, self.stats())
+
+    def _log_step(self, start: float, end: float, features) -> None:
+        self._step_log.write(json.dumps({
+            "t": round(start, 4), "measured_ms": round((end - start) * 1e3, 2),
+            "predicted_ms": round(self.cost_model.predict_s(features) * 1e3, 2),
+            "decodes": features.num_decodes, "prefill_tokens": features.num_prefill_tokens,
+            "context_tokens": features.num_context_tokens, "prefill_pairs": features.num_prefill_pairs,
+            "prefill_seqs": features.num_prefill_seqs, "threads": torch.get_num_threads(),
+            "overrun_ratio": round(self.cost_model.overrun_ratio, 3)}) + "\n")
 
     def _forget_finished(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
         """Release what the speculator keeps for finished requests (a draft model's KV, estimates)."""

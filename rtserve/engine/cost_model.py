@@ -40,6 +40,7 @@ _ERR_ALPHA = 0.05    # EWMA weight of the newest prediction error
 _RIDGE = 1e-4        # pull toward the prior, relative to each feature's own energy in the window
 _TAIL_STRETCH = 4.265 / 2.326  # normal quantiles: z(1 - 1e-5) / z(0.99)
 _OVERRUN_MIN_SAMPLES = 32
+_TRUST_MIN_TOKENS = 64  # prefill tokens a step may take before larger steps have been measured
 _OVERRUN_PRIOR = 1.5
 
 
@@ -83,6 +84,8 @@ class StepCostModel:
         self.overrun_ratio = _OVERRUN_PRIOR  # measured / predicted step time exceeded once in ~10^5 steps
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
+        self._prefill_tokens: deque[int] = deque(maxlen=window)
+        self._fitted = False  # coefficients from measurements (not given): predictions need their range
 
     @classmethod
     def from_coeffs(cls, coeffs: tuple[float, ...], calibrated: bool = True) -> "StepCostModel":
@@ -102,6 +105,16 @@ class StepCostModel:
     def predict_s(self, f: StepFeatures) -> float:
         return max(sum(t * x for t, x in zip(self.theta, f.vector())), 0.0)
 
+    @property
+    def trusted_prefill_tokens(self) -> int:
+        """The most prefill tokens a planned step should hold: twice the most the window has measured
+        (at least 64). A fit extrapolates badly: with only 8-token chunks in its window, a real run's
+        model predicted a 512-token chunk at 20 ms, and it took 295 ms; growing the chunks at most 2x
+        per measurement keeps every prediction near measured ground."""
+        if not self._fitted:
+            return 1 << 30  # given coefficients (a snapshot's copy, a test's fake model) are trusted
+        return max(2 * max(self._prefill_tokens, default=0), _TRUST_MIN_TOKENS)
+
     def prefill_attention_s(self, num_pairs: int) -> float:
         """The prefill-attention part of a prediction: `num_pairs` query-key pairs, however chunked."""
         return max(self.theta[4], 0.0) * num_pairs / 1e6
@@ -116,9 +129,11 @@ class StepCostModel:
             self.mean_rel_error += _ERR_ALPHA * (err / max(measured_s, 1e-6) - self.mean_rel_error)
         self._xs.append(f.vector())
         self._ys.append(measured_s)
+        self._prefill_tokens.append(f.num_prefill_tokens)
         self.num_samples += 1
         if self.num_samples % self.refit_every == 0 or self.num_samples == self.min_samples:
             self.theta = self._fit()
+            self._fitted = True
             self.overrun_ratio = self._overrun_ratio()
 
     def _fit(self) -> list[float]:

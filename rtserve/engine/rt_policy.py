@@ -112,6 +112,7 @@ class DeadlinePolicy:
         self._prefill_left_s: float | None = None
         self._plan_has_streams = False
         self._plan_first_chunk = True
+        self._prefill_trust_left = 0  # prefill tokens the model has grounds to predict (see the cost model)
 
     def order_key(self, req: Request, now: float) -> OrderKey:
         if req.request_id == self._starving_id:
@@ -158,6 +159,7 @@ class DeadlinePolicy:
         """
         if not interactive:
             self._prefill_left_s, self._plan_has_streams, self._plan_first_chunk = None, False, True
+            self._prefill_trust_left = self.cost_model.trusted_prefill_tokens
         if not self.cost_model.is_calibrated:
             return token_budget
         active = [r for r in running if not r.is_paused]
@@ -184,13 +186,16 @@ class DeadlinePolicy:
         if starving is not None:  # its share runs first
             time_budget_s -= self.cost_model.prefill_chunk_s(
                 min(self.config.min_prefill_chunk, starving.num_remaining_prefill_tokens), starving.num_computed_tokens)
-        fit = self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context)  # at position 0
+        fit = min(self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context),  # at position 0
+                  self.cost_model.trusted_prefill_tokens)
         return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 
     def chunk_tokens(self, req: Request, start: int, num_tokens: int, now: float) -> int:
         """At most `num_tokens` of `req`'s prompt from position `start` that fit this step's plan.
 
-        A chunk costs by its position (a chunk deep in a long prompt attends to all before it). The
+        A chunk costs by its position (a chunk deep in a long prompt attends to all before it), and
+        a step holds no more prefill tokens than the model has grounds to predict
+        (`StepCostModel.trusted_prefill_tokens`). The
         starving batch request always gets its fixed share. The step's first other chunk gets at
         least `min_prefill_chunk` tokens, so prefill always progresses,
         except background batch work beside running streams: it gets only what fits, possibly nothing
@@ -199,7 +204,8 @@ class DeadlinePolicy:
         """
         if self._prefill_left_s is None or self.is_starving(req):
             return num_tokens  # the starving batch request's share is fixed (`max_chunk_tokens`)
-        fit = self.cost_model.max_chunk_tokens(self._prefill_left_s, start)
+        fit = min(self.cost_model.max_chunk_tokens(self._prefill_left_s, start),
+                  max(self._prefill_trust_left, 0))
         if fit < self.config.min_prefill_chunk and self._plan_first_chunk and not (
                 self._plan_has_streams and self.order_key(req, now)[0] == BACKGROUND):
             fit = self.config.min_prefill_chunk
@@ -209,6 +215,7 @@ class DeadlinePolicy:
         """A prefill chunk was placed in the step: its predicted cost comes off the plan."""
         if not self.is_starving(req):
             self._plan_first_chunk = False
+        self._prefill_trust_left -= num_tokens
         if self._prefill_left_s is not None:
             self._prefill_left_s -= self.cost_model.prefill_chunk_s(num_tokens, start)
 

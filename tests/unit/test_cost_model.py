@@ -156,3 +156,16 @@ def test_overrun_ratio_is_cautious_until_measured_then_tracks_the_noise_tail():
         noisy.observe(f, true_step_s(f) * math.exp(rng.gauss(0.0, 0.1)))
     # Log-normal noise with sigma 0.1 exceeds exp(4.26 * 0.1) = 1.53 once in 10^5 steps.
     assert 1.35 < noisy.overrun_ratio < 1.75
+
+
+def test_trusted_prefill_tokens_grow_only_from_measured_steps():
+    assert StepCostModel.from_coeffs(TRUE).trusted_prefill_tokens >= 1 << 20  # given, not fitted
+    model = StepCostModel(window=16)
+    for _ in range(8):
+        model.observe(StepFeatures(2, 8), 0.020)
+    assert model.trusted_prefill_tokens == 64  # only 8-token chunks measured: at least 64 allowed
+    model.observe(StepFeatures(2, 100), 0.030)
+    assert model.trusted_prefill_tokens == 200
+    for _ in range(16):  # the 100-token step leaves the window
+        model.observe(StepFeatures(2, 0), 0.010)
+    assert model.trusted_prefill_tokens == 64

@@ -6,7 +6,7 @@ from rtserve.config import RTClassDefaults, RTConfig
 from rtserve.engine.rt_policy import HARD_CLASS_MESSAGE, resolve_rt
 from rtserve.engine.validation import InvalidRequest
 from rtserve.protocol import RTParams
-from rtserve.engine.cost_model import StepCostModel
+from rtserve.engine.cost_model import StepCostModel, StepFeatures
 from tests.unit.rt_helpers import FAKE_COEFFS, ids, make_sched, rt_req, step
 
 
@@ -317,3 +317,19 @@ def test_the_starving_batch_share_does_not_use_up_the_interactive_minimum_chunk(
     sched.add_request(rt_req("firm", 60, clock.now, "firm", first_token=6000))
     got = dict(ids(step(sched, clock)))
     assert got["old-batch"] == 8 and got["firm"] == 8 and got["stream"] == 1
+
+
+def test_prefill_chunks_grow_at_most_twofold_beyond_what_the_model_has_measured():
+    sched, _, clock, _ = make_sched("deadline", budget=2048)
+    model = sched.policy.cost_model
+    for _ in range(8):  # a fitted model that has only seen 8-token chunks
+        model.observe(StepFeatures(1, 8), 0.0118)
+    model.overrun_ratio = 1.0
+    sched.add_request(rt_req("long", 3000, clock.now, "soft", max_tokens=1))
+    sizes = []
+    for _ in range(4):
+        out = step(sched, clock, 0.02)
+        model.observe(out.step_features, model.predict_s(out.step_features))
+        model.overrun_ratio = 1.0
+        sizes.append(dict(ids(out))["long"])
+    assert sizes[:3] == [64, 128, 256] and sizes[3] <= 512  # then the 50 ms plan limits it
