@@ -111,7 +111,7 @@ class StepCostModel:
         (at least 64). A fit extrapolates badly: with only 8-token chunks in its window, a real run's
         model predicted a 512-token chunk at 20 ms, and it took 295 ms; growing the chunks at most 2x
         per measurement keeps every prediction near measured ground."""
-        if not self._fitted:
+        if not self._fitted and self.num_samples > 0:
             return 1 << 30  # given coefficients (a snapshot's copy, a test's fake model) are trusted
         return max(2 * max(self._prefill_tokens, default=0), _TRUST_MIN_TOKENS)
 

@@ -160,8 +160,8 @@ class DeadlinePolicy:
         if not interactive:
             self._prefill_left_s, self._plan_has_streams, self._plan_first_chunk = None, False, True
             self._prefill_trust_left = self.cost_model.trusted_prefill_tokens
-        if not self.cost_model.is_calibrated:
-            return token_budget
+        if not self.cost_model.is_calibrated:  # small steps until the model has measured some
+            return min(token_budget, self.cost_model.trusted_prefill_tokens)
         active = [r for r in running if not r.is_paused]
         decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
         streams = [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
