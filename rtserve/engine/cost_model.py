@@ -85,13 +85,15 @@ class StepCostModel:
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
         self._prefill_tokens: deque[int] = deque(maxlen=window)
-        self._fitted = False  # coefficients from measurements (not given): predictions need their range
+        self._fitted = False  # coefficients from measurements: predictions need their range
+        self._given = False   # coefficients given (`from_coeffs`)
 
     @classmethod
     def from_coeffs(cls, coeffs: tuple[float, ...], calibrated: bool = True) -> "StepCostModel":
         """A read-only copy from a snapshot (the client predicts with the engine's latest model)."""
         model = cls(tuple(coeffs) if coeffs else DEFAULT_PRIOR, min_samples=1)
         model.num_samples = 1 if calibrated else 0
+        model._given = True
         return model
 
     @property
@@ -111,7 +113,7 @@ class StepCostModel:
         (at least 64). A fit extrapolates badly: with only 8-token chunks in its window, a real run's
         model predicted a 512-token chunk at 20 ms, and it took 295 ms; growing the chunks at most 2x
         per measurement keeps every prediction near measured ground."""
-        if not self._fitted and self.num_samples > 0:
+        if self._given and self.is_calibrated and not self._fitted:
             return 1 << 30  # given coefficients (a snapshot's copy, a test's fake model) are trusted
         return max(2 * max(self._prefill_tokens, default=0), _TRUST_MIN_TOKENS)
 

@@ -169,3 +169,10 @@ def test_trusted_prefill_tokens_grow_only_from_measured_steps():
     for _ in range(16):  # the 100-token step leaves the window
         model.observe(StepFeatures(2, 0), 0.010)
     assert model.trusted_prefill_tokens == 64
+
+
+def test_a_fresh_model_trusts_only_small_steps_until_fitted():
+    model = StepCostModel(min_samples=8, refit_every=4)
+    for n in range(3):  # measured, not yet fitted
+        model.observe(StepFeatures(1, 8), 0.02)
+        assert model.trusted_prefill_tokens == 64
