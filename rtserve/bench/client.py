@@ -51,6 +51,9 @@ class RequestRecord:
     e2e_s: float | None = None  # to the last chunk with choices (or to the end of the stream)
     finished_s: float | None = None  # when the client was done with it (stream closed, cancelled)
     chunk_times_s: list[float] = field(default_factory=list)  # one per chunk with choices
+    # One per chunk carrying text: judging deadlines on tokens, a stream cut off for a deadline ends
+    # with a finish chunk that is a notice, not a token served late.
+    content_times_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     output_tokens_from_usage: bool = False
     prompt_tokens: int | None = None
@@ -203,6 +206,7 @@ def _finish(record: RequestRecord, state: StreamState, sent_at: float, ended_at:
 
 def _fill_timings(record: RequestRecord, state: StreamState, sent_at: float, ended_at: float) -> None:
     record.chunk_times_s = [t - sent_at for t in state.chunk_times_s]
+    record.content_times_s = [t - sent_at for t in state.content_times_s]
     record.ttft_s = record.chunk_times_s[0] if record.chunk_times_s else None
     record.e2e_s = record.chunk_times_s[-1] if record.chunk_times_s else ended_at - sent_at
     record.finished_s = ended_at - sent_at

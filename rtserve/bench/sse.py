@@ -37,11 +37,12 @@ class SseSplitter:
 class StreamState:
     """What one stream has produced so far; `on_payload` is the only per-chunk work."""
 
-    __slots__ = ("chunk_times_s", "num_content_chunks", "completion_tokens", "prompt_tokens",
+    __slots__ = ("chunk_times_s", "content_times_s", "num_content_chunks", "completion_tokens", "prompt_tokens",
                  "cached_tokens", "server_rt", "finish_reason", "error", "done")
 
     def __init__(self) -> None:
         self.chunk_times_s: list[float] = []  # perf_counter() of each chunk with non-empty choices
+        self.content_times_s: list[float] = []  # ... of each chunk that carries text (a finish chunk does not)
         self.num_content_chunks = 0  # chunks whose delta.content / text is non-empty
         self.completion_tokens: int | None = None
         self.prompt_tokens: int | None = None
@@ -74,6 +75,7 @@ class StreamState:
             delta = choice.get("delta")
             if (delta.get("content") if delta else choice.get("text")):
                 self.num_content_chunks += 1
+                self.content_times_s.append(now_s)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         usage = obj.get("usage")

@@ -38,6 +38,7 @@ def test_state_counts_chunks_usage_and_rt():
     state.on_payload(json.dumps(usage), 9.0)  # the usage chunk carries no token: no timestamp
     state.on_payload("[DONE]", 9.5)
     assert state.chunk_times_s == [1.0, 1.5, 2.0]
+    assert state.content_times_s == [1.5, 2.0]  # the role chunk carries no text
     assert state.num_content_chunks == 2
     assert (state.completion_tokens, state.prompt_tokens, state.cached_tokens) == (3, 7, 4)
     assert state.server_rt == {"class": "firm", "met": True}
@@ -73,3 +74,11 @@ def test_finish_reason_is_kept_and_a_deadline_stop_is_a_drop():
     record = RequestRecord(1, "firm", 10, 16, 0.0)
     _finish(record, done, 0.0, 0.2)
     assert record.status == RequestStatus.OK and record.finish_reason == "length"
+
+
+def test_a_deadline_finish_chunk_is_timed_but_is_not_a_token():
+    state = StreamState()
+    state.on_payload(_chunk("a")[6:-2], 1.0)
+    state.on_payload('{"choices":[{"index":0,"delta":{},"finish_reason":"deadline"}]}', 1.3)
+    assert state.chunk_times_s == [1.0, 1.3] and state.content_times_s == [1.0]
+    assert state.finish_reason == "deadline"
