@@ -139,9 +139,14 @@ class DeadlinePolicy:
     def is_starving(self, req: Request) -> bool:
         return req.request_id == self._starving_id
 
-    def plan_fraction(self) -> float:
-        """The share of a slack a step is planned to fill: the rest absorbs the cost model's overruns."""
-        return max(min(self.config.step_slack_fraction, 1.0 / self.cost_model.overrun_ratio), _MIN_PLAN_FRACTION)
+    def plan_fraction(self, firm: bool = False) -> float:
+        """The share of a slack a step is planned to fill: the rest absorbs the cost model's overruns.
+
+        Beside a firm stream, one overrun past its deadline drops it, so the plan follows the measured
+        overrun tail down to `_MIN_FIRM_PLAN_FRACTION`; otherwise never below `_MIN_PLAN_FRACTION`.
+        """
+        floor = _MIN_FIRM_PLAN_FRACTION if firm else _MIN_PLAN_FRACTION
+        return max(min(self.config.step_slack_fraction, 1.0 / self.cost_model.overrun_ratio), floor)
 
     def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
                              waiting: Iterable[Request] = (), interactive: bool = False) -> int:
@@ -174,7 +179,7 @@ class DeadlinePolicy:
                 return token_budget
             slack_s = min(budgets)
         num_context = sum(r.num_computed_tokens for r in active)
-        time_budget_s = self.plan_fraction() * slack_s
+        time_budget_s = self.plan_fraction(any(r.is_firm for r in streams)) * slack_s
         if streams:  # keep the cadence even: a prefill step is at most this much longer than a decode step
             decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
             time_budget_s = min(time_budget_s, self.config.max_step_stretch * decode_step_s)
@@ -227,7 +232,8 @@ class DeadlinePolicy:
         if not streams:
             return None
         stream_due = min(r.next_token_deadline for r in streams)
-        return self.plan_fraction() * max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+        firm = any(r.is_firm for r in streams)
+        return self.plan_fraction(firm) * max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
 
     def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
         """A waiting request ranked before a running prefill takes the prefill budget before it."""
@@ -326,6 +332,7 @@ class DeadlinePolicy:
 
 UNCALIBRATED_PREFILL_TOKENS = 64  # a fresh server's 512-token prefill steps took 400-740 ms each
 _MIN_PLAN_FRACTION = 0.5  # a noisy host's overrun tail must not shrink every plan to nothing
+_MIN_FIRM_PLAN_FRACTION = 0.25
 
 
 def _streams(decodes: Iterable[Request]) -> list[Request]:

@@ -335,3 +335,13 @@ def test_prefill_chunks_grow_at_most_twofold_beyond_what_the_model_has_measured(
         model.overrun_ratio = 1.0
         sizes.append(dict(ids(out))["long"])
     assert sizes[:3] == [64, 128, 256] and sizes[3] <= 512  # then the 50 ms plan limits it
+
+
+def test_beside_a_firm_stream_the_plan_follows_the_overrun_tail_further_down():
+    sched, _, _, _ = make_sched("deadline", step_slack_fraction=0.8)
+    policy = sched.policy
+    policy.cost_model.overrun_ratio = 3.0  # measured steps run up to 3x their prediction
+    assert policy.plan_fraction() == 0.5  # soft streams: never below half the slack
+    assert policy.plan_fraction(firm=True) == pytest.approx(1 / 3)  # one overrun drops a firm stream
+    policy.cost_model.overrun_ratio = 10.0
+    assert policy.plan_fraction(firm=True) == 0.25
