@@ -249,7 +249,7 @@ def test_speculator_tells_an_expensive_proposer_k_before_it_drafts():
 
 def test_measured_proposing_time_is_weighed_against_the_drafts_gain():
     # A copy request that would verify 4 drafts when proposing is free; once proposing is measured
-    # to cost more than the drafts could save (50 ms per request asked), the proposer is not asked.
+    # to cost more than the drafts could save (200 ms per request asked), the proposer is not asked.
     proposer = CountingNgram(2, 4)
     spec = Speculator(proposer, max_k=4)
     for i in range(30):
@@ -257,6 +257,6 @@ def test_measured_proposing_time_is_weighed_against_the_drafts_gain():
     step = decode_step(1, base_s=0.020, per_row_s=0.002)
     assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == [5, 6, 7, 8]
     assert proposer.num_calls == 1
-    spec._propose_s_per_request = 0.050
+    spec._propose_s_per_request = 0.200
     assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == []
     assert proposer.num_calls == 1
