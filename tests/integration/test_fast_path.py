@@ -98,3 +98,17 @@ def test_fast_path_batch_1_equals_batched(fast, prompts):
         if a != b:
             i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
             assert b[i] in top5_at(fast, p, a[:i])
+
+
+def test_small_chunks_as_decode_rows_match_whole_prompt_prefill(fast, prompts):
+    """With an 8-token budget every prompt is prefilled in chunks of at most 8 tokens, which run as
+    decode rows (runner/input_batch.py ROW_CHUNK_MAX) through the native paged attention; the greedy
+    text must equal whole-prompt prefill's, or part at a near tie."""
+    chunked = LLM(max_num_batched_tokens=8)
+    assert chunked.core.runner.is_fast_path
+    for p in prompts[:3]:
+        a = chunked.generate([p], params())[0].token_ids
+        b = fast.generate([p], params())[0].token_ids
+        if a != b:
+            i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+            assert a[i] in top5_at(fast, p, b[:i]) and b[i] in top5_at(chunked, p, b[:i])
