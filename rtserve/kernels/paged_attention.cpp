@@ -272,43 +272,39 @@ void attend_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at:
 using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, at::BFloat16*, const int64_t*,
                           int64_t, int64_t, int64_t, float, std::vector<float>&);
 
-template <int NV>
+// The kernel families, as (group, width) -> function tables for `pick_group`.
+struct Avx512Kernels {
+  template <int G, int NV>
+  static constexpr AttendFn fn = attend_avx512<G, NV>;
+};
+#if defined(__AVX512BF16__)
+struct Bf16Kernels {
+  template <int G, int NW>
+  static constexpr AttendFn fn = attend_bf16<G, NW>;
+};
+#endif
+
+template <class Kernels, int N>
 AttendFn pick_group(int64_t group) {
   switch (group) {
-    case 1: return attend_avx512<1, NV>;
-    case 2: return attend_avx512<2, NV>;
-    case 3: return attend_avx512<3, NV>;
-    case 4: return attend_avx512<4, NV>;
-    case 5: return attend_avx512<5, NV>;
-    case 6: return attend_avx512<6, NV>;
-    case 8: return attend_avx512<8, NV>;
+    case 1: return Kernels::template fn<1, N>;
+    case 2: return Kernels::template fn<2, N>;
+    case 3: return Kernels::template fn<3, N>;
+    case 4: return Kernels::template fn<4, N>;
+    case 5: return Kernels::template fn<5, N>;
+    case 6: return Kernels::template fn<6, N>;
+    case 8: return Kernels::template fn<8, N>;
     default: return nullptr;
   }
 }
-
-#if defined(__AVX512BF16__)
-template <int NW>
-AttendFn pick_group_bf16(int64_t group) {
-  switch (group) {
-    case 1: return attend_bf16<1, NW>;
-    case 2: return attend_bf16<2, NW>;
-    case 3: return attend_bf16<3, NW>;
-    case 4: return attend_bf16<4, NW>;
-    case 5: return attend_bf16<5, NW>;
-    case 6: return attend_bf16<6, NW>;
-    case 8: return attend_bf16<8, NW>;
-    default: return nullptr;
-  }
-}
-#endif
 
 AttendFn pick_kernel(int64_t group, int64_t head_dim) {
 #if defined(__AVX512BF16__)
-  if (head_dim == 64) return pick_group_bf16<2>(group);
-  if (head_dim == 128 && group <= 4) return pick_group_bf16<4>(group);
+  if (head_dim == 64) return pick_group<Bf16Kernels, 2>(group);
+  if (head_dim == 128 && group <= 4) return pick_group<Bf16Kernels, 4>(group);
 #endif
-  if (head_dim == 64) return pick_group<4>(group);
-  if (head_dim == 128 && group <= 4) return pick_group<8>(group);  // 2 x G x 8 registers fit in 32
+  if (head_dim == 64) return pick_group<Avx512Kernels, 4>(group);
+  if (head_dim == 128 && group <= 4) return pick_group<Avx512Kernels, 8>(group);  // 2 x G x 8 registers fit in 32
   return nullptr;
 }
 #else
