@@ -84,7 +84,6 @@ class StepCostModel:
         self.overrun_ratio = _OVERRUN_PRIOR  # measured / predicted step time exceeded once in ~10^5 steps
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
-        self._prefill_tokens: deque[int] = deque(maxlen=window)
         self._fitted = False  # coefficients from measurements: predictions need their range
         self._given = False   # coefficients given (`from_coeffs`)
 
@@ -115,7 +114,7 @@ class StepCostModel:
         per measurement keeps every prediction near measured ground."""
         if self._given and self.is_calibrated and not self._fitted:
             return 1 << 30  # given coefficients (a snapshot's copy, a test's fake model) are trusted
-        return max(2 * max(self._prefill_tokens, default=0), _TRUST_MIN_TOKENS)
+        return max(2 * int(max((x[2] for x in self._xs), default=0)), _TRUST_MIN_TOKENS)  # x[2]: prefill tokens
 
     def prefill_attention_s(self, num_pairs: int) -> float:
         """The prefill-attention part of a prediction: `num_pairs` query-key pairs, however chunked."""
@@ -131,7 +130,6 @@ class StepCostModel:
             self.mean_rel_error += _ERR_ALPHA * (err / max(measured_s, 1e-6) - self.mean_rel_error)
         self._xs.append(f.vector())
         self._ys.append(measured_s)
-        self._prefill_tokens.append(f.num_prefill_tokens)
         self.num_samples += 1
         if self.num_samples % self.refit_every == 0 or self.num_samples == self.min_samples:
             self.theta = self._fit()

@@ -180,12 +180,11 @@ class DeadlinePolicy:
             slack_s = min(budgets)
         num_context = sum(r.num_computed_tokens for r in active)
         time_budget_s = self.plan_fraction(any(r.is_firm for r in streams)) * slack_s
+        decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
         if streams:  # keep the cadence even: a prefill step is at most this much longer than a decode step
-            decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
             time_budget_s = min(time_budget_s, self.config.max_step_stretch * decode_step_s)
         if not interactive:  # each chunk then takes what its own position costs (`chunk_tokens`)
-            base_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
-            self._prefill_left_s, self._plan_has_streams = time_budget_s - base_s, bool(streams)
+            self._prefill_left_s, self._plan_has_streams = time_budget_s - decode_step_s, bool(streams)
             return token_budget
         starving = next((r for r in (*active, *waiting) if self.is_starving(r)), None)
         if starving is not None:  # its share runs first
