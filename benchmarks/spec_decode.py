@@ -8,11 +8,18 @@ Measures (tok/s: the median over the repeats; xN: the median over the repeats of
   batch 1      per prompt: output tok/s after the first token, off vs each method, acceptance
                (accepted / proposed draft tokens), mean tokens per verify step, greedy identity
   N streams    N concurrent requests (--stream-mix: all prompts in turn, or only copy / chat ones),
-               all added at once: output tok/s over the whole run, each method vs off
+               EOS ignored (every engine runs the same batch shapes). --stream-mode steady (default):
+               N kept in flight, a finished request replaced at once, request i generating a fixed
+               0.5x-1.5x --max-tokens (completions spread out as with real traffic), until each engine
+               emitted --turnover x N x --max-tokens tokens; burst: N added at once, each generating
+               --max-tokens, run to completion (its tail of small batches, and its waves of requests
+               finishing together, favour whichever engine keeps its requests in step).
+               Output tok/s over the engine's own steps, each method vs off per repeat [min-max]
 The methods' engines run side by side in one process and take turns step by step (the order rotating
 every round), each timed over its own steps only: on a shared machine the load of the moment then
 falls on every method alike, which a run-after-run comparison cannot ensure. Each engine's scheduler
 clock stands still while the others step, so its deadlines see only its own steps, as if it ran alone.
+The engines' thread governors are off (--governor keeps them): torch's thread count is process-wide.
 Methods: off, ngram (adaptive k), ngram-fixed (k always 4 when there is a match), and with
 --draft-layers L a layer-skip draft (the target's first L layers + its LM head: same tokenizer);
 off2 is a second engine without speculation, an A/A check of the measurement's noise floor.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import statistics
 import time
@@ -79,6 +87,8 @@ def build_core(method: str, args, max_streams: int):
                                                    block_size=config.cache.block_size)
     core = EngineCore(config, model_config, weights, proposer=proposer)
     core.scheduler.clock = EngineClock()
+    if not args.governor:  # torch's thread count is process-wide: one engine's governor would set it for all
+        core.thread_governor = None
     return core
 
 
@@ -105,14 +115,19 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
                             add_special_tokens=False)
 
 
-def run(cores: dict, prompts: list[list[int]], max_tokens: int) -> dict[str, tuple[dict[str, list[int]], Timing]]:
+def run(cores: dict, prompts: list[list[int]], max_tokens: int,
+        ignore_eos: bool = False) -> dict[str, tuple[dict[str, list[int]], Timing]]:
     """The same prompts, all at once, greedy, on every engine; steps interleaved across engines.
+    `ignore_eos`: every request generates exactly max_tokens, so every engine runs the same batch
+    shapes (greedy fast-path outputs may part at a near tie between engines, and a request that
+    stops earlier in one engine would leave it a smaller, cheaper batch).
     Returns per engine (tokens per request, its own step time)."""
     from rtserve.protocol import EngineCoreRequest
     from rtserve.sampling_params import SamplingParams
     for core in cores.values():
         for i, ids in enumerate(prompts):
-            core.add_request(EngineCoreRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+            core.add_request(EngineCoreRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                          ignore_eos=ignore_eos),
                                                core.scheduler.clock()))
     results = {name: ({}, Timing()) for name in cores}
     order = list(cores)
@@ -133,6 +148,67 @@ def run(cores: dict, prompts: list[list[int]], max_tokens: int) -> dict[str, tup
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         order = order[1:] + order[:1]
     return results
+
+
+def run_steady(cores: dict, prompts: list[list[int]], concurrency: int, max_tokens: int,
+               target_tokens: int) -> dict[str, tuple[int, Timing]]:
+    """Every engine keeps `concurrency` requests in flight (a finished request is replaced at once by
+    the next prompt in turn) until it has emitted `target_tokens`; steps interleaved across engines as
+    in `run`. Returns per engine (tokens emitted, its step time).
+
+    Request i generates exactly `output_len(i, max_tokens)` tokens: the same lengths on every engine,
+    spread from 0.5x to 1.5x max_tokens so that completions do not come in waves. A fixed batch run to
+    completion ends in a tail where the slowest requests decode in small, inefficient batches (with
+    speculation the copy requests finish first and leave the chat ones that tail); and requests of
+    one length started together finish together, so the engine without speculation refills in large,
+    efficient prefill waves while speculation desynchronises its requests. A server with steady
+    traffic sees neither.
+    """
+    from rtserve.protocol import EngineCoreRequest
+    from rtserve.sampling_params import SamplingParams
+    state = {name: [0, 0, Timing()] for name in cores}  # requests submitted, tokens emitted, step time
+
+    def submit(name: str) -> None:
+        core, st = cores[name], state[name]
+        ids = prompts[st[0] % len(prompts)]
+        core.add_request(EngineCoreRequest(f"s{next(_request_ids)}", ids, SamplingParams(
+            temperature=0.0, max_tokens=output_len(st[0], max_tokens), ignore_eos=True), core.scheduler.clock()))
+        st[0] += 1
+
+    for name in cores:
+        for _ in range(concurrency):
+            submit(name)
+    order = list(cores)
+    while any(st[1] < target_tokens for st in state.values()):
+        for name in order:
+            core, st = cores[name], state[name]
+            if st[1] >= target_tokens:
+                continue
+            core.scheduler.clock.resume()
+            start = time.perf_counter()
+            outputs = core.step().outputs
+            st[2].total_s += time.perf_counter() - start
+            core.scheduler.clock.pause()
+            for out in outputs:
+                st[1] += len(out.new_token_ids)
+                if out.finish_reason is not None:
+                    submit(name)
+        order = order[1:] + order[:1]
+    for core in cores.values():  # the requests still in flight are not part of the measurement
+        core.scheduler.clock.resume()
+        core.abort_requests([r.request_id for r in (*core.scheduler.running, *core.scheduler.waiting)])
+        while core.has_unfinished:
+            core.step()
+        core.scheduler.clock.pause()
+    return {name: (st[1], st[2]) for name, st in state.items()}
+
+
+_request_ids = itertools.count()
+
+
+def output_len(i: int, max_tokens: int) -> int:
+    """Request i's output length: 0.5x to 1.5x max_tokens, spread evenly (golden-ratio sequence)."""
+    return max(1, round(max_tokens * (0.5 + (i * 0.6180339887) % 1.0)))
 
 
 @dataclasses.dataclass
@@ -167,6 +243,14 @@ def main() -> None:
     p.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
     p.add_argument("--quantization", default="auto", choices=("auto", "none"))
     p.add_argument("--policy", default="deadline", choices=("deadline", "fcfs"))
+    p.add_argument("--governor", action="store_true",
+                   help="keep the engines' thread governors (default: threads pinned to --threads)")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="burst stream runs stop at EOS (default: every stream generates --max-tokens)")
+    p.add_argument("--stream-mode", default="steady", choices=("steady", "burst"),
+                   help="steady: N requests kept in flight until each engine emitted --turnover x N x "
+                        "--max-tokens tokens; burst: N requests at once, run to completion")
+    p.add_argument("--turnover", type=float, default=2.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from rtserve.client.tokenizer import Tokenizer
@@ -207,12 +291,19 @@ def main() -> None:
         for rep in range(args.repeats):
             if rep == args.repeats - 1:
                 before = {method: spec_counts(core) for method, core in cores.items()}
-            for method, (tokens, timing) in run(cores, batch, args.max_tokens).items():
-                rates[method].append(sum(len(t) for t in tokens.values()) / timing.total_s)
+            if args.stream_mode == "steady":
+                results = run_steady(cores, mix, n, args.max_tokens, int(args.turnover * n * args.max_tokens))
+            else:
+                results = {method: (sum(len(t) for t in tokens.values()), timing) for method, (tokens, timing)
+                           in run(cores, batch, args.max_tokens, not args.stop_at_eos).items()}
+            for method, (num_tokens, timing) in results.items():
+                rates[method].append(num_tokens / timing.total_s)
         for method in methods:
             rate = statistics.median(rates[method])
             drafts = spec_summary(before[method], spec_counts(cores[method])) if method != "off" else ""
-            print(f"{method:12s} {rate:7.1f} tok/s  x{paired_ratio(rates, method):4.2f}  (runs: "
+            ratios = [r / b for r, b in zip(rates[method], rates["off"])]
+            print(f"{method:12s} {rate:7.1f} tok/s  x{paired_ratio(rates, method):4.2f} "
+                  f"[{min(ratios):.2f}-{max(ratios):.2f}]  (runs: "
                   f"{', '.join(f'{r:.0f}' for r in rates[method])})  {drafts}", flush=True)
         del cores
     print(f"== done ==  {load()}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -105,6 +106,13 @@ class StepCostModel:
 
     def predict_s(self, f: StepFeatures) -> float:
         return max(sum(t * x for t, x in zip(self.theta, f.vector())), 0.0)
+
+    def line_s(self, base: StepFeatures, per_unit: StepFeatures) -> Callable[[float], float]:
+        """m -> predict_s(base + m * per_unit) as one multiply-add (the model is linear): for callers
+        that scan many sizes of one step. `per_unit`'s own intercept and chunk count are not added."""
+        a = sum(t * x for t, x in zip(self.theta, base.vector()))
+        b = sum(t * x for t, x in zip(self.theta[1:5], per_unit.vector()[1:5]))
+        return lambda m: max(a + b * m, 0.0)
 
     @property
     def trusted_prefill_tokens(self) -> int:

@@ -31,12 +31,10 @@ def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: Ste
     num_prefill = min(budget, pending + (sum(r.num_tokens for r in scheduler.waiting) if can_admit else 0))
     num_context = sum(r.num_computed_tokens for r in running)
 
-    mean_context = num_context / len(decoding)
-
-    def cost_model_s(num_draft_tokens: int) -> float:  # drafts are decode rows (runner/input_batch.py)
-        # Each draft row attends to its whole sequence, as a decode does: it reads a context's worth.
-        return cost_model.predict_s(StepFeatures(len(decoding) + num_draft_tokens, num_prefill,
-                                                 int(num_context + num_draft_tokens * mean_context)))
+    # Drafts are decode rows (runner/input_batch.py); each attends to its whole sequence, as a decode
+    # does: it reads a context's worth. The chooser scans every draft count: one line, not a model call each.
+    cost_model_s = cost_model.line_s(StepFeatures(len(decoding), num_prefill, num_context),
+                                     StepFeatures(1, 0, num_context // len(decoding), num_prefill_seqs=0))
 
     time_budget_s = scheduler.policy.step_time_budget_s(running, scheduler.clock())
     step = DraftStep(len(decoding), num_prefill, cost_model_s, math.inf if time_budget_s is None else time_budget_s)

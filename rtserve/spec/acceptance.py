@@ -40,6 +40,7 @@ class AcceptanceTracker:
         self._global: dict[int, _Ewma] = {}  # prior key -> proposer-wide EWMA
         self._per_request: dict[str, _Ewma] = {}
         self._step = 0
+        self._best_key: int | None = None  # the key with the highest global rate (None: not found yet)
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -47,6 +48,7 @@ class AcceptanceTracker:
 
     def tick(self) -> None:
         self._step += 1
+        self._best_key = None
 
     def global_rate(self, prior_key: int = 0) -> float:
         """Proposer-wide rate of proposals with this key (`prior_rate` until one was verified)."""
@@ -65,9 +67,14 @@ class AcceptanceTracker:
         return (fade * own.successes + w * self.global_rate(prior_key)) / (fade * own.trials + w)
 
     def best_rate(self, request_id: str) -> float:
-        """The highest rate any proposal could have for this request (its best-scoring key)."""
-        keys = list(self._global) or [0]
-        return max(max(self.rate(request_id, k) for k in keys), self.rate(request_id, -1))
+        """The highest rate any proposal could have for this request (its best-scoring key).
+
+        A rate rises with its key's global rate, so the best key is the same for every request: it is
+        found once per step (the chooser asks for every decoding request each step)."""
+        if self._best_key is None:
+            keys = [*(self._global or [0]), -1]
+            self._best_key = max(keys, key=self.global_rate)
+        return self.rate(request_id, self._best_key)
 
     def observe(self, request_id: str, num_draft: int, num_accepted: int, prior_key: int = 0) -> None:
         if num_draft <= 0:
@@ -78,6 +85,7 @@ class AcceptanceTracker:
         own.successes = self.decay * fade * own.successes + num_accepted
         own.trials = self.decay * fade * own.trials + trials
         own.last_step = self._step
+        self._best_key = None
         g = self._global.setdefault(prior_key, _Ewma())
         g.successes = self.global_decay * g.successes + num_accepted
         g.trials = self.global_decay * g.trials + trials

@@ -69,26 +69,95 @@ class StepTimeTable:
         """A predictor n -> seconds over the current measurements (build it once per decision);
         `fallback(n)` (the cost model) fills the ranges nothing was measured in."""
         fresh = sorted((n, v) for n, (v, _) in self._table.items() if self._is_fresh(n))
+        if not fresh:
+            return fallback
         sizes, values = [n for n, _ in fresh], [v for _, v in fresh]
+        top, v_top = sizes[-1], values[-1]
+        slope = (v_top - values[-2]) / (top - sizes[-2]) if len(sizes) > 1 else 0.0
+        at_bottom, at_top = fallback(sizes[0]), fallback(top)  # the chooser asks for ~100 sizes a step
 
         def predict(n: int) -> float:
-            if not sizes:
-                return fallback(n)
+            if n > top:  # above every measured size: the steeper of the model and the measured slope
+                return v_top + max(fallback(n) - at_top, slope * (n - top))
             i = bisect.bisect_left(sizes, n)
-            if i < len(sizes) and sizes[i] == n:
+            if sizes[i] == n:
                 return values[i]
-            if 0 < i < len(sizes):
+            if i > 0:
                 w = (n - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
                 return (1 - w) * values[i - 1] + w * values[i]
-            if i == 0:  # below every measured size: the model's difference, never below 0
-                return max(values[0] - (fallback(sizes[0]) - fallback(n)), 0.0)
-            top, v_top = sizes[-1], values[-1]
-            slope = (v_top - values[-2]) / (top - sizes[-2]) if len(sizes) > 1 else 0.0
-            return v_top + max(fallback(n) - fallback(top), slope * (n - top))
+            return max(values[0] - (at_bottom - fallback(n)), 0.0)  # below: the model's difference, >= 0
         return predict
 
     def predict(self, num_rows: int, fallback: Callable[[int], float]) -> float:
         return self.curve(fallback)(num_rows)
+
+
+class DraftCostCorrection:
+    """How much more (or less) verifying drafts really costs than predicted: over the last `window`
+    verify steps, their measured extra time (over the same step without drafts) summed, divided by
+    the predicted extra time summed. A sum weighs each step by its drafts: with 32 streams a step
+    with 3 drafts is predicted 2 ms over its base and measured within +-3 ms of noise.
+
+    The step-time curve extrapolates draft rows past the sizes it measured with the cost model's
+    slope, and a verify step also pays for what it emits (acceptance, more tokens out). At 16 and
+    32 streams here that made verify steps 7-15 ms longer than predicted, and speculation with 66-82%
+    acceptance cost 6% throughput. Each step's measurement is clamped to [`lo`, `hi`] times its
+    prediction (a stalled step), the scale is 1 until `min_samples` steps were measured (one cold
+    verify step must not stop speculation), and measurements are forgotten after `max_age_steps`,
+    so a correction that stopped speculation lapses and speculation is probed again.
+    """
+
+    def __init__(self, window: int = 16, min_samples: int = 4, max_age_steps: int = 500,
+                 lo: float = 0.5, hi: float = 4.0) -> None:
+        self.min_samples, self.max_age_steps, self.lo, self.hi = min_samples, max_age_steps, lo, hi
+        self._samples: deque[tuple[int, float, float]] = deque(maxlen=window)  # (step, predicted, measured)
+        self._step = 0
+
+    def tick(self) -> None:
+        self._step += 1
+
+    def observe(self, predicted_extra_s: float, measured_extra_s: float) -> None:
+        if predicted_extra_s > 0:
+            measured = min(max(measured_extra_s, self.lo * predicted_extra_s), self.hi * predicted_extra_s)
+            self._samples.append((self._step, predicted_extra_s, measured))
+
+    @property
+    def scale(self) -> float:
+        fresh = [(p, m) for step, p, m in self._samples if self._step - step <= self.max_age_steps]
+        if len(fresh) < self.min_samples:
+            return 1.0
+        return sum(m for _, m in fresh) / sum(p for p, _ in fresh)
+
+
+class SpeedupCalibration:
+    """How optimistic the chooser's predicted speed-ups have been: the median, over the last `window`
+    decode-only verify steps, of predicted minus realized speed-up, where a step's realized speed-up
+    is (tokens emitted / decodes) x (predicted step time without drafts / measured time).
+
+    The chooser's prediction multiplies acceptance estimates by step-time estimates, and both err: at
+    32 streams here verify steps predicted at 1.18x realized 0.96x (0.91 vs 1.12 tokens per ms for
+    the steps without drafts). The engine then demands that much more predicted gain before it
+    speculates: whatever the source of the error, speculation that has not been paying stops. A
+    median over at least `min_samples` steps (a stalled step is one sample), forgotten after
+    `max_age_steps` so that speculation is probed again once conditions may have changed.
+    """
+
+    def __init__(self, window: int = 32, min_samples: int = 8, max_age_steps: int = 500) -> None:
+        self.min_samples, self.max_age_steps = min_samples, max_age_steps
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (step, predicted - realized)
+        self._step = 0
+
+    def tick(self) -> None:
+        self._step += 1
+
+    def observe(self, predicted_speedup: float, realized_speedup: float) -> None:
+        self._samples.append((self._step, predicted_speedup - realized_speedup))
+
+    @property
+    def optimism(self) -> float:
+        """Speed-up the predictions have overstated lately (0 when they were right or pessimistic)."""
+        fresh = [d for step, d in self._samples if self._step - step <= self.max_age_steps]
+        return max(median(fresh), 0.0) if len(fresh) >= self.min_samples else 0.0
 
 
 @dataclass
@@ -105,11 +174,12 @@ class SpecLengthChooser:
 
     def choose(self, rates: Sequence[float], max_ks: Sequence[int], step_time_s: Callable[[int], float],
                draft_time_s: Callable[[int, int], float] = lambda num_rounds, num_tokens: 0.0,
-               max_step_s: float = math.inf) -> list[int]:
+               max_step_s: float = math.inf, extra_gain: float = 0.0) -> list[int]:
         """k per request. rates[i]: acceptance rate; max_ks[i]: tokens available (proposal length, or
         max_k before proposing); step_time_s(n): predicted step time with n draft rows on top of this
         step's decodes and prefill; draft_time_s(rounds, tokens): predicted proposing time;
-        max_step_s: the real-time budget of the step (drafts included), inf when none.
+        max_step_s: the real-time budget of the step (drafts included), inf when none; extra_gain:
+        predicted speed-up demanded on top of `min_rel_gain` (the predictions' measured optimism).
         """
         # Largest gain first; ties (rate 1) in position order, so each request's drafts stay a prefix.
         gains = sorted(((rate ** j, i, j) for i, rate in enumerate(rates)
@@ -126,7 +196,7 @@ class SpecLengthChooser:
             goodput = tokens / max(time_s, 1e-9)
             if goodput > best:
                 best_m, best = m, goodput
-        if best < base * (1.0 + self.min_rel_gain):
+        if best < base * (1.0 + self.min_rel_gain + extra_gain):
             best_m, best = 0, base
         self._last_goodput = (base, best)
         ks = [0] * len(rates)

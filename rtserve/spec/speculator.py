@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from rtserve.spec.acceptance import AcceptanceTracker
-from rtserve.spec.adaptive import SpecLengthChooser, StepTimeTable
+from rtserve.spec.adaptive import DraftCostCorrection, SpecLengthChooser, SpeedupCalibration, StepTimeTable
 from rtserve.spec.proposer import NgramProposer, Proposal, Proposer, SpecRequest
 
 if TYPE_CHECKING:
@@ -39,6 +39,15 @@ class Speculator:
         self.tracker = AcceptanceTracker(max_k)
         self.chooser = SpecLengthChooser(max_k)
         self.step_times = StepTimeTable()
+        self.correction = DraftCostCorrection()
+        self.calibration = SpeedupCalibration()
+        # This step's prediction for its drafts: (seconds without drafts, seconds with, speed-up), and
+        # what its verification accepted.
+        self._verify_prediction: tuple[float, float, float] | None = None
+        self._step_drafts = self._step_accepted = 0
+        # After a step where no request could pay for a draft, the next 1, 2, then up to
+        # `MAX_IDLE_SKIP` steps do not even ask (the chooser's scan costs ~0.5 ms at 32 streams).
+        self._idle_backoff = self._skip_steps = 0
         self._propose_s = 0.0  # time spent proposing in the current step
         self._prior_keys: dict[str, int] = {}  # request id -> prior key of this step's proposal
         # Measured proposing time per request asked (EWMA): a cheap proposer is not free in Python
@@ -61,9 +70,15 @@ class Speculator:
         """
         start = time.perf_counter()
         self.tracker.tick()
+        self.correction.tick()
+        self.calibration.tick()
+        self._verify_prediction = None
         caps = [min(c, self.max_k) for c in caps]
         if not self.adaptive:
             proposals = self.proposer.propose(requests, caps)
+        elif self._skip_steps > 0:
+            self._skip_steps -= 1
+            proposals = [Proposal([]) for _ in requests]
         else:
             proposals = self._propose_adaptive(requests, caps, step)
         self._prior_keys = {r.request_id: p.prior_key for r, p in zip(requests, proposals) if p.token_ids}
@@ -75,11 +90,17 @@ class Speculator:
             self._propose_s_per_request += 0.1 * (seconds / num_requests - self._propose_s_per_request)
 
     def _propose_adaptive(self, requests: Sequence[SpecRequest], caps: list[int], step: DraftStep) -> list[Proposal]:
-        step_time_s, budget_s = self._step_time_fn(step), step.time_budget_s
+        predicted_s, budget_s = self._step_time_fn(step), step.time_budget_s
+        base_s, scale, extra = predicted_s(0), self.correction.scale, self.calibration.optimism
+
+        def step_time_s(m: int) -> float:  # drafts' predicted extra time, corrected by what it measured
+            return base_s + scale * (predicted_s(m) - base_s) if m else base_s
+
         none = [Proposal([]) for _ in requests]
         if not self.proposer.is_cheap:
             rates = [self.tracker.rate(r.request_id) for r in requests]
-            ks = self.chooser.choose(rates, caps, step_time_s, self.proposer.cost_s, budget_s)
+            ks = self.chooser.choose(rates, caps, step_time_s, self.proposer.cost_s, budget_s, extra)
+            self._expect_verify(step, base_s, predicted_s(sum(ks)), sum(ks))
             return self.proposer.propose(requests, ks) if any(ks) else none
         asking = [r for r, c in zip(requests, caps) if c > 0]
         propose_s = self._propose_s_per_request * len(asking)
@@ -88,34 +109,55 @@ class Speculator:
             return propose_s if num_tokens > 0 else 0.0
 
         bound = self.chooser.choose([self.tracker.best_rate(r.request_id) for r in requests], caps, step_time_s,
-                                    draft_s, max_step_s=budget_s)
+                                    draft_s, max_step_s=budget_s, extra_gain=extra)
         if not any(bound):
+            self._idle_backoff = min(2 * self._idle_backoff or 1, MAX_IDLE_SKIP)
+            self._skip_steps = self._idle_backoff
             return none
+        self._idle_backoff = 0
         start = time.perf_counter()
         proposals = self.proposer.propose(requests, bound)
         self._observe_propose(sum(1 for k in bound if k > 0), time.perf_counter() - start)
         rates = [self.tracker.rate(r.request_id, p.prior_key) for r, p in zip(requests, proposals)]
         # Proposing is paid by now: the second choice weighs only the verify rows.
-        ks = self.chooser.choose(rates, [p.num_tokens for p in proposals], step_time_s, max_step_s=budget_s)
+        ks = self.chooser.choose(rates, [p.num_tokens for p in proposals], step_time_s, max_step_s=budget_s,
+                                 extra_gain=extra)
+        self._expect_verify(step, base_s, predicted_s(sum(ks)), sum(ks))
         return [_truncate(p, k) for p, k in zip(proposals, ks)]
+
+    def _expect_verify(self, step: DraftStep, base_s: float, with_drafts_s: float, num_drafts: int) -> None:
+        """Remember the uncorrected prediction of a decode-only verify step, to correct by its outcome."""
+        if num_drafts > 0 and step.num_prefill_tokens == 0:
+            self._verify_prediction = (base_s, with_drafts_s, self.chooser.predicted_speedup)
 
     def _step_time_fn(self, step: DraftStep) -> Callable[[int], float]:
         """Predicted step seconds with m draft rows: measured decode-only steps of that many rows when
         the step is decode-only (the cost model where none were measured), else the cost model."""
         if step.num_prefill_tokens > 0:
             return step.cost_model_s
-        curve = self.step_times.curve(lambda n: step.cost_model_s(n - step.num_decodes))
-        return lambda m: curve(step.num_decodes + m)
+        num_decodes, model_s = step.num_decodes, step.cost_model_s
+        curve = self.step_times.curve(lambda n: model_s(n - num_decodes))
+        return lambda m: curve(num_decodes + m)
 
     def observe(self, request_id: str, num_draft: int, num_accepted: int) -> None:
         self.tracker.observe(request_id, num_draft, num_accepted, self._prior_keys.get(request_id, 0))
+        self._step_drafts += num_draft
+        self._step_accepted += num_accepted
 
     def observe_step(self, num_decode_rows: int, num_prefill_tokens: int, step_s: float) -> None:
         """A step took `step_s` in all; proposing time is not the target's. Decode-only steps (drafts
         are decode rows) are the measurements the chooser predicts from."""
+        target_s = max(step_s - self._propose_s, 0.0)
         if num_prefill_tokens == 0 and num_decode_rows > 0:
-            self.step_times.observe(num_decode_rows, max(step_s - self._propose_s, 0.0))
-        self._propose_s = 0.0
+            num_decodes = num_decode_rows - self._step_drafts
+            if self._verify_prediction is not None and self._step_drafts > 0 and num_decodes > 0:
+                base_s, with_drafts_s, predicted_speedup = self._verify_prediction
+                self.correction.observe(with_drafts_s - base_s, target_s - base_s)
+                realized = (num_decodes + self._step_accepted) / num_decodes * base_s / max(target_s, 1e-9)
+                self.calibration.observe(predicted_speedup, realized)
+            self.step_times.observe(num_decode_rows, target_s)
+        self._propose_s, self._verify_prediction = 0.0, None
+        self._step_drafts = self._step_accepted = 0
 
     def free(self, request_id: str) -> None:
         self.tracker.free(request_id)
@@ -126,6 +168,9 @@ class Speculator:
         t = self.tracker
         return SpecDecodeStats(self.name, t.num_drafts, t.num_draft_tokens, t.num_accepted_tokens,
                                list(t.num_accepted_tokens_per_pos))
+
+
+MAX_IDLE_SKIP = 4
 
 
 def _truncate(p: Proposal, k: int) -> Proposal:

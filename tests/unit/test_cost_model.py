@@ -176,3 +176,16 @@ def test_a_fresh_model_trusts_only_small_steps_until_fitted():
     for n in range(3):  # measured, not yet fitted
         model.observe(StepFeatures(1, 8), 0.02)
         assert model.trusted_prefill_tokens == 64
+
+
+def test_line_is_the_model_along_one_direction():
+    model = StepCostModel()
+    for f in random_steps(64, seed=3):
+        model.observe(f, true_step_s(f))
+    base = StepFeatures(12, 40, 3000, prefill_pairs(40, 100), 1)
+    line = model.line_s(base, StepFeatures(1, 0, 250, num_prefill_seqs=0))
+    for m in (0, 1, 7, 30):
+        f = StepFeatures(12 + m, 40, 3000 + 250 * m, prefill_pairs(40, 100), 1)
+        assert line(m) == pytest.approx(model.predict_s(f))
+    negative = StepCostModel.from_coeffs((-0.01, 0.001))
+    assert negative.line_s(StepFeatures(1, 0), StepFeatures(1, 0))(0) == 0.0  # clamped as predict_s is

@@ -62,3 +62,15 @@ def test_own_failures_fade_so_a_request_is_tried_again():
     assert t.rate("r", prior_key=4) > 0.45
     t.observe("r", 4, 0, prior_key=4)  # new evidence counts in full, the old stays faded
     assert t.rate("r", prior_key=4) < 0.35
+
+
+def test_best_rate_is_the_best_key_rate_and_follows_new_evidence():
+    t = AcceptanceTracker(max_k=4)
+    t.observe("a", 4, 1, prior_key=2)
+    t.observe("b", 4, 4, prior_key=4)
+    t.tick()
+    for rid in ("a", "b", "new"):
+        assert t.best_rate(rid) == pytest.approx(max(t.rate(rid, k) for k in (2, 4, -1)))
+    for _ in range(20):  # key 4 collapses within the same step: the cached best key is dropped
+        t.observe("b", 4, 0, prior_key=4)
+    assert t.best_rate("new") == pytest.approx(max(t.rate("new", k) for k in (2, 4, -1)))

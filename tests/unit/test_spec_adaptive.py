@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rtserve.spec.adaptive import SpecLengthChooser, StepTimeTable
+from rtserve.spec.adaptive import DraftCostCorrection, SpecLengthChooser, SpeedupCalibration, StepTimeTable
 from rtserve.spec.proposer import NgramProposer, Proposal, Proposer
 from rtserve.spec.speculator import DraftStep, Speculator
 
@@ -211,6 +211,7 @@ def test_verification_priced_by_measured_decode_steps_of_that_many_rows():
     for rows in range(1, 6):
         spec.observe_step(rows, 0, 0.010 * rows)
     assert spec.propose([_Req("copy", COPY)], [4], free_rows)[0].token_ids == []
+    spec._skip_steps = 0  # nobody could pay: the idle backoff would skip the next step
     # A step that also prefills runs another path: its drafts are priced by the cost model.
     with_prefill = DraftStep(1, 64, lambda n: 0.050 + 0.0001 * n)
     assert spec.propose([_Req("copy", COPY)], [4], with_prefill)[0].token_ids == [5, 6, 7, 8]
@@ -260,3 +261,89 @@ def test_measured_proposing_time_is_weighed_against_the_drafts_gain():
     spec._propose_s_per_request = 0.200
     assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == []
     assert proposer.num_calls == 1
+
+
+def test_draft_cost_correction_weighs_steps_by_their_drafts_and_lapses():
+    c = DraftCostCorrection(window=5, min_samples=3, max_age_steps=10)
+    c.observe(0.010, 1.0)  # a stalled verify step, clamped to 4x
+    c.tick()
+    assert c.scale == 1.0  # too few samples: one cold or stalled step does not stop speculation
+    for predicted, measured in ((0.010, 0.020), (0.030, 0.060)):
+        c.observe(predicted, measured)
+        c.tick()
+    assert c.scale == pytest.approx((0.040 + 0.020 + 0.060) / 0.050)
+    c.observe(0.0, 0.5)  # nothing predicted: nothing learnt
+    assert c.scale == pytest.approx(2.4)
+    for _ in range(11):
+        c.tick()
+    assert c.scale == 1.0  # old evidence forgotten: speculation is probed again
+
+
+def test_verify_steps_slower_than_predicted_stop_marginal_speculation_until_it_lapses():
+    spec = Speculator(NgramProposer(2, 4), max_k=4)
+    for i in range(30):
+        spec.tracker.observe(f"old{i}", 4, 4, prior_key=4)
+    step = decode_step(1)  # base 10 ms, a draft row 6 ms: 4 drafts predicted at 34 ms
+    for _ in range(spec.correction.min_samples):
+        assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == [5, 6, 7, 8]
+        spec.observe("copy", 4, 4)
+        spec.observe_step(5, 0, 0.010 + 3 * 0.024)  # the verify step took 3x the predicted extra
+    assert spec.correction.scale == pytest.approx(3.0, rel=0.05)  # less the proposing time
+    assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == []
+    spec.observe_step(1, 0, 0.010)  # a step without drafts teaches the correction nothing
+    assert spec.correction.scale == pytest.approx(3.0, rel=0.05)
+    for _ in range(spec.correction.max_age_steps):
+        spec.propose([_Req("copy", COPY)], [4], step)
+    assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == [5, 6, 7, 8]
+
+
+def test_speedup_calibration_is_the_median_overstatement_once_measured():
+    c = SpeedupCalibration(window=8, min_samples=3, max_age_steps=10)
+    c.observe(1.2, 0.9)
+    c.observe(1.2, 0.1)  # a stalled step
+    assert c.optimism == 0.0  # too few samples
+    c.observe(1.3, 1.1)
+    assert c.optimism == pytest.approx(0.3)  # median of 0.3, 1.1, 0.2
+    for _ in range(3):
+        c.observe(1.1, 1.4)  # predictions now pessimistic
+    assert c.optimism == 0.0
+    for _ in range(11):
+        c.tick()
+    assert c.optimism == 0.0 and not [d for s, d in c._samples if c._step - s <= c.max_age_steps]
+
+
+def test_speculation_that_does_not_pay_stops_whatever_the_prediction_said():
+    # The cost model and the acceptance estimate agree that 4 drafts pay (predicted ~1.4x); every
+    # verify step accepts only 1 and takes the predicted time: realized ~0.6x. After min_samples
+    # such steps the chooser demands that much more gain, and stops speculating.
+    spec = Speculator(NgramProposer(2, 4), max_k=4)
+    spec.correction.min_samples = 10 ** 6  # isolate the outcome calibration
+    for i in range(30):
+        spec.tracker.observe(f"old{i}", 4, 4, prior_key=4)
+    step = decode_step(1)
+    for i in range(spec.calibration.min_samples):  # a new request each step: no own record to learn from
+        assert spec.propose([_Req(f"copy{i}", COPY)], [4], step)[0].token_ids == [5, 6, 7, 8]
+        spec.observe(f"copy{i}", 4, 1)
+        spec.observe_step(5, 0, 0.034)
+        for _ in range(5):
+            spec.tracker.observe("old", 4, 4, prior_key=4)  # the estimate stays high: the prediction stays wrong
+    assert spec.calibration.optimism > 0.5
+    assert spec.propose([_Req("next", COPY)], [4], step)[0].token_ids == []
+
+
+def test_steps_where_nobody_can_pay_back_off_from_asking():
+    proposer = CountingNgram(2, 4)
+    spec = Speculator(proposer, max_k=4)
+    for i in range(30):
+        spec.tracker.observe(f"old{i}", 4, 4, prior_key=4)
+    costly, cheap = decode_step(1, per_row_s=0.050), decode_step(1)
+    asked = []
+    for _ in range(12):
+        asked.append(spec._skip_steps == 0)  # this step runs the chooser
+        spec.propose([_Req("copy", COPY)], [4], costly)
+    assert asked == [True, False, True, False, False, True] + [False] * 4 + [True, False]
+    assert proposer.num_calls == 0
+    while spec._skip_steps:  # the backoff is bounded: a step that can pay is found within MAX_IDLE_SKIP
+        spec.propose([_Req("copy", COPY)], [4], cheap)
+    assert spec.propose([_Req("copy", COPY)], [4], cheap)[0].token_ids == [5, 6, 7, 8]
+    assert spec._idle_backoff == 0
