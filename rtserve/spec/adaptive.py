@@ -130,34 +130,40 @@ class DraftCostCorrection:
 
 
 class SpeedupCalibration:
-    """How optimistic the chooser's predicted speed-ups have been: the median, over the last `window`
-    decode-only verify steps, of predicted minus realized speed-up, where a step's realized speed-up
-    is (tokens emitted / decodes) x (predicted step time without drafts / measured time).
+    """How far the chooser's predicted speed-ups have come true: the median, over the last `window`
+    decode-only verify steps, of realized / predicted speed-up, where a step's realized speed-up is
+    (tokens emitted / decodes) x (predicted step time without drafts / measured time).
 
     The chooser's prediction multiplies acceptance estimates by step-time estimates, and both err: at
     32 streams here verify steps predicted at 1.18x realized 0.96x (0.91 vs 1.12 tokens per ms for
-    the steps without drafts). The engine then demands that much more predicted gain before it
-    speculates: whatever the source of the error, speculation that has not been paying stops. A
-    median over at least `min_samples` steps (a stalled step is one sample), forgotten after
-    `max_age_steps` so that speculation is probed again once conditions may have changed.
+    the steps without drafts). The engine then discounts its predictions by that factor before it
+    decides to speculate (`required_gain`): whatever the source of the error, speculation that has
+    not been paying stops. A median over at least `min_samples` steps (a stalled step is one sample),
+    never above 1 (pessimistic predictions are left alone), forgotten after `max_age_steps` so that
+    speculation is probed again once conditions may have changed.
     """
 
     def __init__(self, window: int = 32, min_samples: int = 8, max_age_steps: int = 500) -> None:
         self.min_samples, self.max_age_steps = min_samples, max_age_steps
-        self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (step, predicted - realized)
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (step, realized / predicted)
         self._step = 0
 
     def tick(self) -> None:
         self._step += 1
 
     def observe(self, predicted_speedup: float, realized_speedup: float) -> None:
-        self._samples.append((self._step, predicted_speedup - realized_speedup))
+        if predicted_speedup > 0:
+            self._samples.append((self._step, realized_speedup / predicted_speedup))
 
     @property
-    def optimism(self) -> float:
-        """Speed-up the predictions have overstated lately (0 when they were right or pessimistic)."""
-        fresh = [d for step, d in self._samples if self._step - step <= self.max_age_steps]
-        return max(median(fresh), 0.0) if len(fresh) >= self.min_samples else 0.0
+    def factor(self) -> float:
+        """Realized / predicted speed-up lately, at most 1 (1 until measured)."""
+        fresh = [r for step, r in self._samples if self._step - step <= self.max_age_steps]
+        return min(median(fresh), 1.0) if len(fresh) >= self.min_samples else 1.0
+
+    def required_gain(self, min_rel_gain: float) -> float:
+        """Predicted gain over `min_rel_gain` needed so that the discounted prediction clears it."""
+        return (1.0 + min_rel_gain) / max(self.factor, 1e-3) - (1.0 + min_rel_gain)
 
 
 @dataclass

@@ -65,7 +65,9 @@ class Proposer(abc.ABC):
 
 class NgramProposer(Proposer):
     """Prompt lookup: match the last n tokens (n from max_n down to min_n) against earlier context and
-    propose what followed the most recent match. No model, no per-request state, q one-hot.
+    propose what followed the most recent match. No model, q one-hot. The only per-request state is
+    a copy of its tokens as an array, extended by the tokens appended since the last step (converting
+    the whole list each step cost as much as the match itself).
 
     The continuation may run into the suffix itself; it then repeats with the period of the match
     (after "a b c a b" with match "a b" at 0, the proposal is "c a b c ..."), which is exactly what a
@@ -78,6 +80,7 @@ class NgramProposer(Proposer):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.min_n, self.max_n, self.max_lookback = min_n, max_n, max_lookback
+        self._arrays: dict[str, tuple[np.ndarray, int]] = {}  # request id -> (buffer, tokens in it)
 
     def propose(self, requests: Sequence[SpecRequest], num_tokens: Sequence[int]) -> list[Proposal]:
         proposals = []
@@ -85,9 +88,26 @@ class NgramProposer(Proposer):
             if k <= 0:
                 proposals.append(Proposal([]))
                 continue
-            token_ids, match_len = ngram_match(r.all_token_ids[-self.max_lookback:], self.min_n, self.max_n, k)
+            token_ids, match_len = ngram_match(self._tokens(r)[-self.max_lookback:], self.min_n, self.max_n, k)
             proposals.append(Proposal(token_ids, prior_key=match_len))
         return proposals
+
+    def _tokens(self, r: SpecRequest) -> np.ndarray:
+        """r's tokens as an array: the cached one extended by what was appended since (tokens are only
+        ever appended; a request whose tokens do not continue the copy is copied afresh)."""
+        ids, n = r.all_token_ids, len(r.all_token_ids)
+        buf, have = self._arrays.get(r.request_id, (None, 0))
+        if buf is None or have > n or (have and buf[have - 1] != ids[have - 1]):
+            buf, have = np.empty(max(2 * n, 64), dtype=np.int64), 0
+        if n > len(buf):
+            buf = np.resize(buf, 2 * n)
+        if n > have:
+            buf[have:n] = ids[have:n]
+        self._arrays[r.request_id] = (buf, n)
+        return buf[:n]
+
+    def free(self, request_id: str) -> None:
+        self._arrays.pop(request_id, None)
 
 
 def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:

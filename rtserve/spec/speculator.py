@@ -91,7 +91,8 @@ class Speculator:
 
     def _propose_adaptive(self, requests: Sequence[SpecRequest], caps: list[int], step: DraftStep) -> list[Proposal]:
         predicted_s, budget_s = self._step_time_fn(step), step.time_budget_s
-        base_s, scale, extra = predicted_s(0), self.correction.scale, self.calibration.optimism
+        base_s, scale = predicted_s(0), self.correction.scale
+        extra = self.calibration.required_gain(self.chooser.min_rel_gain)
 
         def step_time_s(m: int) -> float:  # drafts' predicted extra time, corrected by what it measured
             return base_s + scale * (predicted_s(m) - base_s) if m else base_s

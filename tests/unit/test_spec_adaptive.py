@@ -297,19 +297,20 @@ def test_verify_steps_slower_than_predicted_stop_marginal_speculation_until_it_l
     assert spec.propose([_Req("copy", COPY)], [4], step)[0].token_ids == [5, 6, 7, 8]
 
 
-def test_speedup_calibration_is_the_median_overstatement_once_measured():
+def test_speedup_calibration_discounts_predictions_by_their_median_realization():
     c = SpeedupCalibration(window=8, min_samples=3, max_age_steps=10)
     c.observe(1.2, 0.9)
     c.observe(1.2, 0.1)  # a stalled step
-    assert c.optimism == 0.0  # too few samples
-    c.observe(1.3, 1.1)
-    assert c.optimism == pytest.approx(0.3)  # median of 0.3, 1.1, 0.2
+    assert c.factor == 1.0 and c.required_gain(0.05) == 0.0  # too few samples
+    c.observe(2.0, 1.6)
+    assert c.factor == pytest.approx(0.75)  # median of 0.75, 0.083, 0.8
+    assert c.required_gain(0.05) == pytest.approx(1.05 / 0.75 - 1.05)  # a predicted 1.4x clears 1.05x
     for _ in range(3):
-        c.observe(1.1, 1.4)  # predictions now pessimistic
-    assert c.optimism == 0.0
+        c.observe(1.1, 1.4)  # predictions now pessimistic: never credited above 1
+    assert c.factor == 1.0
     for _ in range(11):
         c.tick()
-    assert c.optimism == 0.0 and not [d for s, d in c._samples if c._step - s <= c.max_age_steps]
+    assert c.factor == 1.0 and not [d for s, d in c._samples if c._step - s <= c.max_age_steps]
 
 
 def test_speculation_that_does_not_pay_stops_whatever_the_prediction_said():
@@ -327,7 +328,7 @@ def test_speculation_that_does_not_pay_stops_whatever_the_prediction_said():
         spec.observe_step(5, 0, 0.034)
         for _ in range(5):
             spec.tracker.observe("old", 4, 4, prior_key=4)  # the estimate stays high: the prediction stays wrong
-    assert spec.calibration.optimism > 0.5
+    assert spec.calibration.factor < 0.5
     assert spec.propose([_Req("next", COPY)], [4], step)[0].token_ids == []
 
 

@@ -1,4 +1,5 @@
 """N-gram (prompt lookup) proposer: longest suffix first, most recent match, periodic continuation."""
+import random
 from dataclasses import dataclass, field
 
 import pytest
@@ -83,3 +84,17 @@ def test_matches_brute_force_on_random_sequences():
         min_n = rng.randrange(1, 4)
         max_n = rng.randrange(min_n, 6)
         assert ngram_lookup(tokens, min_n, max_n, 5) == _reference_lookup(tokens, min_n, max_n, 5), tokens
+
+
+def test_per_request_token_arrays_follow_appends_and_rebuild_on_a_changed_history():
+    rng = random.Random(3)
+    proposer = NgramProposer(1, 3)
+    req = Req([rng.randrange(6) for _ in range(5)], "a")
+    for _ in range(200):  # grows past the first buffers
+        req.all_token_ids.append(rng.randrange(6))
+        expected = ngram_lookup(req.all_token_ids, 1, 3, 4)
+        assert proposer.propose([req], [4])[0].token_ids == expected
+    req.all_token_ids = [rng.randrange(6) for _ in range(50)]  # same id, another history: copied afresh
+    assert proposer.propose([req], [4])[0].token_ids == ngram_lookup(req.all_token_ids, 1, 3, 4)
+    proposer.free("a")
+    assert "a" not in proposer._arrays
