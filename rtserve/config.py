@@ -1,6 +1,7 @@
 """Frozen configuration dataclasses, one per layer. Imports nothing from the package."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -116,6 +117,9 @@ class RTConfig:
     background_slot_share: float = 0.5  # late and batch work joins only below this share of the ITL cap
     max_step_stretch: float = 1.5     # a step with prefill is planned at most this much longer than its decodes
     min_running: int = 8              # the ITL-based running-set cap never goes below this
+    # A firm token must reach the client within its budget, not just be sampled within it: its
+    # deadlines are this much earlier in the engine (sampling -> detokenize -> SSE measured 1-10 ms).
+    firm_delivery_margin_s: float = 0.005
     max_num_waiting: int = 256        # bounded waiting queue (requests) ...
     max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
@@ -133,6 +137,8 @@ class RTConfig:
             raise ValueError("RTConfig.step_slack_fraction must be in (0, 1], background_slot_share in [0, 1]")
         if not self.max_step_stretch >= 1:
             raise ValueError("RTConfig.max_step_stretch must be >= 1")
+        if not 0 <= self.firm_delivery_margin_s < min((b for b in (self.firm.ttft_s, self.firm.itl_s) if b), default=math.inf):
+            raise ValueError("RTConfig.firm_delivery_margin_s must be >= 0 and below the firm budgets")
         if min(self.min_prefill_chunk, self.max_num_waiting, self.max_waiting_tokens,
                self.max_buffered_outputs, self.cost_min_samples, self.cost_window) <= 0:
             raise ValueError("RTConfig counts must be positive")

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="late and batch work joins the running set only below this share of its ITL cap (0.5)")
     rt.add_argument("--rt-min-running", type=int, default=None,
                     help="the ITL-based cap on running sequences never goes below this (8)")
+    rt.add_argument("--rt-firm-delivery-margin-ms", type=float, default=None,
+                    help="firm deadlines are this much earlier in the engine than their budgets, for "
+                         "the token's way to the client (5)")
     rt.add_argument("--rt-cost-min-samples", type=int, default=None,
                     help="measured steps before the step-time model is trusted (8)")
     lim = p.add_argument_group("request limits")
@@ -141,7 +144,9 @@ def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
                           slow_reader_timeout_s=args.slow_reader_timeout_s, min_prefill_chunk=args.min_prefill_chunk,
                           cost_min_samples=args.rt_cost_min_samples, step_slack_fraction=args.rt_step_slack_fraction,
                           max_step_stretch=args.rt_max_step_stretch,
-                          background_slot_share=args.rt_background_slot_share, min_running=args.rt_min_running)
+                          background_slot_share=args.rt_background_slot_share, min_running=args.rt_min_running,
+                          firm_delivery_margin_s=None if args.rt_firm_delivery_margin_ms is None
+                          else args.rt_firm_delivery_margin_ms / 1000.0)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

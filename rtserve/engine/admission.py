@@ -109,8 +109,8 @@ def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRe
     predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0), now,
                                can_preempt=True)
     for budget, name in ((rt.ttft_s, "ttft"), (rt.deadline_s, "deadline")):
-        if budget is not None and predicted > budget:
-            retry = _clamp(predicted - budget)
+        if budget is not None and predicted > budget - config.firm_delivery_margin_s:
+            retry = _clamp(predicted - budget + config.firm_delivery_margin_s)
             return AdmissionDecision(
                 False, predicted, retry, name,
                 f"firm request refused: predicted time to first token {predicted * 1000:.0f} ms exceeds its "

@@ -23,7 +23,7 @@ from rtserve.engine.thread_governor import ThreadGovernor
 from rtserve.engine.validation import validate_request
 from rtserve.kv.manager import KVCacheManager
 from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats,
-                              FinishReason, QueueSnapshot)
+                              FinishReason, QueueSnapshot, RTClass)
 from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_dtype
 from rtserve.spec.proposer import Proposer
 from rtserve.spec.speculator import build_speculator
@@ -86,7 +86,8 @@ class EngineCore:
         self.scheduler.add_request(Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, arrival_time=req.arrival_time,
-            eos_token_ids=tuple(req.eos_token_ids or self.model_config.eos_token_ids), rt=rt))
+            eos_token_ids=tuple(req.eos_token_ids or self.model_config.eos_token_ids), rt=rt,
+            deadline_margin_s=self.config.rt.firm_delivery_margin_s if rt.rt_class == RTClass.FIRM else 0.0))
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self._forget_finished(self.scheduler.finish_requests(request_ids, FinishReason.ABORT))

@@ -6,7 +6,9 @@ whole-response deadline (arrival + deadline_s) for all of them. Its next token i
 when even the least work that must still happen before it (its remaining prefill, or one decode, in a
 step of its own) is predicted by the cost model to end after the earliest of them. Then the request is
 dropped (FinishReason.DEADLINE, KV freed) instead of costing another step; and a token that was
-sampled after its deadline anyway (a step ran longer than predicted) is never delivered.
+sampled after its deadline anyway (a step ran longer than predicted) is never delivered. Every
+deadline is `Request.deadline_margin_s` earlier than its budget: a token sampled on time must also
+reach the client on time.
 Soft and batch requests never have a deadline enforced: their misses are counted by the client.
 Pure functions of the request, the time and the cost model: unit-tested with a fake clock.
 """
@@ -22,8 +24,8 @@ def next_token_due(req: Request) -> tuple[float, str] | None:
     if req.first_token_time is None:
         if req.ttft_deadline is not None:
             dues.append((req.ttft_deadline, "ttft"))
-    elif req.rt.itl_s is not None:
-        dues.append((req.last_token_time + req.rt.itl_s, "itl"))
+    elif req.itl_deadline is not None:
+        dues.append((req.itl_deadline, "itl"))
     if req.deadline is not None:
         dues.append((req.deadline, "deadline"))
     return min(dues) if dues else None

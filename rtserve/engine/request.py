@@ -36,6 +36,9 @@ class Request:
     stop_reason: int | str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
     rt: RTParams = field(default_factory=RTParams)  # resolved budgets (rt_policy.resolve_rt)
+    # Deadlines are this much earlier than the budgets say (firm: the time from sampling a token to
+    # the client receiving it; RTConfig.firm_delivery_margin_s), so on time here is on time there.
+    deadline_margin_s: float = 0.0
     first_token_time: float | None = None  # time.monotonic() when the first token was sampled
     last_token_time: float | None = None
     is_paused: bool = False  # its client stopped reading: not scheduled, keeps its blocks
@@ -69,18 +72,23 @@ class Request:
 
     @property
     def ttft_deadline(self) -> float | None:
-        return None if self.rt.ttft_s is None else self.arrival_time + self.rt.ttft_s
+        return None if self.rt.ttft_s is None else self.arrival_time + self.rt.ttft_s - self.deadline_margin_s
 
     @property
     def deadline(self) -> float | None:
-        return None if self.rt.deadline_s is None else self.arrival_time + self.rt.deadline_s
+        return None if self.rt.deadline_s is None else self.arrival_time + self.rt.deadline_s - self.deadline_margin_s
+
+    @property
+    def itl_deadline(self) -> float | None:
+        """When the next token is due by the ITL budget (None before the first token or without one)."""
+        if self.last_token_time is None or self.rt.itl_s is None:
+            return None
+        return self.last_token_time + self.rt.itl_s - self.deadline_margin_s
 
     @property
     def next_token_deadline(self) -> float | None:
         """When the next token is due: the TTFT deadline before the first token, then last + ITL."""
-        if self.last_token_time is None:
-            return self.ttft_deadline
-        return None if self.rt.itl_s is None else self.last_token_time + self.rt.itl_s
+        return self.ttft_deadline if self.last_token_time is None else self.itl_deadline
 
     @property
     def num_remaining_prefill_tokens(self) -> int:

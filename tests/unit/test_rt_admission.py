@@ -87,7 +87,7 @@ def test_firm_is_refused_with_retry_after_the_excess_soft_is_admitted():
     d = decide(cfg, snap, [], FIRM, arrival_s=1.0, num_prompt_tokens=100, now=1.0)
     assert not d.admitted and d.reason == "ttft"
     assert d.predicted_ttft_s == pytest.approx(0.42)
-    assert d.retry_after_s == pytest.approx(0.12)
+    assert d.retry_after_s == pytest.approx(0.12 + cfg.firm_delivery_margin_s)
     assert "ttft_ms budget of 300 ms" in d.message
     assert decide(cfg, snap, [], SOFT, 1.0, 100, 1.0).admitted
     assert decide(cfg, snapshot([(0.0, 1000)]), [], FIRM, 1.0, 100, 1.0).admitted  # 220 ms fits
@@ -235,3 +235,11 @@ def test_a_firm_request_counts_preemptible_work_as_free_slots():
     assert predict_ttft_s(snap, [], on_time(0.0), 100) == pytest.approx(200 * 0.018)
     assert predict_ttft_s(snap, [], on_time(0.0), 100, can_preempt=True) == pytest.approx(0.028)
     assert decide(RTConfig(), snap, [], FIRM, 0.0, 100, 0.0).admitted
+
+
+def test_firm_ttft_must_fit_its_budget_less_the_delivery_margin():
+    snap = snapshot([(0.0, 1400)])  # 14 steps of 20 ms + its own: 300 ms of a 302 ms budget
+    firm = RTParams("firm", ttft_s=0.302, itl_s=0.05)
+    assert decide(RTConfig(firm_delivery_margin_s=0.0), snap, [], firm, 1.0, 100, 1.0).admitted
+    d = decide(RTConfig(firm_delivery_margin_s=0.005), snap, [], firm, 1.0, 100, 1.0)
+    assert not d.admitted and d.reason == "ttft" and d.predicted_ttft_s == pytest.approx(0.300)

@@ -1,8 +1,11 @@
 """Firm deadlines: a firm request whose next token can no longer be on time (TTFT, ITL or deadline_ms) is
 dropped (FinishReason.DEADLINE) and its KV freed at once; a firm token sampled late is never delivered."""
+import pytest
+
 from rtserve.client.output_processor import OutputProcessor
 from rtserve.client.rt_report import RTTracker
 from rtserve.config import CacheConfig, EngineConfig, RTConfig, SchedulerConfig
+from rtserve.engine import firm_deadlines
 from rtserve.engine.core import EngineCore
 from rtserve.protocol import EngineCoreOutput, EngineCoreRequest, FinishReason, RTParams
 from rtserve.sampling_params import SamplingParams
@@ -201,3 +204,20 @@ def test_a_stream_dropped_for_its_itl_or_its_deadline_reports_that_budget_missed
     deadline_drop.on_tokens(1, 0.1)
     report = deadline_drop.finish(0.45, "deadline", error="deadline: deadline_ms budget of 500 ms cannot be met")
     assert report.missed == ["deadline"] and not report.met
+
+
+def test_firm_deadlines_are_earlier_by_the_delivery_margin_and_only_firm_ones(tiny_weights):
+    cfg = EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4), rt=RTConfig(firm_delivery_margin_s=0.004))
+    core = EngineCore(cfg, TINY, tiny_weights)
+    for rid, cls in (("f", "firm"), ("s", "soft")):
+        core.add_request(EngineCoreRequest(rid, [1, 2, 3], SamplingParams(max_tokens=4), 10.0,
+                                           rt=RTParams(cls, ttft_s=0.5, itl_s=0.05, deadline_s=2.0)))
+    firm, soft = core.scheduler.requests["f"], core.scheduler.requests["s"]
+    assert firm.deadline_margin_s == 0.004 and soft.deadline_margin_s == 0.0
+    assert firm.ttft_deadline == pytest.approx(10.496) and soft.ttft_deadline == pytest.approx(10.5)
+    assert firm.deadline == pytest.approx(11.996)
+    firm.last_token_time = firm.first_token_time = 10.2
+    assert firm.next_token_deadline == firm.itl_deadline == pytest.approx(10.246)
+    # A token sampled 48 ms after the last one is on time by the budget, not once it has travelled.
+    assert firm_deadlines.late_token_reason(firm, 10.248) is not None
+    assert firm_deadlines.late_token_reason(firm, 10.245) is None
