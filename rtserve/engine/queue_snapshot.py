@@ -59,4 +59,3 @@ def remaining_tokens(req: Request, max_model_len: int) -> int:
     if req.sampling_params.max_tokens is not None:
         limit = min(limit, req.sampling_params.max_tokens)
     return max(limit - req.num_output_tokens, 0)
-

@@ -169,10 +169,9 @@ class DeadlinePolicy:
             return min(token_budget, UNCALIBRATED_PREFILL_TOKENS)
         active = [r for r in running if not r.is_paused]
         decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
-        streams = [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+        streams = _streams(decodes)
         if streams:
-            stream_due = min(r.next_token_deadline for r in streams)
-            slack_s = max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+            slack_s = _stream_slack_s(streams, now)
         else:
             budgets = [b for b in (self.config.firm.itl_s, self.config.soft.itl_s) if b is not None]
             if not budgets:
@@ -230,9 +229,7 @@ class DeadlinePolicy:
         streams = _streams(r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0)
         if not streams:
             return None
-        stream_due = min(r.next_token_deadline for r in streams)
-        firm = any(r.is_firm for r in streams)
-        return self.plan_fraction(firm) * max(stream_due - now, 0.5 * min(r.rt.itl_s for r in streams))
+        return self.plan_fraction(any(r.is_firm for r in streams)) * _stream_slack_s(streams, now)
 
     def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
         """A waiting request ranked before a running prefill takes the prefill budget before it."""
@@ -337,6 +334,12 @@ _MIN_FIRM_PLAN_FRACTION = 0.25
 def _streams(decodes: Iterable[Request]) -> list[Request]:
     """Decoding requests that have sent a token and have an ITL budget (a next-token deadline)."""
     return [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+
+
+def _stream_slack_s(streams: list[Request], now: float) -> float:
+    """Time to the tightest stream's next-token deadline; a stream already late (a soft one: firm ones
+    are dropped) still allows half its ITL budget, so that work progresses."""
+    return max(min(r.next_token_deadline for r in streams) - now, 0.5 * min(r.rt.itl_s for r in streams))
 
 
 def make_policy(config: RTConfig, cost_model: StepCostModel) -> FCFSPolicy | DeadlinePolicy:

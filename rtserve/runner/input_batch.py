@@ -35,6 +35,11 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> torch
 ROW_CHUNK_MAX = 8
 
 
+def _is_prefill_chunk(seq) -> bool:
+    """Computed as a masked prefill chunk (more than ROW_CHUNK_MAX new tokens, not a verify chunk)."""
+    return seq.num_sequence_tokens > 1 and seq.num_new_tokens > ROW_CHUNK_MAX
+
+
 def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
     """Decode rows first, then multi-token prefill chunks.
 
@@ -45,8 +50,8 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     step thus runs the decode path (same kernels as a plain decode of that many rows) instead of a
     masked attention per verifying sequence.
     """
-    prefills = [s for s in sched.seqs if s.num_sequence_tokens > 1 and s.num_new_tokens > ROW_CHUNK_MAX]
-    decodes = [s for s in sched.seqs if not (s.num_sequence_tokens > 1 and s.num_new_tokens > ROW_CHUNK_MAX)]
+    prefills = [s for s in sched.seqs if _is_prefill_chunk(s)]
+    decodes = [s for s in sched.seqs if not _is_prefill_chunk(s)]
     ordered = decodes + prefills
     ids, positions, slot_mapping, logit_rows, sample_seqs = [], [], [], [], []
     prefill_chunks = []
@@ -57,7 +62,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         ids.extend(seq.spec_token_ids)
         positions.append(torch.arange(start, end, dtype=torch.int64))
         slot_mapping.append(_slots(seq.block_ids, start, end, block_size))
-        if seq.num_sequence_tokens > 1 and seq.num_new_tokens > ROW_CHUNK_MAX:
+        if _is_prefill_chunk(seq):
             prefill_chunks.append(PrefillChunk(
                 query_start=t, query_len=seq.num_new_tokens, context_len=end,
                 gather_idx=_slots(seq.block_ids, 0, end, block_size).to(device),

@@ -92,7 +92,29 @@ class StepTimeTable:
         return self.curve(fallback)(num_rows)
 
 
-class DraftCostCorrection:
+class _RecentOutcomes:
+    """The last `window` verify-step outcomes, each stamped with the step it was measured at. Those
+    older than `max_age_steps` are forgotten, so a correction that stopped speculation lapses and
+    speculation is probed again; until `min_samples` fresh ones exist there is no correction."""
+
+    def __init__(self, window: int, min_samples: int, max_age_steps: int) -> None:
+        self.min_samples, self.max_age_steps = min_samples, max_age_steps
+        self._samples: deque[tuple] = deque(maxlen=window)  # (step, *values)
+        self._step = 0
+
+    def tick(self) -> None:
+        self._step += 1
+
+    def _record(self, *values: float) -> None:
+        self._samples.append((self._step, *values))
+
+    def _fresh(self) -> list[tuple]:
+        """The values of the fresh outcomes, or [] while there are fewer than `min_samples`."""
+        fresh = [values for step, *values in self._samples if self._step - step <= self.max_age_steps]
+        return fresh if len(fresh) >= self.min_samples else []
+
+
+class DraftCostCorrection(_RecentOutcomes):
     """How much more (or less) verifying drafts really costs than predicted: over the last `window`
     verify steps, their measured extra time (over the same step without drafts) summed, divided by
     the predicted extra time summed. A sum weighs each step by its drafts: with 32 streams a step
@@ -102,34 +124,27 @@ class DraftCostCorrection:
     slope, and a verify step also pays for what it emits (acceptance, more tokens out). At 16 and
     32 streams here that made verify steps 7-15 ms longer than predicted, and speculation with 66-82%
     acceptance cost 6% throughput. Each step's measurement is clamped to [`lo`, `hi`] times its
-    prediction (a stalled step), the scale is 1 until `min_samples` steps were measured (one cold
-    verify step must not stop speculation), and measurements are forgotten after `max_age_steps`,
-    so a correction that stopped speculation lapses and speculation is probed again.
+    prediction (a stalled step), and the scale is 1 until `min_samples` steps were measured (one cold
+    verify step must not stop speculation).
     """
 
     def __init__(self, window: int = 16, min_samples: int = 4, max_age_steps: int = 500,
                  lo: float = 0.5, hi: float = 4.0) -> None:
-        self.min_samples, self.max_age_steps, self.lo, self.hi = min_samples, max_age_steps, lo, hi
-        self._samples: deque[tuple[int, float, float]] = deque(maxlen=window)  # (step, predicted, measured)
-        self._step = 0
-
-    def tick(self) -> None:
-        self._step += 1
+        super().__init__(window, min_samples, max_age_steps)
+        self.lo, self.hi = lo, hi
 
     def observe(self, predicted_extra_s: float, measured_extra_s: float) -> None:
         if predicted_extra_s > 0:
             measured = min(max(measured_extra_s, self.lo * predicted_extra_s), self.hi * predicted_extra_s)
-            self._samples.append((self._step, predicted_extra_s, measured))
+            self._record(predicted_extra_s, measured)
 
     @property
     def scale(self) -> float:
-        fresh = [(p, m) for step, p, m in self._samples if self._step - step <= self.max_age_steps]
-        if len(fresh) < self.min_samples:
-            return 1.0
-        return sum(m for _, m in fresh) / sum(p for p, _ in fresh)
+        fresh = self._fresh()
+        return sum(m for _, m in fresh) / sum(p for p, _ in fresh) if fresh else 1.0
 
 
-class SpeedupCalibration:
+class SpeedupCalibration(_RecentOutcomes):
     """How far the chooser's predicted speed-ups have come true: the median, over the last `window`
     decode-only verify steps, of realized / predicted speed-up, where a step's realized speed-up is
     (tokens emitted / decodes) x (predicted step time without drafts / measured time).
@@ -139,27 +154,21 @@ class SpeedupCalibration:
     the steps without drafts). The engine then discounts its predictions by that factor before it
     decides to speculate (`required_gain`): whatever the source of the error, speculation that has
     not been paying stops. A median over at least `min_samples` steps (a stalled step is one sample),
-    never above 1 (pessimistic predictions are left alone), forgotten after `max_age_steps` so that
-    speculation is probed again once conditions may have changed.
+    never above 1 (pessimistic predictions are left alone).
     """
 
     def __init__(self, window: int = 32, min_samples: int = 8, max_age_steps: int = 500) -> None:
-        self.min_samples, self.max_age_steps = min_samples, max_age_steps
-        self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (step, realized / predicted)
-        self._step = 0
-
-    def tick(self) -> None:
-        self._step += 1
+        super().__init__(window, min_samples, max_age_steps)
 
     def observe(self, predicted_speedup: float, realized_speedup: float) -> None:
         if predicted_speedup > 0:
-            self._samples.append((self._step, realized_speedup / predicted_speedup))
+            self._record(realized_speedup / predicted_speedup)
 
     @property
     def factor(self) -> float:
         """Realized / predicted speed-up lately, at most 1 (1 until measured)."""
-        fresh = [r for step, r in self._samples if self._step - step <= self.max_age_steps]
-        return min(median(fresh), 1.0) if len(fresh) >= self.min_samples else 1.0
+        fresh = self._fresh()
+        return min(median(r for (r,) in fresh), 1.0) if fresh else 1.0
 
     def required_gain(self, min_rel_gain: float) -> float:
         """Predicted gain over `min_rel_gain` needed so that the discounted prediction clears it."""
