@@ -96,6 +96,9 @@ class RTClassDefaults:
                 raise ValueError(f"RTClassDefaults.{name} must be positive")
 
 
+SOFT_OVERLOAD_MODES = ("serve-late", "reject")  # RTConfig.soft_overload
+
+
 @dataclass(frozen=True)
 class RTConfig:
     """Real-time scheduling: policy, per-class default budgets, admission and backpressure bounds.
@@ -120,6 +123,10 @@ class RTConfig:
     # A firm token must reach the client within its budget, not just be sampled within it: its
     # deadlines are this much earlier in the engine (sampling -> detokenize -> SSE measured 1-10 ms).
     firm_delivery_margin_s: float = 0.005
+    # A soft request predicted to start later than its TTFT budget: "serve-late" admits it anyway;
+    # "reject" refuses it at admission when it would be more than `soft_overload_bound_s` late (deadline policy).
+    soft_overload: str = "serve-late"
+    soft_overload_bound_s: float = 1.0
     max_num_waiting: int = 256        # bounded waiting queue (requests) ...
     max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
@@ -135,6 +142,10 @@ class RTConfig:
             raise ValueError("RTConfig timeouts must be positive")
         if not 0 < self.step_slack_fraction <= 1 or not 0 <= self.background_slot_share <= 1:
             raise ValueError("RTConfig.step_slack_fraction must be in (0, 1], background_slot_share in [0, 1]")
+        if self.soft_overload not in SOFT_OVERLOAD_MODES:
+            raise ValueError(f"RTConfig.soft_overload must be one of {', '.join(SOFT_OVERLOAD_MODES)}")
+        if not 0 <= self.soft_overload_bound_s < math.inf:
+            raise ValueError("RTConfig.soft_overload_bound_s must be a finite number >= 0")
         if not self.max_step_stretch >= 1:
             raise ValueError("RTConfig.max_step_stretch must be >= 1")
         if not 0 <= self.firm_delivery_margin_s < min((b for b in (self.firm.ttft_s, self.firm.itl_s) if b), default=math.inf):

@@ -14,7 +14,8 @@ import sys
 from rtserve.api.app import ServerSettings, build_app
 from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
-from rtserve.config import CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig, SchedulerConfig, SpeculativeConfig
+from rtserve.config import (SOFT_OVERLOAD_MODES, CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig,
+                            SchedulerConfig, SpeculativeConfig)
 
 logger = logging.getLogger("rtserve.api")
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--rt-firm-delivery-margin-ms", type=float, default=None,
                     help="firm deadlines are this much earlier in the engine than their budgets, for "
                          "the token's way to the client (5)")
+    rt.add_argument("--rt-soft-overload", choices=SOFT_OVERLOAD_MODES, default=None,
+                    help="a soft request predicted to start later than its TTFT budget: serve-late admits it; "
+                         "reject refuses it (429 / Anthropic 529 with Retry-After) when more than "
+                         f"--rt-soft-overload-bound-ms late (deadline policy; default {RTConfig.soft_overload})")
+    rt.add_argument("--rt-soft-overload-bound-ms", type=float, default=None,
+                    help="how late past its TTFT budget a soft request may be predicted to start before "
+                         f"reject refuses it ({RTConfig.soft_overload_bound_s * 1000:.0f})")
     rt.add_argument("--rt-cost-min-samples", type=int, default=None,
                     help="measured steps before the step-time model is trusted (8)")
     lim = p.add_argument_group("request limits")
@@ -146,7 +154,9 @@ def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
                           max_step_stretch=args.rt_max_step_stretch,
                           background_slot_share=args.rt_background_slot_share, min_running=args.rt_min_running,
                           firm_delivery_margin_s=None if args.rt_firm_delivery_margin_ms is None
-                          else args.rt_firm_delivery_margin_ms / 1000.0)
+                          else args.rt_firm_delivery_margin_ms / 1000.0, soft_overload=args.rt_soft_overload,
+                          soft_overload_bound_s=None if args.rt_soft_overload_bound_ms is None
+                          else args.rt_soft_overload_bound_ms / 1000.0)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

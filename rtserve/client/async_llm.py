@@ -41,7 +41,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AdmissionRejected(RuntimeError):
-    """Refused on arrival (queue full, or a firm request predicted to miss its budget); nothing was sent.
+    """Refused on arrival (queue full, a firm request predicted to miss its budget, or with
+    `RTConfig.soft_overload="reject"` a soft one predicted to be too late); nothing was sent.
 
     `reason` is "queue_full", "ttft" or "deadline"; `retry_after_s` is the predicted wait.
     """

@@ -11,8 +11,11 @@ Predicted TTFT of a new request = time already spent since arrival + the rest of
           slot:    time until enough running sequences finish to give it a sequence slot; a firm
                    request counts the batch and soft requests it may preempt as free slots).
 A firm request whose predicted TTFT exceeds its budget is refused before any byte is sent; its
-Retry-After is the excess (how much the queue ahead must drain first). Soft and batch requests are
-admitted whenever the queue has room. Pure functions of their inputs: unit-tested with fake snapshots.
+Retry-After is the excess (how much the queue ahead must drain first). Soft requests are admitted
+whenever the queue has room, unless `soft_overload="reject"`: then one predicted to land more than
+`soft_overload_bound_s` past its TTFT budget is refused the same way (Retry-After: the excess over that
+bound). Batch requests are admitted whenever the queue has room. Pure functions of their inputs:
+unit-tested with fake snapshots.
 """
 from __future__ import annotations
 
@@ -103,8 +106,18 @@ def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRe
         return AdmissionDecision(False, 0.0, retry, "queue_full",
                                  f"The server is overloaded: {num_waiting} requests ({waiting_tokens} prompt "
                                  f"tokens) are already waiting. Retry after {retry:.2f} s.")
-    if snap.policy != "deadline" or rt.rt_class != RTClass.FIRM or not snap.cost_calibrated:
+    if snap.policy != "deadline" or not snap.cost_calibrated:
         return AdmissionDecision(True)
+    if rt.rt_class == RTClass.FIRM:
+        return _decide_firm(config, snap, pending, rt, arrival_s, num_prompt_tokens, now)
+    if rt.rt_class == RTClass.SOFT and config.soft_overload == "reject" and rt.ttft_s is not None:
+        return _decide_soft(config, snap, pending, rt, arrival_s, num_prompt_tokens, now)
+    return AdmissionDecision(True)
+
+
+def _decide_firm(config: RTConfig, snap: QueueSnapshot, pending: list[PendingRequest], rt: RTParams,
+                 arrival_s: float, num_prompt_tokens: int, now: float) -> AdmissionDecision:
+    """Refuse a firm request predicted to miss its TTFT or deadline budget (less the delivery margin)."""
     key = order_key(snap.policy, rt, arrival_s, config)
     predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0), now,
                                can_preempt=True)
@@ -117,6 +130,27 @@ def decide(config: RTConfig, snap: QueueSnapshot | None, pending: list[PendingRe
                 f"{'ttft_ms' if name == 'ttft' else 'deadline_ms'} budget of {budget * 1000:.0f} ms. "
                 f"Retry after {retry:.2f} s, or send it as class 'soft'.")
     return AdmissionDecision(True, predicted)
+
+
+def _decide_soft(config: RTConfig, snap: QueueSnapshot, pending: list[PendingRequest], rt: RTParams,
+                 arrival_s: float, num_prompt_tokens: int, now: float) -> AdmissionDecision:
+    """Refuse a soft request predicted to start more than `soft_overload_bound_s` past its TTFT budget.
+
+    A soft request preempts nothing, so its slot wait counts every running stream. Retry-After is the
+    excess over the bound: how much the queue ahead must drain before it would be admitted.
+    """
+    key = order_key(snap.policy, rt, arrival_s, config)
+    predicted = predict_ttft_s(snap, pending, key, num_prompt_tokens, max(now - arrival_s, 0.0), now)
+    late_s = predicted - rt.ttft_s
+    if late_s <= config.soft_overload_bound_s:
+        return AdmissionDecision(True, predicted)
+    retry = _clamp(late_s - config.soft_overload_bound_s)
+    return AdmissionDecision(
+        False, predicted, retry, "ttft",
+        f"soft request refused: predicted time to first token {predicted * 1000:.0f} ms exceeds its ttft_ms "
+        f"budget of {rt.ttft_s * 1000:.0f} ms by more than the server's bound of "
+        f"{config.soft_overload_bound_s * 1000:.0f} ms for late soft requests. Retry after {retry:.2f} s, "
+        f"or send it as class 'batch'.")
 
 
 def _clamp(retry_s: float) -> float:

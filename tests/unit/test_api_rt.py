@@ -3,6 +3,7 @@ service_tier mapping, the final `rt` object and Server-Timing."""
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import pytest
 
@@ -10,6 +11,7 @@ from rtserve.client.async_llm import AdmissionRejected
 from rtserve.client.outputs import RequestOutput
 from rtserve.client.rt_report import RTTracker
 from rtserve.engine.admission import AdmissionDecision
+from rtserve.protocol import RTParams
 from tests.integration.fake_engine import FakeEngine, asgi_client, build_test_app
 
 CHAT = "/v1/chat/completions"
@@ -136,3 +138,58 @@ async def test_realtime_rt_refusal_hard_and_report():
             done = await until(ws, "response.done")
             assert done["response"]["status"] == "failed"
             assert done["response"]["status_details"]["error"]["retry_after_ms"] == 250
+
+
+def overloaded_client(**rt_kw):
+    """A real engine client (no engine core) whose latest snapshot has 7,000 prompt tokens waiting:
+    1,420 ms to a first token on the fake cost model."""
+    import asyncio
+
+    from rtserve.client.async_llm import AsyncLLM
+    from rtserve.config import EngineConfig, RTConfig
+    from rtserve.engine.rt_params import ON_TIME
+    from rtserve.protocol import EngineStats, QueueSnapshot
+    from tests.integration.fake_engine import FakeTokenizer
+    from tests.unit.rt_helpers import FAKE_COEFFS
+
+    llm = AsyncLLM(EngineConfig(rt=RTConfig(**rt_kw)), tokenizer=FakeTokenizer())
+    llm.max_model_len = 512
+    llm._loop = asyncio.get_running_loop()
+    snap = QueueSnapshot(timestamp=0.0, policy="deadline", waiting=[((ON_TIME, 0.0), 7000)], cost_coeffs=FAKE_COEFFS,
+                         cost_calibrated=True, prefill_token_budget=100, num_free_slots=64, num_requests_added=0)
+    llm.stats = EngineStats(queue=snap)
+    return llm
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_soft_request_past_the_overload_bound_is_refused_with_reject(stream):
+    llm = overloaded_client(soft_overload="reject", soft_overload_bound_s=0.2)
+    app, _ = build_test_app(llm)
+    soft = {"class": "soft", "ttft_ms": 300}
+    async with asgi_client(app) as c:
+        r = await c.post(CHAT, json={"model": "rtserve-model", "messages": USER, "stream": stream, "rt": soft})
+        # OpenAI: 429 rate_limit_error, as a firm refusal; Retry-After is the excess over the bound (~0.9 s).
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert 800 < int(r.headers["retry-after-ms"]) <= 1000
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert (err["type"], err["code"]) == ("rate_limit_error", "deadline_unattainable")
+        assert "soft request refused" in err["message"] and "bound of 200 ms" in err["message"]
+        r = await c.post("/v1/messages", json={"model": "rtserve-model", "max_tokens": 5, "messages": USER,
+                                               "stream": stream, "rt": soft})
+        assert r.status_code == 529 and int(r.headers["retry-after-ms"]) > 800
+        body = r.json()
+        assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+        assert "soft request refused" in body["error"]["message"]
+        metrics = (await c.get("/metrics")).text
+    assert 'rtserve:rt_rejections_total{model_name="rtserve-model",rt_class="soft",reason="ttft"} 2' in metrics
+    assert llm._pending == deque() and llm._queues == {}  # nothing was sent to the engine
+
+
+async def test_serve_late_admits_the_same_soft_request():
+    llm = overloaded_client()
+    assert llm.check_admission(10, RTParams("soft", ttft_s=0.3)).rt_class == "soft"
+    llm = overloaded_client(soft_overload="reject")  # 1,120 ms late: past the default 1 s bound
+    with pytest.raises(AdmissionRejected):
+        llm.check_admission(10, RTParams("soft", ttft_s=0.3))
+    assert llm.check_admission(10, RTParams("batch")).rt_class == "batch"

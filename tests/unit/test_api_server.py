@@ -33,3 +33,11 @@ def test_flags_reach_the_configs(monkeypatch):
 def test_bad_flag_exits():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--port", "x"])
+
+
+def test_soft_overload_flags_reach_the_rt_config():
+    args = build_parser().parse_args(["--rt-soft-overload", "reject", "--rt-soft-overload-bound-ms", "250"])
+    rt = engine_config_from_args(args).rt
+    assert (rt.soft_overload, rt.soft_overload_bound_s) == ("reject", 0.25)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--rt-soft-overload", "drop"])

@@ -243,3 +243,52 @@ def test_firm_ttft_must_fit_its_budget_less_the_delivery_margin():
     assert decide(RTConfig(firm_delivery_margin_s=0.0), snap, [], firm, 1.0, 100, 1.0).admitted
     d = decide(RTConfig(firm_delivery_margin_s=0.005), snap, [], firm, 1.0, 100, 1.0)
     assert not d.admitted and d.reason == "ttft" and d.predicted_ttft_s == pytest.approx(0.300)
+
+
+def test_soft_is_refused_only_with_reject_and_only_beyond_the_bound():
+    snap = snapshot([(0.0, 2000)])  # 21 steps of 20 ms ahead: 420 ms, 120 ms past a 300 ms budget
+    reject = RTConfig(soft_overload="reject", soft_overload_bound_s=0.05)
+    d = decide(reject, snap, [], SOFT, 1.0, 100, 1.0)
+    assert not d.admitted and d.reason == "ttft" and d.predicted_ttft_s == pytest.approx(0.42)
+    assert d.retry_after_s == pytest.approx(0.07)  # the excess over the bound
+    assert "soft request refused" in d.message and "bound of 50 ms" in d.message
+    assert decide(RTConfig(soft_overload="reject", soft_overload_bound_s=0.2), snap, [], SOFT, 1.0, 100, 1.0).admitted
+    assert decide(RTConfig(), snap, [], SOFT, 1.0, 100, 1.0).admitted  # serve-late (default)
+    assert decide(RTConfig(soft_overload="serve-late", soft_overload_bound_s=0.0), snap, [], SOFT, 1.0, 100,
+                  1.0).admitted
+    # The default bound (1 s): 1,020 ms predicted is 720 ms late; 1,420 ms is 1,120 ms late.
+    assert decide(RTConfig(soft_overload="reject"), snapshot([(0.0, 5000)]), [], SOFT, 1.0, 100, 1.0).admitted
+    d = decide(RTConfig(soft_overload="reject"), snapshot([(0.0, 7000)]), [], SOFT, 1.0, 100, 1.0)
+    assert not d.admitted and d.retry_after_s == pytest.approx(0.12)
+    # Time already spent since arrival counts.
+    assert not decide(RTConfig(soft_overload="reject"), snapshot([(0.0, 5000)]), [], SOFT, 1.0, 100, now=1.5).admitted
+
+
+def test_soft_reject_waits_for_a_slot_without_preempting_and_clamps_retry_after():
+    # One running stream with 100,000 tokens left (11 ms decode steps): a soft arrival waits for it
+    # (1,100 s); a firm one would preempt it.
+    snap = snapshot([], num_free_slots=0, num_running=1, num_decodes=1, num_preemptible=1,
+                    running_remaining_tokens=[100_000])
+    d = decide(RTConfig(soft_overload="reject"), snap, [], SOFT, 0.0, 100, 0.0)
+    assert not d.admitted and d.retry_after_s == 60.0
+    assert decide(RTConfig(soft_overload="reject"), snap, [], FIRM, 0.0, 100, 0.0).admitted
+
+
+def test_soft_reject_never_refuses_batch_and_leaves_firm_unchanged():
+    reject = RTConfig(soft_overload="reject", soft_overload_bound_s=0.0)
+    snap = snapshot([(0.0, 20000)])
+    for batch in (RTParams("batch"), RTParams("batch", ttft_s=0.3)):
+        assert decide(reject, snap, [], batch, 1.0, 100, 1.0).admitted
+    for firm_snap in (snap, snapshot([(0.0, 1000)])):
+        assert decide(reject, firm_snap, [], FIRM, 1.0, 100, 1.0) == decide(RTConfig(), firm_snap, [], FIRM, 1.0,
+                                                                             100, 1.0)
+    # Like firm admission: no prediction under fcfs or before the cost model is calibrated.
+    assert decide(reject, snapshot([(0.0, 20000)], policy="fcfs"), [], SOFT, 1.0, 100, 1.0).admitted
+    assert decide(reject, snapshot([(0.0, 20000)], calibrated=False), [], SOFT, 1.0, 100, 1.0).admitted
+
+
+def test_soft_overload_config_is_validated():
+    with pytest.raises(ValueError, match="soft_overload"):
+        RTConfig(soft_overload="drop")
+    with pytest.raises(ValueError, match="soft_overload_bound_s"):
+        RTConfig(soft_overload_bound_s=-0.1)
