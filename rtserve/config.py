@@ -116,9 +116,9 @@ class RTConfig:
     batch: RTClassDefaults = field(default_factory=lambda: RTClassDefaults(None, None, None))
     batch_max_wait_s: float = 30.0    # a batch request waits at most this long behind deadline work
     min_prefill_chunk: int = 8        # prefill tokens per step even when ITL slack is exhausted
-    step_slack_fraction: float = 0.8  # steps are planned to end within this share of the tightest slack
+    step_slack_fraction: float = 0.8  # steps end within this share of the tightest slack, at most
+    rescue_step_fraction: float = 0.25  # a step stretched to save a TTFT lasts at most this share of it
     background_slot_share: float = 0.5  # late and batch work joins only below this share of the ITL cap
-    max_step_stretch: float = 1.5     # a step with prefill is planned at most this much longer than its decodes
     min_running: int = 8              # the ITL-based running-set cap never goes below this
     # A firm token must reach the client within its budget, not just be sampled within it: its
     # deadlines are this much earlier in the engine (sampling -> detokenize -> SSE measured 1-10 ms).
@@ -134,6 +134,11 @@ class RTConfig:
     cost_prior_s: tuple[float, ...] = (0.005, 0.0005, 0.0001, 0.0, 0.5)  # rtserve/engine/cost_model.py
     cost_window: int = 256            # the step-time model is fitted over this many recent steps
     cost_min_samples: int = 8         # steps measured before predictions are trusted
+    # Before ready, measure the step-time model on warm-up steps (at most `calibration_budget_s`), or
+    # load the one an earlier start stored under `calibration_cache_dir` ("" = <weights cache>/calibration).
+    calibrate: bool = True
+    calibration_budget_s: float = 5.0
+    calibration_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.policy not in ("deadline", "fcfs"):
@@ -146,10 +151,12 @@ class RTConfig:
             raise ValueError(f"RTConfig.soft_overload must be one of {', '.join(SOFT_OVERLOAD_MODES)}")
         if not 0 <= self.soft_overload_bound_s < math.inf:
             raise ValueError("RTConfig.soft_overload_bound_s must be a finite number >= 0")
-        if not self.max_step_stretch >= 1:
-            raise ValueError("RTConfig.max_step_stretch must be >= 1")
+        if not 0 <= self.rescue_step_fraction <= 1:
+            raise ValueError("RTConfig.rescue_step_fraction must be in [0, 1]")
         if not 0 <= self.firm_delivery_margin_s < min((b for b in (self.firm.ttft_s, self.firm.itl_s) if b), default=math.inf):
             raise ValueError("RTConfig.firm_delivery_margin_s must be >= 0 and below the firm budgets")
+        if not 0 < self.calibration_budget_s < math.inf:
+            raise ValueError("RTConfig.calibration_budget_s must be positive")
         if min(self.min_prefill_chunk, self.max_num_waiting, self.max_waiting_tokens,
                self.max_buffered_outputs, self.cost_min_samples, self.cost_window) <= 0:
             raise ValueError("RTConfig counts must be positive")

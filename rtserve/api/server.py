@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--rt-step-slack-fraction", type=float, default=None,
                     help="plan each step to end within this share of the tightest ITL slack, at most; less "
                          "when measured steps overrun their prediction (0.8)")
-    rt.add_argument("--rt-max-step-stretch", type=float, default=None,
-                    help="a step with prefill is planned at most this many times its decodes' time (1.5)")
+    rt.add_argument("--rt-rescue-step-fraction", type=float, default=None,
+                    help="a step stretched past soft streams' ITL to save a prompt's TTFT lasts at most this "
+                         "share of the interactive TTFT budget (0.25; 0 never stretches)")
     rt.add_argument("--rt-background-slot-share", type=float, default=None,
                     help="late and batch work joins the running set only below this share of its ITL cap (0.5)")
     rt.add_argument("--rt-min-running", type=int, default=None,
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                          f"reject refuses it ({RTConfig.soft_overload_bound_s * 1000:.0f})")
     rt.add_argument("--rt-cost-min-samples", type=int, default=None,
                     help="measured steps before the step-time model is trusted (8)")
+    rt.add_argument("--no-rt-calibrate", action="store_true",
+                    help="start the step-time model from its prior: no warm-up steps before ready, no cache")
+    rt.add_argument("--rt-calibration-budget-s", type=float, default=None,
+                    help=f"warm-up steps that measure the step-time model stop after this long "
+                         f"({RTConfig.calibration_budget_s:g})")
+    rt.add_argument("--rt-calibration-cache-dir", default=None,
+                    help="where calibrated step-time models are kept between starts "
+                         "(default: <weights cache>/calibration)")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask")
     lim.add_argument("--max-n", type=int, default=None, help="largest n (choices per request)")
@@ -151,7 +160,10 @@ def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
                           max_waiting_tokens=args.max_waiting_tokens, max_buffered_outputs=args.max_buffered_outputs,
                           slow_reader_timeout_s=args.slow_reader_timeout_s, min_prefill_chunk=args.min_prefill_chunk,
                           cost_min_samples=args.rt_cost_min_samples, step_slack_fraction=args.rt_step_slack_fraction,
-                          max_step_stretch=args.rt_max_step_stretch,
+                          calibrate=False if args.no_rt_calibrate else None,
+                          calibration_budget_s=args.rt_calibration_budget_s,
+                          calibration_cache_dir=args.rt_calibration_cache_dir,
+                          rescue_step_fraction=args.rt_rescue_step_fraction,
                           background_slot_share=args.rt_background_slot_share, min_running=args.rt_min_running,
                           firm_delivery_margin_s=None if args.rt_firm_delivery_margin_ms is None
                           else args.rt_firm_delivery_margin_ms / 1000.0, soft_overload=args.rt_soft_overload,

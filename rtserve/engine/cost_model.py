@@ -17,9 +17,11 @@ with every coefficient kept non-negative (an active-set refit), a light ridge pu
 inflated by rare multi-second outliers. How far real steps overrun that typical prediction is kept
 apart: `overrun_ratio` is the measured / predicted ratio a step exceeds about once in 10^5 steps,
 extrapolated from the window's median and 99th percentile of log ratios as if they were normal (256
-steps cannot show a 10^-5 tail); until 32 steps are measured it is a cautious 1.5. A deadline plan
-leaves that margin (rtserve/engine/rt_policy.py): a firm stream lives for hundreds of steps, and one
-overrun step drops it.
+steps cannot show a 10^-5 tail); until 32 steps are measured it is a cautious 1.5. `overrun_p99` is
+the ratio the window's steps exceed once in 100 (until 32 steps: 1.2). A deadline plan leaves one of
+these margins (rtserve/engine/rt_policy.py): beside a firm stream the 10^-5 tail (a firm stream lives
+for hundreds of steps, and one overrun step drops it); beside soft streams the p99 (an overrun there
+is one late gap, counted as a miss, not a lost request).
 
 Why not recursive least squares: with the non-negativity projection and a forgetting factor, RLS
 diverged on a contended CPU (coefficients of 1e14 after a few hundred noisy steps); a windowed refit
@@ -43,6 +45,7 @@ _TAIL_STRETCH = 4.265 / 2.326  # normal quantiles: z(1 - 1e-5) / z(0.99)
 _OVERRUN_MIN_SAMPLES = 32
 _TRUST_MIN_TOKENS = 64  # prefill tokens a step may take before larger steps have been measured
 _OVERRUN_PRIOR = 1.5
+_OVERRUN_P99_PRIOR = 1.2
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class StepCostModel:
         self.mean_abs_error_s = 0.0
         self.mean_rel_error = 0.0
         self.overrun_ratio = _OVERRUN_PRIOR  # measured / predicted step time exceeded once in ~10^5 steps
+        self.overrun_p99 = _OVERRUN_P99_PRIOR  # ... and once in 100 steps
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
         self._fitted = False  # coefficients from measurements: predictions need their range
@@ -142,7 +146,36 @@ class StepCostModel:
         if self.num_samples % self.refit_every == 0 or self.num_samples == self.min_samples:
             self.theta = self._fit()
             self._fitted = True
-            self.overrun_ratio = self._overrun_ratio()
+            self.overrun_ratio, self.overrun_p99 = self._overrun_ratios()
+
+    def to_json(self) -> dict:
+        """The model as plain JSON values: its coefficients, overrun ratio and error averages, and the
+        window's samples, each [num_decodes, num_prefill_tokens, num_context_tokens,
+        num_prefill_pairs, num_prefill_seqs, measured seconds]."""
+        return {"coeffs": list(self.theta), "overrun_ratio": self.overrun_ratio,
+                "mean_abs_error_s": self.mean_abs_error_s, "mean_rel_error": self.mean_rel_error,
+                "samples": [[int(x[1]), int(x[2]), round(x[3] * 1000), round(x[4] * 1e6), int(x[5]), y]
+                            for x, y in zip(self._xs, self._ys)]}
+
+    def load_json(self, state: dict) -> None:
+        """Forget everything measured, then observe `to_json`'s samples again, so that the
+        coefficients, `is_calibrated`, `trusted_prefill_tokens` and the overrun ratio are those of
+        that window (under this model's prior and window length); the error averages are taken as
+        stored. Modifies the model; raises ValueError, changing nothing, on a malformed state."""
+        samples = state.get("samples")
+        if not isinstance(samples, list) or not all(
+                isinstance(s, list) and len(s) == NUM_FEATURES
+                and all(type(v) is int and v >= 0 for v in s[:-1])
+                and isinstance(s[-1], (int, float)) and math.isfinite(s[-1]) and s[-1] >= 0 for s in samples):
+            raise ValueError("cost model state: 'samples' must be lists of 5 feature counts and seconds")
+        errors = [state.get(k, 0.0) for k in ("mean_abs_error_s", "mean_rel_error")]
+        if not all(isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in errors):
+            raise ValueError("cost model state: error averages must be non-negative numbers")
+        self.__init__(tuple(self.prior), self._xs.maxlen, self.min_samples, self.refit_every)  # the prior again
+        for s in samples:
+            self.observe(StepFeatures(*s[:-1]), float(s[-1]))
+        if samples:
+            self.mean_abs_error_s, self.mean_rel_error = (float(e) for e in errors)
 
     def _fit(self) -> list[float]:
         """Fit, then refit without outliers (stalls: residual above 3 median absolute residuals)."""
@@ -160,14 +193,16 @@ class StepCostModel:
                 theta = self._solve(x[keep], y[keep])
         return theta.tolist()
 
-    def _overrun_ratio(self) -> float:
+    def _overrun_ratios(self) -> tuple[float, float]:
+        """(the 10^-5 tail, the p99) of measured / predicted step time over the window."""
         if len(self._ys) < _OVERRUN_MIN_SAMPLES:
-            return _OVERRUN_PRIOR
+            return _OVERRUN_PRIOR, _OVERRUN_P99_PRIOR
         x = np.array(self._xs, dtype=np.float64)  # [n, NUM_FEATURES]
         y = np.array(self._ys, dtype=np.float64)  # [n]
         log_ratio = np.log(np.maximum(y, 1e-9) / np.maximum(x @ np.array(self.theta), 1e-9))
         median, p99 = np.quantile(log_ratio, [0.5, 0.99])
-        return max(float(np.exp(median + _TAIL_STRETCH * (p99 - median))), 1.0)
+        return (max(float(np.exp(median + _TAIL_STRETCH * (p99 - median))), 1.0),
+                max(float(np.exp(p99)), 1.0))
 
     def _solve(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Ridge least squares toward the prior; coefficients that come out negative are fixed at 0."""

@@ -29,8 +29,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     running_prefills = [r for r in running if r.num_remaining_prefill_tokens > 0]
     shares = {r.request_id: share for r in (*running_prefills, *sched.waiting)
               if (share := policy.max_chunk_tokens(r, now)) is not None}
-    prefill_token_budget = policy.prefill_token_budget(running, now, budget - num_decodes, sched.waiting,
-                                                       interactive=True)
+    prefill_token_budget = policy.interactive_prefill_tokens(running, sched.waiting, now, budget - num_decodes)
     num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
     num_context = sum(r.num_computed_tokens for r in running)
     step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context))

@@ -1,8 +1,10 @@
 """Real-time scheduling policy: what runs next, how much fits a step, who makes room, who is dropped.
 
 The scheduler owns the mechanics (token budget, KV allocation, preemption by recompute); each step it
-asks a policy object to order the queues, size the prefill budget, admit, pick victims and name late
-requests. Two implementations, chosen by `RTConfig.policy`:
+asks a policy object to order the queues and for the step's prefill plan (`plan_step` returns a
+`StepPlan`: the prefill tokens and predicted time the step may spend, which the scheduler spends chunk
+by chunk), and to agree to each admission, pick victims and name late requests. Two implementations of
+one interface, chosen by `RTConfig.policy`:
 
 - `FCFSPolicy` ("fcfs"): arrival order, full prefill budget, admission limited only by sequence slots
   and KV blocks, the last admitted request is preempted, nothing expires (vLLM's behaviour: the
@@ -11,29 +13,42 @@ requests. Two implementations, chosen by `RTConfig.policy`:
   late, and serving the most overdue first makes every newer one late too (the domino effect). So work
   is ordered in tiers, EDF inside each (`order_key` = (tier, time)):
 
-      starving batch  <  on time  <  late  <  background
+      starving  <  on time  <  late  <  background
 
   *on time*: firm or soft work whose next deadline (TTFT, then last token + ITL) is still ahead;
   *late*: soft work already past it (it has missed; it runs in capacity on-time work leaves);
-  *background*: batch, by arrival; *starving batch*: the oldest batch request that has waited past
-  `batch_max_wait_s` and still needs prefill: first in line for slots and blocks, but limited to
-  `min_prefill_chunk` prefill tokens a step, so batch never starves yet cannot stall the streams.
-  A waiting request ranked before a running prefill takes the prefill budget first (`runs_first`).
-  Each step is planned with the cost model to end within a fraction (`plan_fraction`, which leaves
-  room for the model's measured overruns) of the tightest running stream's ITL slack, and to last at
-  most `max_step_stretch` times its decodes alone (an even cadence). A request joins the running set
-  only while a step with one more decode still fits the ITL budget (`can_admit`): more streams than
-  that would make every stream late; late and batch work only below `background_slot_share` of that.
-  A waiting on-time firm request that finds no slot or blocks may preempt batch work, then soft work
-  with the most slack (`victims_for`); firm streams are never preempted for it.
+  *background*: batch, by arrival; *starving*: the oldest batch or late soft request that has waited
+  past `batch_max_wait_s` and still needs prefill: first in line for slots and blocks, but limited to
+  `min_prefill_chunk` prefill tokens a step, so nothing starves forever yet it cannot stall the
+  streams. A waiting request ranked before a running prefill takes the prefill budget first
+  (`runs_first`).
+
+  How long a step may be. TTFT and ITL are deadlines of the same kind, and a step is planned to end
+  before the earliest one it could break. A running stream's next token is due at its ITL deadline
+  (last token + ITL); the step is planned to end by then, less the step-time model's measured overrun
+  (its p99 beside soft streams; its 10^-5 tail beside a firm stream, which one overrun drops). The
+  prefill that fits serves the waiting prompts in deadline order. When that is not enough (a prompt
+  on time would miss its TTFT at ITL-sized steps but would make it with longer ones), the plan
+  chooses by goodput, the requests served within both budgets, a stream's ITL judged as its mean pace
+  (TPOT): a soft stream that is ahead of its pace (first token + n ITLs for its n-th next token) can
+  take one longer gap and still end within budget, while the prompt's missed TTFT is a lost request.
+  So the step may stretch to the soft streams' pace deadlines (never past a firm stream's ITL
+  deadline, never beyond `rescue_step_fraction` of the interactive TTFT budget, so an arrival does
+  not wait long for the step in flight); the stretched gaps are reported as ITL misses all the same.
+  A request joins the running set only while a step with one more decode still fits the ITL budget
+  (`can_admit`); late and batch work only below `background_slot_share` of that. A waiting on-time
+  firm request that finds no slot or blocks may preempt batch work, then soft work with the most slack
+  (`victims_for`); firm streams are never preempted for it.
 
 Firm requests are refused at admission when their TTFT cannot be met (rtserve/engine/admission.py)
 and dropped once their next token can no longer be on time (rtserve/engine/firm_deadlines.py).
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from rtserve.config import RTConfig
 from rtserve.engine import firm_deadlines
@@ -44,11 +59,54 @@ from rtserve.engine.rt_params import BACKGROUND, LATE, ON_TIME, STARVING, OrderK
 from rtserve.protocol import RTClass
 
 
+@dataclass
+class StepPlan:
+    """One step's prefill plan: made by a policy from the scheduler's state, spent by the scheduler.
+
+    `prefill_token_budget` bounds the step's prefill tokens in all; `time_left_s` the predicted seconds
+    its chunks may add (None: unbounded), each chunk costed by its position (a chunk deep in a long
+    prompt attends to all before it); `trust_left` the tokens the cost model has grounds to predict
+    (`StepCostModel.trusted_prefill_tokens`). The step's first chunk gets at least `min_chunk` tokens
+    so prefill always progresses, except a request in `no_min_chunk_ids` (background work beside
+    running streams: it gets only what fits, possibly nothing). A request in `fixed_chunk` (the
+    starving one) gets its share whatever is left of the plan; its cost still comes off the plan.
+    """
+
+    prefill_token_budget: int
+    time_left_s: float | None = None
+    trust_left: int = 1 << 30
+    min_chunk: int = 0
+    no_min_chunk_ids: frozenset[str] = frozenset()
+    fixed_chunk: dict[str, int] = field(default_factory=dict)
+    cost_model: StepCostModel | None = None
+    rescue: bool = False  # stretched to the soft streams' pace to save a TTFT (module doc)
+    _placed_chunk: bool = False
+
+    def max_chunk_tokens(self, req: Request) -> int | None:
+        return self.fixed_chunk.get(req.request_id)
+
+    def chunk_tokens(self, req: Request, start: int, num_tokens: int) -> int:
+        """At most `num_tokens` of `req`'s prompt from position `start` that fit what is left of the plan."""
+        if self.time_left_s is None or req.request_id in self.fixed_chunk:
+            return num_tokens
+        fit = min(self.cost_model.max_chunk_tokens(self.time_left_s, start), max(self.trust_left, 0))
+        if fit < self.min_chunk and not self._placed_chunk and req.request_id not in self.no_min_chunk_ids:
+            fit = self.min_chunk
+        return min(num_tokens, fit)
+
+    def spend(self, req: Request, start: int, num_tokens: int) -> None:
+        """A prefill chunk was placed in the step: its predicted cost comes off the plan."""
+        if req.request_id not in self.fixed_chunk:  # a fixed share is not the step's guaranteed chunk
+            self._placed_chunk = True
+        self.trust_left -= num_tokens
+        if self.time_left_s is not None:
+            self.time_left_s -= self.cost_model.prefill_chunk_s(num_tokens, start)
+
+
 class FCFSPolicy:
     """Arrival order; the scheduler's behaviour before real-time policy existed."""
 
     name = "fcfs"
-    enforces_deadlines = False  # no admission control, no expiry
 
     def order_key(self, req: Request, now: float) -> OrderKey:
         return ON_TIME, req.arrival_time
@@ -56,8 +114,12 @@ class FCFSPolicy:
     def order(self, running: list[Request], waiting: deque[Request], now: float) -> None:
         """Preempted requests were put back at the front; the rest stay in arrival order."""
 
-    def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
-                             waiting: Iterable[Request] = (), interactive: bool = False) -> int:
+    def plan_step(self, running: list[Request], waiting: Iterable[Request], now: float,
+                  token_budget: int) -> StepPlan:
+        return StepPlan(token_budget)
+
+    def interactive_prefill_tokens(self, running: list[Request], waiting: Iterable[Request], now: float,
+                                   token_budget: int) -> int:
         return token_budget
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
@@ -65,12 +127,6 @@ class FCFSPolicy:
 
     def max_chunk_tokens(self, req: Request, now: float) -> int | None:
         return None
-
-    def chunk_tokens(self, req: Request, start: int, num_tokens: int, now: float) -> int:
-        return num_tokens
-
-    def spend_prefill(self, req: Request, start: int, num_tokens: int) -> None:
-        pass
 
     def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
         return False  # running requests keep the prefill budget they had
@@ -98,21 +154,14 @@ class FCFSPolicy:
 
 
 class DeadlinePolicy:
-    """Tiered EDF, ITL-sized steps and admission, firm-first room making, firm drops (module doc)."""
+    """Tiered EDF, deadline-sized steps and admission, firm-first room making, firm drops (module doc)."""
 
     name = "deadline"
-    enforces_deadlines = True
 
     def __init__(self, config: RTConfig, cost_model: StepCostModel) -> None:
         self.config = config
         self.cost_model = cost_model
         self._starving_id: str | None = None  # refreshed by `order` each step
-        # This step's prefill plan (set by `prefill_token_budget`, spent chunk by chunk): seconds left
-        # for prefill chunks (None: unbounded), whether streams are running, whether a chunk was placed.
-        self._prefill_left_s: float | None = None
-        self._plan_has_streams = False
-        self._plan_first_chunk = True
-        self._prefill_trust_left = 0  # prefill tokens the model has grounds to predict (see the cost model)
 
     def order_key(self, req: Request, now: float) -> OrderKey:
         if req.request_id == self._starving_id:
@@ -124,112 +173,151 @@ class DeadlinePolicy:
 
     def order(self, running: list[Request], waiting: deque[Request], now: float) -> None:
         """Running: decodes first (stall-free), then prefills by key. Waiting: by key."""
-        self._starving_id = self._oldest_starving_batch((*running, *waiting), now)
+        self._starving_id = self._oldest_starving((*running, *waiting), now)
         running.sort(key=lambda r: (r.num_remaining_prefill_tokens > 0, self.order_key(r, now),
                                     r.arrival_time))
         ordered = sorted(waiting, key=lambda r: (self.order_key(r, now), r.arrival_time))
         waiting.clear()
         waiting.extend(ordered)
 
-    def _oldest_starving_batch(self, requests: Iterable[Request], now: float) -> str | None:
-        starving = [r for r in requests if r.rt.rt_class == RTClass.BATCH and not r.is_paused
-                    and r.num_remaining_prefill_tokens > 0 and now - r.arrival_time >= self.config.batch_max_wait_s]
+    def _oldest_starving(self, requests: Iterable[Request], now: float) -> str | None:
+        """The oldest batch request, or soft one past its TTFT, that has waited `batch_max_wait_s` for
+        its prompt: under overload on-time work would otherwise keep it waiting forever."""
+        def waits_too_long(r: Request) -> bool:
+            if r.is_paused or r.num_remaining_prefill_tokens == 0 or now - r.arrival_time < self.config.batch_max_wait_s:
+                return False
+            return r.rt.rt_class == RTClass.BATCH or (r.rt.rt_class == RTClass.SOFT and r.first_token_time is None)
+        starving = [r for r in requests if waits_too_long(r)]
         return min(starving, key=lambda r: r.arrival_time).request_id if starving else None
 
     def is_starving(self, req: Request) -> bool:
         return req.request_id == self._starving_id
 
-    def plan_fraction(self, firm: bool = False) -> float:
-        """The share of a slack a step is planned to fill: the rest absorbs the cost model's overruns.
-
-        Beside a firm stream, one overrun past its deadline drops it, so the plan follows the measured
-        overrun tail down to `_MIN_FIRM_PLAN_FRACTION`; otherwise never below `_MIN_PLAN_FRACTION`.
-        """
-        floor = _MIN_FIRM_PLAN_FRACTION if firm else _MIN_PLAN_FRACTION
-        return max(min(self.config.step_slack_fraction, 1.0 / self.cost_model.overrun_ratio), floor)
-
-    def prefill_token_budget(self, running: list[Request], now: float, token_budget: int,
-                             waiting: Iterable[Request] = (), interactive: bool = False) -> int:
-        """Prefill tokens that keep the step's predicted time within the tightest stream's slack.
-
-        The slack is the time left to the earliest next-token deadline of the running streams; a
-        stream already late (a soft one: firm ones are dropped) still bounds the step to half its ITL
-        budget, so that prefill progresses and the next gap stays near the budget. With no stream
-        running the step is bounded by the interactive classes' ITL budget all the same: a request
-        arriving meanwhile waits for the step in flight. The step is planned to fill `plan_fraction`
-        of that time, and each chunk is sized by its own position (`chunk_tokens`): this returns the
-        step's whole token budget. `interactive`: returns instead the tokens an arriving interactive
-        prompt would get (a chunk at position 0, at least `min_prefill_chunk`: admission's
-        prediction), and leaves the step's plan alone.
-        """
-        if not interactive:
-            self._prefill_left_s, self._plan_has_streams, self._plan_first_chunk = None, False, True
-            self._prefill_trust_left = self.cost_model.trusted_prefill_tokens
-        if not self.cost_model.is_calibrated:  # small steps until the model has measured some
-            return min(token_budget, UNCALIBRATED_PREFILL_TOKENS)
-        active = [r for r in running if not r.is_paused]
-        decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
-        streams = _streams(decodes)
-        if streams:
-            slack_s = _stream_slack_s(streams, now)
-        else:
-            budgets = [b for b in (self.config.firm.itl_s, self.config.soft.itl_s) if b is not None]
-            if not budgets:
-                return token_budget
-            slack_s = min(budgets)
-        num_context = sum(r.num_computed_tokens for r in active)
-        time_budget_s = self.plan_fraction(any(r.is_firm for r in streams)) * slack_s
-        decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, num_context))
-        if streams:  # keep the cadence even: a prefill step is at most this much longer than a decode step
-            time_budget_s = min(time_budget_s, self.config.max_step_stretch * decode_step_s)
-        if not interactive:  # each chunk then takes what its own position costs (`chunk_tokens`)
-            self._prefill_left_s, self._plan_has_streams = time_budget_s - decode_step_s, bool(streams)
-            return token_budget
-        starving = next((r for r in (*active, *waiting) if self.is_starving(r)), None)
-        if starving is not None:  # its share runs first
-            time_budget_s -= self.cost_model.prefill_chunk_s(
-                min(self.config.min_prefill_chunk, starving.num_remaining_prefill_tokens), starving.num_computed_tokens)
-        fit = min(self.cost_model.max_prefill_tokens(time_budget_s, len(decodes), num_context),  # at position 0
-                  self.cost_model.trusted_prefill_tokens)
-        return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
-
-    def chunk_tokens(self, req: Request, start: int, num_tokens: int, now: float) -> int:
-        """At most `num_tokens` of `req`'s prompt from position `start` that fit this step's plan.
-
-        A chunk costs by its position (a chunk deep in a long prompt attends to all before it), and
-        a step holds no more prefill tokens than the model has grounds to predict
-        (`StepCostModel.trusted_prefill_tokens`). The
-        starving batch request always gets its fixed share. The step's first other chunk gets at
-        least `min_prefill_chunk` tokens, so prefill always progresses,
-        except background batch work beside running streams: it gets only what fits, possibly nothing
-        (16 tokens at position 1,900 beside 4 decodes measured 62 ms, over a 50 ms ITL budget), until
-        the streams leave room or it starves.
-        """
-        if self._prefill_left_s is None or self.is_starving(req):
-            return num_tokens  # the starving batch request's share is fixed (`max_chunk_tokens`)
-        fit = min(self.cost_model.max_chunk_tokens(self._prefill_left_s, start),
-                  max(self._prefill_trust_left, 0))
-        if fit < self.config.min_prefill_chunk and self._plan_first_chunk and not (
-                self._plan_has_streams and self.order_key(req, now)[0] == BACKGROUND):
-            fit = self.config.min_prefill_chunk
-        return min(num_tokens, fit)
-
-    def spend_prefill(self, req: Request, start: int, num_tokens: int) -> None:
-        """A prefill chunk was placed in the step: its predicted cost comes off the plan."""
-        if not self.is_starving(req):
-            self._plan_first_chunk = False
-        self._prefill_trust_left -= num_tokens
-        if self._prefill_left_s is not None:
-            self._prefill_left_s -= self.cost_model.prefill_chunk_s(num_tokens, start)
+    def overrun(self, firm: bool) -> float:
+        """Measured / predicted step time a plan must absorb: the 10^-5 tail beside a firm stream (one
+        overrun drops it), the p99 otherwise (one overrun is one late gap)."""
+        ratio = (min(self.cost_model.overrun_ratio, _MAX_FIRM_OVERRUN) if firm
+                 else min(self.cost_model.overrun_p99, _MAX_OVERRUN))
+        return max(ratio, 1.0 / self.config.step_slack_fraction)
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
-        """Seconds the next step may take so that the tightest stream's next token is on time (the
-        planned share of its slack; a late stream still allows half its ITL budget); None when no
-        running stream has an ITL budget. Bounds speculative verification as prefill chunks are."""
+        """Seconds the next step may take so that every running stream's next token is on time, less
+        the model's overrun margin; None when no running stream has an ITL budget. Bounds speculative
+        verification as prefill chunks are."""
         streams = _streams(r for r in running if not r.is_paused and r.num_remaining_prefill_tokens == 0)
         if not streams:
             return None
-        return self.plan_fraction(any(r.is_firm for r in streams)) * _stream_slack_s(streams, now)
+        return min(self._gap_budget_s(r, now) for r in streams)
+
+    def _gap_budget_s(self, req: Request, now: float) -> float:
+        """Step time that keeps `req`'s next gap within its ITL budget; a stream already late (a soft
+        one: firm ones are dropped) still allows half its ITL budget, so that work progresses."""
+        slack_s = req.next_token_deadline - now - (0.0 if req.is_firm else self.config.firm_delivery_margin_s)
+        return max(slack_s, 0.5 * req.rt.itl_s) / self.overrun(req.is_firm)
+
+    def _pace_budget_s(self, req: Request, now: float, step_s: float) -> float:
+        """Step time that keeps `req` within its ITL budget on average (its TPOT), a firm stream's
+        every gap being a deadline. A soft stream may take a longer gap when it is ahead of its pace
+        (first token + n ITLs for its n-th next token) or will be within `PACE_HORIZON_TOKENS` tokens
+        at steps of `step_s` (the decodes alone: each gap shorter than the ITL repays some of the
+        long one)."""
+        gap_s = self._gap_budget_s(req, now)
+        if req.is_firm or req.first_token_time is None:
+            return gap_s
+        itl_s = req.rt.itl_s
+        horizon = PACE_HORIZON_TOKENS
+        if req.sampling_params.max_tokens is not None:
+            horizon = max(min(horizon, req.sampling_params.max_tokens - req.num_output_tokens - 1), 0)
+        pace_due = (req.first_token_time + (req.num_output_tokens + horizon) * itl_s
+                    - horizon * min(step_s * self.overrun(False), itl_s))
+        return max(gap_s, (pace_due - now - self.config.firm_delivery_margin_s) / self.overrun(False))
+
+    def plan_step(self, running: list[Request], waiting: Iterable[Request], now: float,
+                  token_budget: int) -> StepPlan:
+        """This step's prefill plan (module doc: how long a step may be)."""
+        active = [r for r in running if not r.is_paused]
+        waiting = [r for r in waiting if not r.is_paused]
+        fixed = {r.request_id: self.config.min_prefill_chunk for r in (*active, *waiting) if self.is_starving(r)}
+        trust = self.cost_model.trusted_prefill_tokens
+        if not self.cost_model.is_calibrated:  # small steps until the model has measured some
+            return StepPlan(min(token_budget, UNCALIBRATED_PREFILL_TOKENS), fixed_chunk=fixed)
+        decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
+        streams = _streams(decodes)
+        decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, _num_context(active)))
+        step_s = self._step_budget_s(streams)
+        if step_s is None:
+            return StepPlan(token_budget, fixed_chunk=fixed)
+        if streams:
+            step_s = min(self._gap_budget_s(r, now) for r in streams)
+        pace_s = min((self._pace_budget_s(r, now, decode_step_s) for r in streams), default=math.inf)
+        stretched_s = self._stretch_for_ttft(active, waiting, now, len(decodes), step_s,
+                                             min(pace_s, self._rescue_step_s()))
+        rescue, step_s = stretched_s > step_s, stretched_s
+        background = frozenset(r.request_id for r in (*active, *waiting)
+                               if streams and self.order_key(r, now)[0] == BACKGROUND)
+        return StepPlan(token_budget, step_s - decode_step_s, trust, self.config.min_prefill_chunk,
+                        background, fixed, self.cost_model, rescue)
+
+    def _step_budget_s(self, streams: list[Request]) -> float | None:
+        """A step's length with no stream to pace it: the interactive classes' ITL budget (a request
+        arriving meanwhile waits for the step in flight); None when no class has one."""
+        if streams:
+            return 0.0
+        budgets = [b for b in (self.config.firm.itl_s, self.config.soft.itl_s) if b is not None]
+        return min(budgets) / self.overrun(False) if budgets else None
+
+    def _rescue_step_s(self) -> float:
+        """The longest step a TTFT rescue may plan: a share of the interactive TTFT budget, so that a
+        request arriving meanwhile still has most of its own budget left after the step in flight."""
+        budgets = [b for b in (self.config.firm.ttft_s, self.config.soft.ttft_s) if b is not None]
+        return self.config.rescue_step_fraction * min(budgets) if budgets else 0.0
+
+    def _stretch_for_ttft(self, active: list[Request], waiting: list[Request], now: float, num_decodes: int,
+                          step_s: float, longest_s: float) -> float:
+        """`longest_s` when some prompt on time is running out of TTFT slack at `step_s`-long steps
+        (they would need more than `RESCUE_SLACK_SHARE` of its slack) and would make its TTFT at
+        `longest_s`-long ones; else `step_s`. Prompts are served in deadline order (the scheduler's).
+
+        This is the goodput choice: a prompt that misses its TTFT is a request lost; the longer gaps
+        cost the soft streams nothing within both budgets, since `longest_s` keeps each of them
+        within its pace (`_pace_budget_s`). A prompt that cannot make its TTFT even at `longest_s`
+        is lost whatever the plan, and stretches nothing. Nothing is stretched while a firm prompt
+        waits: its admission predicted its TTFT at ITL-sized steps.
+        """
+        if longest_s <= step_s or any(r.is_firm and r.first_token_time is None for r in (*active, *waiting)):
+            return step_s  # a firm prompt was admitted on a prediction of ITL-sized steps
+        prompts = sorted((r for r in (*active, *waiting) if r.first_token_time is None
+                          and r.num_remaining_prefill_tokens > 0 and r.ttft_deadline is not None
+                          and r.ttft_deadline > now and not self.is_starving(r)),
+                         key=lambda r: self.order_key(r, now))
+        num_context = _num_context(active)
+        rates = [self._prefill_rate(s, num_decodes, num_context) for s in (step_s, longest_s)]
+        num_ahead = 0
+        for req in prompts:
+            num_ahead += req.num_remaining_prefill_tokens
+            slack_s = req.ttft_deadline - now
+            short_s, long_s = (num_ahead / rate if rate > 0 else math.inf for rate in rates)
+            if short_s > RESCUE_SLACK_SHARE * slack_s and long_s <= slack_s:
+                return longest_s
+        return step_s
+
+    def _prefill_rate(self, step_s: float, num_decodes: int, num_context: int) -> float:
+        """Prefill tokens per second when every step lasts `step_s` beside these decodes."""
+        fit = min(self.cost_model.max_prefill_tokens(step_s, num_decodes, num_context),
+                  self.cost_model.trusted_prefill_tokens)
+        return max(fit, self.config.min_prefill_chunk) / max(step_s, 1e-6)
+
+    def interactive_prefill_tokens(self, running: list[Request], waiting: Iterable[Request], now: float,
+                                   token_budget: int) -> int:
+        """Prefill tokens an arriving interactive prompt would get per step (admission's prediction):
+        one chunk at position 0 within this step's plan, at least `min_prefill_chunk`."""
+        plan = self.plan_step(running, waiting, now, token_budget)
+        if plan.time_left_s is None:
+            return plan.prefill_token_budget
+        time_left_s = plan.time_left_s - sum(
+            self.cost_model.prefill_chunk_s(n, 0) for n in plan.fixed_chunk.values())
+        fit = min(self.cost_model.max_chunk_tokens(max(time_left_s, 0.0), 0), plan.trust_left)
+        return max(min(fit, token_budget), min(self.config.min_prefill_chunk, token_budget))
 
     def runs_first(self, waiting_req: Request, running_req: Request, now: float) -> bool:
         """A waiting request ranked before a running prefill takes the prefill budget before it."""
@@ -257,7 +345,8 @@ class DeadlinePolicy:
 
     def max_num_running(self, running: list[Request], req: Request | None = None) -> int | None:
         """Most sequences a step may hold (as decodes, beside a minimum prefill chunk) and still end
-        within `plan_fraction` of the tightest ITL budget: the running streams', the candidate's
+        within the tightest ITL budget, less the delivery margin and the overrun margin (`overrun`):
+        the running streams', the candidate's
         (a firm request's default when `req` is None). Batch candidates are also held to the interactive
         classes' default ITL, so batch decodes never take the capacity a stream would need.
         None: no bound (uncalibrated model, or no ITL budget anywhere).
@@ -274,8 +363,9 @@ class DeadlinePolicy:
         if not itls:
             return None
         num_context = sum(r.num_tokens for r in active) + (req.num_tokens if req is not None else 0)
-        cap = self.cost_model.max_decodes(self.plan_fraction() * min(itls), self.config.min_prefill_chunk,
-                                          num_context)
+        firm = req is None or req.is_firm or any(r.is_firm for r in active)
+        step_s = (min(itls) - self.config.firm_delivery_margin_s) / self.overrun(firm)
+        cap = self.cost_model.max_decodes(step_s, self.config.min_prefill_chunk, num_context)
         # Never below `min_running`: in a real run on a contended host the linear model's fit drove
         # the cap to 0 and serialized the streams (soft TTFT p99 30 s at 0.75 req/s).
         return None if cap is None else max(cap, self.config.min_running)
@@ -327,8 +417,13 @@ class DeadlinePolicy:
 
 
 UNCALIBRATED_PREFILL_TOKENS = 64  # a fresh server's 512-token prefill steps took 400-740 ms each
-_MIN_PLAN_FRACTION = 0.5  # a noisy host's overrun tail must not shrink every plan to nothing
-_MIN_FIRM_PLAN_FRACTION = 0.25
+# A prompt is running out of TTFT slack when the prefill ahead of it, at ITL-sized steps, would take
+# more than this share of it: predictions are of typical steps, and more prompts may arrive before it.
+RESCUE_SLACK_SHARE = 0.4
+PACE_HORIZON_TOKENS = 16  # a soft stream's longer gap must be repaid within this many tokens
+# A noisy host's overrun tail must not shrink every plan to nothing: margins are capped at these.
+_MAX_OVERRUN = 2.0
+_MAX_FIRM_OVERRUN = 4.0
 
 
 def _streams(decodes: Iterable[Request]) -> list[Request]:
@@ -336,10 +431,8 @@ def _streams(decodes: Iterable[Request]) -> list[Request]:
     return [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
 
 
-def _stream_slack_s(streams: list[Request], now: float) -> float:
-    """Time to the tightest stream's next-token deadline; a stream already late (a soft one: firm ones
-    are dropped) still allows half its ITL budget, so that work progresses."""
-    return max(min(r.next_token_deadline for r in streams) - now, 0.5 * min(r.rt.itl_s for r in streams))
+def _num_context(requests: Iterable[Request]) -> int:
+    return sum(r.num_computed_tokens for r in requests)
 
 
 def make_policy(config: RTConfig, cost_model: StepCostModel) -> FCFSPolicy | DeadlinePolicy:

@@ -9,9 +9,9 @@ tokens are kept and become part of the recomputed prefix). A waiting request tha
 have running requests preempted to make room for it, if the policy names them (`victims_for`).
 
 Real-time decisions are not made here: a policy object (rtserve/engine/rt_policy.py) orders the
-waiting and running requests, says which waiting request goes before a running prefill, caps each
-step's prefill tokens, agrees to each admission, picks victims and names requests whose deadline
-passed (`expire`). Paused requests (a slow reader) keep their blocks but are not scheduled.
+waiting and running requests, says which waiting request goes before a running prefill, returns each
+step's prefill plan (`StepPlan`: tokens and predicted time, spent here chunk by chunk), agrees to each
+admission, picks victims and names requests whose deadline passed (`expire`). Paused requests (a slow reader) keep their blocks but are not scheduled.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from rtserve.config import SchedulerConfig
 from rtserve.engine.request import Request, RequestStatus
-from rtserve.engine.rt_policy import FCFSPolicy
+from rtserve.engine.rt_policy import FCFSPolicy, StepPlan
 from rtserve.engine.scheduler_output import RunnerOutput, ScheduledSeq, SchedulerOutput
 from rtserve.engine.stop_check import check_stop
 from rtserve.kv.manager import KVCacheManager
@@ -56,16 +56,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.policy.order(self.running, self.waiting, now)
-        # Prefill chunks share the token budget with decodes and are further capped by the policy.
-        prefill_budget = self.policy.prefill_token_budget(self.running, now, budget, self.waiting)
-        budget, prefill_budget, deferred = self._schedule_running(out, budget, prefill_budget, now)
+        # Prefill chunks share the token budget with decodes and are further capped by the policy's plan.
+        plan = self.policy.plan_step(self.running, self.waiting, now, budget)
+        prefill_budget = plan.prefill_token_budget
+        budget, prefill_budget, deferred = self._schedule_running(out, plan, budget, prefill_budget, now)
         if not out.preempted_ids:
-            budget, prefill_budget = self._admit_waiting(out, budget, prefill_budget, now)
-        self._schedule_deferred(out, deferred, budget, prefill_budget, now)
+            budget, prefill_budget = self._admit_waiting(out, plan, budget, prefill_budget, now)
+        self._schedule_deferred(out, plan, deferred, budget, prefill_budget)
         self._schedule_drafts(out, self.config.max_num_batched_tokens - out.num_scheduled_tokens)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, prefill_budget: int,
+    def _schedule_running(self, out: SchedulerOutput, plan: StepPlan, budget: int, prefill_budget: int,
                           now: float) -> tuple[int, int, list[Request]]:
         """Schedule running requests in order, preempting for blocks as needed.
 
@@ -85,7 +86,7 @@ class Scheduler:
                 deferred.append(req)
                 idx += 1
                 continue
-            num_new = self._chunk(req, num_remaining, budget, prefill_budget, now)
+            num_new = self._chunk(plan, req, num_remaining, budget, prefill_budget)
             if num_new <= 0:
                 idx += 1
                 continue
@@ -93,23 +94,23 @@ class Scheduler:
                 continue  # req itself was preempted; running[idx] is now the next one
             out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
             if num_remaining > 1:
-                self.policy.spend_prefill(req, req.num_computed_tokens, num_new)
+                plan.spend(req, req.num_computed_tokens, num_new)
             budget -= num_new
             prefill_budget -= num_new if num_new > 1 else 0
             idx += 1
         return budget, prefill_budget, deferred
 
-    def _schedule_deferred(self, out: SchedulerOutput, deferred: list[Request], budget: int,
-                           prefill_budget: int, now: float) -> None:
+    def _schedule_deferred(self, out: SchedulerOutput, plan: StepPlan, deferred: list[Request], budget: int,
+                           prefill_budget: int) -> None:
         """Prefill chunks deferred behind admission, with the budget left (never preempts)."""
         for req in deferred:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted to make room meanwhile
-            num_new = self._chunk(req, req.num_tokens - req.num_computed_tokens, budget, prefill_budget, now)
+            num_new = self._chunk(plan, req, req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
             if num_new <= 0 or not self.kv.allocate_slots(req, num_new):
                 continue
             out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
-            self.policy.spend_prefill(req, req.num_computed_tokens, num_new)
+            plan.spend(req, req.num_computed_tokens, num_new)
             budget -= num_new
             prefill_budget -= num_new
 
@@ -133,17 +134,18 @@ class Scheduler:
             seq.block_ids = self.kv.block_ids(req.request_id)
             budget -= num_spec
 
-    def _chunk(self, req: Request, num_remaining: int, budget: int, prefill_budget: int, now: float) -> int:
-        """Tokens to compute this step: a decode (1) always fits the budget; a prefill chunk is capped."""
+    def _chunk(self, plan: StepPlan, req: Request, num_remaining: int, budget: int, prefill_budget: int) -> int:
+        """Tokens to compute this step: a decode (1) always fits the budget; a prefill chunk is capped
+        by the budgets, the plan's fixed share for `req` if it has one, and what fits the plan's time."""
         if num_remaining == 1:
             return min(1, budget)
         num = min(num_remaining, budget, max(prefill_budget, 0))
-        cap = self.policy.max_chunk_tokens(req, now)
+        cap = plan.max_chunk_tokens(req)
         if cap is not None:
             num = min(num, cap)
         limit = self.config.long_prefill_token_threshold
         num = min(num, limit) if limit > 0 else num
-        return self.policy.chunk_tokens(req, req.num_tokens - num_remaining, num, now) if num > 0 else num
+        return plan.chunk_tokens(req, req.num_tokens - num_remaining, num) if num > 0 else num
 
     def _allocate_or_preempt(self, req: Request, num_new: int, idx: int, out: SchedulerOutput,
                              now: float) -> bool:
@@ -166,7 +168,7 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int, prefill_budget: int,
+    def _admit_waiting(self, out: SchedulerOutput, plan: StepPlan, budget: int, prefill_budget: int,
                        now: float) -> tuple[int, int]:
         """Admit waiting requests in the policy's order while slots, blocks and budget allow.
 
@@ -181,7 +183,7 @@ class Scheduler:
             if req.is_paused:
                 continue
             hit_blocks, num_cached = self.kv.get_computed_blocks(req)
-            num_new = self._chunk(req, req.num_tokens - num_cached, budget, prefill_budget, now)
+            num_new = self._chunk(plan, req, req.num_tokens - num_cached, budget, prefill_budget)
             if num_new <= 0:
                 break
             if not self._fits(req, num_new, hit_blocks, self.running, now):
@@ -190,7 +192,7 @@ class Scheduler:
                     break
                 budget, prefill_budget = budget + refund[0], prefill_budget + refund[1]
                 hit_blocks, num_cached = self.kv.get_computed_blocks(req)
-                num_new = self._chunk(req, req.num_tokens - num_cached, budget, prefill_budget, now)
+                num_new = self._chunk(plan, req, req.num_tokens - num_cached, budget, prefill_budget)
             if not self.kv.allocate_slots(req, num_new, hit_blocks):
                 break
             self.waiting.remove(req)
@@ -202,7 +204,7 @@ class Scheduler:
             admitted.append(req)
             out.seqs.append(ScheduledSeq(req, num_cached, num_new, self.kv.block_ids(req.request_id)))
             if req.num_tokens - num_cached > 1:
-                self.policy.spend_prefill(req, num_cached, num_new)
+                plan.spend(req, num_cached, num_new)
             budget -= num_new
             prefill_budget -= num_new if num_new > 1 else 0
         return budget, prefill_budget

@@ -1,14 +1,20 @@
 """A deterministic simulation of the engine under load: the real scheduler, policy, KV manager and
 admission control, with a fake clock and a fake model whose step time comes from a cost model.
 
-Arrivals follow `rtserve bench --workload realtime-mix` (Poisson; firm/soft chats with TTFT/ITL
-budgets, batch 2048-token summaries). Each request is admitted (or refused) at its arrival from the
-queue snapshot of the last finished step, as the API process does; the engine loop drops late firm
-requests before each step, runs schedule -> (fake) execute -> update, and tokens reach the client when
-the step ends. After `duration_s` whatever is still in flight is cancelled, as the bench does.
+Workloads follow `rtserve bench --workload ...` (`SimConfig.workload`):
+- `realtime-mix`: firm/soft chats with TTFT/ITL budgets, batch 2048-token summaries;
+- `synthetic`: 256-token prompts, 128 output tokens, soft (the outside benchmarks' standard load);
+- `chat`: multi-turn conversations over a shared 256-token system prompt (prefix-cache hits), soft;
+- `long-prompt-interference`: short soft chats, every 8th request a 2048-token batch summary.
+Arrivals are Poisson, or evenly spaced (`arrivals="constant"`, guidellm's profile). Each request is
+admitted (or refused) at its arrival from the queue snapshot of the last finished step, as the API
+process does; the engine loop drops late firm requests before each step, runs schedule -> (fake)
+execute -> update, and tokens reach the client when the step ends. Step times carry lognormal noise,
+and a contention phase (`contention`: start, end, factor) slows every step in it, as a co-located
+process taking part of a core does. After `duration_s` whatever is still in flight is cancelled, as
+the bench does.
 
-    python -m tests.unit.rt_sim [rate ...]    # fcfs vs deadline at each rate (default 2/s: twice what
-                                              # FCFS sustains here, see tests/unit/test_rt_sim.py)
+    python -m tests.unit.rt_sim [workload] [rate ...]   # fcfs vs deadline at each rate
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ MAX_MODEL_LEN = 8192
 class SimConfig:
     policy: str = "deadline"
     rate_per_s: float = 4.0
+    workload: str = "realtime-mix"  # | synthetic | chat | long-prompt-interference
+    arrivals: str = "poisson"       # | constant
     duration_s: float = 60.0
     seed: int = 0
     mix: tuple[float, float, float] = (0.3, 0.5, 0.2)  # firm, soft, batch shares
@@ -58,6 +66,7 @@ class SimConfig:
     block_size: int = 16
     goodput_ttft_s: float = 0.5  # `--goodput ttft:500 tpot:50`, as benchmarks/realtime_mix.sh
     goodput_tpot_s: float = 0.05
+    contention: tuple[float, float, float] | None = None  # (start_s, end_s, step-time factor)
     rt_overrides: dict = field(default_factory=dict)  # RTConfig fields
 
 
@@ -126,7 +135,14 @@ class SimResult:
         finished = [r for r in admitted if r.status != "cancelled"]  # not cut off by the end of the run
         gaps = [g for r in self.records if r.status == "ok" for g in r.gaps_s]  # pooled, as the bench does
         p50, p99 = np.percentile(gaps, [50, 99]) if gaps else (math.nan, math.nan)
+        ttfts = [r.ttft_s for r in self.records if r.status == "ok"]
+        tpots = [r.tpot_s for r in self.records if r.status == "ok"]
         out = {"goodput_req_per_s": self.goodput_req_per_s,
+               "attainment_pct": 100.0 * sum(r.met_goodput(self.config) for r in self.records)
+               / max(len(self.records), 1),
+               "ttft_p50_ms": 1000 * float(np.percentile(ttfts, 50)) if ttfts else math.nan,
+               "ttft_p90_ms": 1000 * float(np.percentile(ttfts, 90)) if ttfts else math.nan,
+               "tpot_mean_ms": 1000 * float(np.mean(tpots)) if tpots else math.nan,
                "firm_admitted": len(admitted), "firm_rejected": len(firm) - len(admitted),
                "firm_cancelled": sum(r.status == "cancelled" for r in admitted),
                "firm_admitted_met_pct": 100.0 * sum(r.met_budget() for r in finished) / max(len(finished), 1),
@@ -142,26 +158,64 @@ class SimResult:
         return out
 
 
-def make_arrivals(cfg: SimConfig) -> list[tuple[float, str, int, int]]:
-    """(arrival_s, class, prompt_len, max_tokens), seeded; the same for every policy."""
+Arrival = tuple[float, str, list[int], int]  # (arrival_s, class, prompt token ids, max_tokens)
+
+
+def make_arrivals(cfg: SimConfig) -> list[Arrival]:
+    """The workload's requests in arrival order, seeded; the same for every policy."""
     rng = np.random.default_rng([cfg.seed, 0x51])
+    maker = _WORKLOADS[cfg.workload]
     out, t = [], 0.0
-    names = ("firm", "soft", "batch")
-    shares = np.array(cfg.mix) / sum(cfg.mix)
     while t < cfg.duration_s:
-        rt_class = names[int(rng.choice(3, p=shares))]
-        if rt_class == "batch":
-            out.append((t, rt_class, cfg.batch_prompt_len, cfg.batch_output_len))
-        else:
-            out.append((t, rt_class, int(rng.integers(*cfg.chat_prompt_len)),
-                        int(rng.integers(*cfg.chat_output_len))))
-        t += float(rng.exponential(1.0 / cfg.rate_per_s))
+        rt_class, prompt, max_tokens = maker(cfg, len(out), rng)
+        out.append((t, rt_class, prompt, max_tokens))
+        t += 1.0 / cfg.rate_per_s if cfg.arrivals == "constant" else float(rng.exponential(1.0 / cfg.rate_per_s))
     return out
 
 
-def prompt_token_ids(index: int, prompt_len: int) -> list[int]:
+def _unique(index: int, n: int, salt: int = 0) -> list[int]:
+    """n token ids no other request shares (ids above the shared prefixes' range)."""
+    return [1000 + (index * 8 + salt) * 4096 + j for j in range(n)]
+
+
+def _chat_prompt(index: int, prompt_len: int) -> list[int]:
     """A 32-token chat template prefix shared by every prompt, then tokens of this request's own."""
-    return list(range(1, 33))[:prompt_len] + [1000 + index * 4096 + j for j in range(prompt_len - 32)]
+    return list(range(1, 33))[:prompt_len] + _unique(index, prompt_len - 32)
+
+
+def _realtime_mix(cfg: SimConfig, index: int, rng: np.random.Generator) -> tuple[str, list[int], int]:
+    shares = np.array(cfg.mix) / sum(cfg.mix)
+    rt_class = ("firm", "soft", "batch")[int(rng.choice(3, p=shares))]
+    if rt_class == "batch":
+        return rt_class, _chat_prompt(index, cfg.batch_prompt_len), cfg.batch_output_len
+    return (rt_class, _chat_prompt(index, int(rng.integers(*cfg.chat_prompt_len))),
+            int(rng.integers(*cfg.chat_output_len)))
+
+
+def _synthetic(cfg: SimConfig, index: int, rng: np.random.Generator) -> tuple[str, list[int], int]:
+    return "soft", _unique(index, 256), 128
+
+
+_SYSTEM_PROMPT = list(range(1, 257))  # shared by every conversation of the chat workload
+_TURNS_PER_CHAT = 4
+
+
+def _chat(cfg: SimConfig, index: int, rng: np.random.Generator) -> tuple[str, list[int], int]:
+    """Turn k of a conversation: system prompt + the k earlier turns (their user text and answer,
+    the same ids every time, so they hit the prefix cache) + this turn's question."""
+    conv, turn = divmod(index, _TURNS_PER_CHAT)
+    history = [tok for k in range(turn) for tok in _unique(conv, 60 + 100, salt=k)]
+    return "soft", _SYSTEM_PROMPT + history + _unique(conv, 60, salt=turn), int(rng.integers(64, 192))
+
+
+def _interference(cfg: SimConfig, index: int, rng: np.random.Generator) -> tuple[str, list[int], int]:
+    if index % 8 == 7:
+        return "batch", _chat_prompt(index, cfg.batch_prompt_len), cfg.batch_output_len
+    return "soft", _chat_prompt(index, int(rng.integers(*cfg.chat_prompt_len))), int(rng.integers(*cfg.chat_output_len))
+
+
+_WORKLOADS = {"realtime-mix": _realtime_mix, "synthetic": _synthetic, "chat": _chat,
+              "long-prompt-interference": _interference}
 
 
 def simulate(cfg: SimConfig) -> SimResult:
@@ -182,9 +236,10 @@ def simulate(cfg: SimConfig) -> SimResult:
     while clock.now < cfg.duration_s:
         # Requests that arrived during the last step: decided on arrival from the last snapshot.
         while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= clock.now:
-            t, rt_class, prompt_len, max_tokens = arrivals[next_arrival]
+            t, rt_class, prompt, max_tokens = arrivals[next_arrival]
             rid = f"{rt_class}-{next_arrival}"
             next_arrival += 1
+            prompt_len = len(prompt)
             rt = resolve_rt(RTParams(rt_class), rt_config)
             rec = records[rid] = SimRecord(rid, rt_class, t, rt)
             decision = decide(rt_config, snap, pending, rt, t, prompt_len, now=t)
@@ -193,7 +248,7 @@ def simulate(cfg: SimConfig) -> SimResult:
                 continue
             num_added += 1
             pending.append(PendingRequest(num_added, order_key(snap.policy, rt, t, rt_config), prompt_len))
-            sched.add_request(Request(rid, prompt_token_ids(next_arrival, prompt_len),
+            sched.add_request(Request(rid, list(prompt),
                                       SamplingParams(temperature=0, max_tokens=max_tokens), t,
                                       eos_token_ids=(0,), rt=rt))
         outputs = sched.expire()
@@ -205,6 +260,8 @@ def simulate(cfg: SimConfig) -> SimResult:
             continue
         out = sched.schedule()
         step_s = true_model.predict_s(out.step_features) * float(noise.lognormal(0.0, cfg.step_noise))
+        if cfg.contention is not None and cfg.contention[0] <= clock.now < cfg.contention[1]:
+            step_s *= cfg.contention[2]
         clock.advance(step_s)
         model.observe(out.step_features, step_s)  # refitted online, as in the engine
         num_steps += 1
@@ -236,12 +293,15 @@ def _deliver(records: dict[str, SimRecord], outputs, now: float) -> None:
 def compare(rate_per_s: float, **kw) -> str:
     rows = {p: simulate(SimConfig(policy=p, rate_per_s=rate_per_s, **kw)).summary()
             for p in ("fcfs", "deadline")}
-    lines = [f"rate {rate_per_s:g}/s", f"{'metric':<26}{'fcfs':>12}{'deadline':>12}"]
+    lines = [f"{kw.get('workload', 'realtime-mix')} at {rate_per_s:g}/s",
+             f"{'metric':<26}{'fcfs':>12}{'deadline':>12}"]
     for key in rows["fcfs"]:
         lines.append(f"{key:<26}{rows['fcfs'][key]:>12.3f}{rows['deadline'][key]:>12.3f}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    for rate in [float(a) for a in sys.argv[1:]] or [2.0]:
-        print(compare(rate), "\n")
+    args = sys.argv[1:]
+    workload = args.pop(0) if args and args[0] in _WORKLOADS else "realtime-mix"
+    for rate in [float(a) for a in args] or [2.0]:
+        print(compare(rate, workload=workload), "\n")

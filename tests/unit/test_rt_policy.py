@@ -76,7 +76,7 @@ def test_exhausted_slack_still_gives_a_minimum_prefill_chunk():
     sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.020))
     step(sched, clock)
     clock.advance(0.1)  # the stream is late: half its ITL budget, 10 ms, is less than its decode alone
-    sched.add_request(rt_req("long", 2000, clock.now))
+    sched.add_request(rt_req("long", 2000, clock.now, ttft_s=10.0))  # not short of TTFT slack
     assert dict(ids(step(sched, clock)))["long"] == 16
 
 
@@ -156,7 +156,7 @@ def test_step_time_budget_is_the_tightest_stream_slack_and_bounds_verification_t
     sched.add_request(rt_req("batch", 8, clock.now, "batch"))  # no ITL budget: never binds
     step(sched, clock, 0.01)
     clock.advance(0.02)
-    share = sched.policy.plan_fraction()  # the planned share of the slack
+    share = 1 / sched.policy.overrun(firm=False)  # the planned share of the slack
     assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.030 * share)
     clock.advance(0.1)  # late: half its ITL budget
     assert sched.policy.step_time_budget_s(sched.running, clock.now) == pytest.approx(0.025 * share)
@@ -215,14 +215,14 @@ def test_steps_are_bounded_by_the_interactive_itl_budget_even_with_no_stream_run
 
 def test_steps_leave_room_for_the_cost_models_observed_overruns():
     sched, _, clock, _ = make_sched("deadline", budget=1024, step_slack_fraction=0.8)
-    sched.policy.cost_model.overrun_ratio = 2.0  # some steps took twice their prediction
-    assert sched.policy.plan_fraction() == 0.5
+    sched.policy.cost_model.overrun_p99 = 2.0  # one step in 100 took twice its prediction
+    assert sched.policy.overrun(firm=False) == 2.0
     sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
     step(sched, clock, 0.01)
     sched.add_request(rt_req("long", 2000, clock.now, "batch"))
-    assert 139 <= dict(ids(step(sched, clock)))["long"] <= 140  # (25 ms - 11 ms) / 0.1 ms
-    sched.policy.cost_model.overrun_ratio = 1.0
-    assert sched.policy.plan_fraction() == 0.8
+    assert 139 <= dict(ids(step(sched, clock)))["long"] <= 140  # (50 ms / 2 - 11 ms) / 0.1 ms
+    sched.policy.cost_model.overrun_p99 = 1.0
+    assert sched.policy.overrun(firm=False) == 1.25  # the slack fraction caps the plan
 
 
 def test_the_running_set_is_capped_so_that_a_step_of_decodes_fits_the_itl_budget():
@@ -262,15 +262,6 @@ def test_the_oldest_starving_batch_request_goes_first_with_a_small_share_of_each
     # 16 tokens a step while it prefills, first of the prefills; the soft stream decodes.
     got = ids(sched.schedule())
     assert got[:2] == [("soft", 1), ("old-batch", 16)] and got[2][0] == "young-batch"
-
-
-def test_a_prefill_step_is_at_most_max_step_stretch_times_its_decodes():
-    sched, _, clock, _ = make_sched("deadline", budget=1024, max_step_stretch=1.5)
-    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
-    step(sched, clock, 0.01)
-    sched.add_request(rt_req("long", 2000, clock.now, "batch"))
-    # One decode: 11 ms; with prefill at most 16.5 ms, though the 50 ms slack would allow 390 tokens.
-    assert 54 <= dict(ids(step(sched, clock)))["long"] <= 55
 
 
 def test_exhausted_slack_gives_batch_work_nothing_until_it_starves():
@@ -338,10 +329,53 @@ def test_prefill_chunks_grow_at_most_twofold_beyond_what_the_model_has_measured(
 
 
 def test_beside_a_firm_stream_the_plan_follows_the_overrun_tail_further_down():
-    sched, _, _, _ = make_sched("deadline", step_slack_fraction=0.8)
+    sched, _, _, _ = make_sched("deadline")
     policy = sched.policy
-    policy.cost_model.overrun_ratio = 3.0  # measured steps run up to 3x their prediction
-    assert policy.plan_fraction() == 0.5  # soft streams: never below half the slack
-    assert policy.plan_fraction(firm=True) == pytest.approx(1 / 3)  # one overrun drops a firm stream
-    policy.cost_model.overrun_ratio = 10.0
-    assert policy.plan_fraction(firm=True) == 0.25
+    policy.cost_model.overrun_p99, policy.cost_model.overrun_ratio = 1.5, 3.0  # p99 and 10^-5 tail
+    assert policy.overrun(firm=False) == 1.5  # soft streams: one overrun is one late gap
+    assert policy.overrun(firm=True) == 3.0  # one overrun drops a firm stream
+    policy.cost_model.overrun_p99, policy.cost_model.overrun_ratio = 5.0, 10.0
+    assert policy.overrun(firm=False) == 2.0 and policy.overrun(firm=True) == 4.0  # never below a half / quarter
+
+
+def test_both_policies_return_a_step_plan_for_the_same_scenario():
+    """One interface: FCFS plans the whole token budget with no time bound; the deadline policy bounds
+    the step's prefill by time (50 ms ITL - the 11 ms decode step)."""
+    plans = {}
+    for policy in ("fcfs", "deadline"):
+        sched, _, clock, _ = make_sched(policy, budget=1024)
+        sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
+        step(sched, clock, 0.01)
+        sched.add_request(rt_req("long", 2000, clock.now, "batch"))
+        plans[policy] = sched.policy.plan_step(sched.running, sched.waiting, clock.now, 1024)
+    assert plans["fcfs"].prefill_token_budget == 1024 and plans["fcfs"].time_left_s is None
+    assert plans["deadline"].time_left_s == pytest.approx(0.050 - 0.011)
+    assert not plans["deadline"].rescue
+
+
+def _stream_and_prompt(rt_class, prompt_len):
+    sched, _, clock, _ = make_sched("deadline", budget=2048)
+    cfg = RTConfig()
+    sched.add_request(rt_req("stream", 8, clock.now, rt_class, max_tokens=500, config=cfg, itl_s=0.050))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("prompt", prompt_len, clock.now, ttft_s=0.5, first_token=5000))
+    return sched, clock
+
+
+def test_a_prompt_running_out_of_ttft_slack_stretches_the_step_beside_a_soft_stream_on_pace():
+    # 2,000 tokens at ITL-sized steps (390 tokens per 50 ms) take 0.26 s, over 40% of the 0.5 s TTFT:
+    # the step may stretch to a quarter of the TTFT budget (125 ms: (125 - 11) / 0.1 = 1,140 tokens),
+    # since the soft stream repays the longer gap within its pace horizon.
+    sched, clock = _stream_and_prompt("soft", 2000)
+    got = dict(ids(step(sched, clock, 0.125)))
+    assert got["stream"] == 1 and 1135 <= got["prompt"] <= 1140
+    # A short prompt makes its TTFT at ITL-sized steps: no stretch, the stream's gap stays in budget.
+    sched, clock = _stream_and_prompt("soft", 300)
+    plan = sched.policy.plan_step(sched.running, sched.waiting, clock.now, 2048)
+    assert not plan.rescue and plan.time_left_s == pytest.approx(0.039)
+
+
+def test_a_firm_stream_is_never_stretched_for_a_prompt():
+    sched, clock = _stream_and_prompt("firm", 2000)
+    got = dict(ids(step(sched, clock, 0.05)))
+    assert got["stream"] == 1 and 385 <= got["prompt"] <= 390  # (50 ms - 11 ms) / 0.1 ms
