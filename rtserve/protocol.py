@@ -145,6 +145,7 @@ class EngineStats:
     num_scheduled_tokens: int = 0
     queue: QueueSnapshot | None = None  # what admission control needs (real-time policy)
     spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
+    cost_model_source: str = "prior"  # the step-time model at start: "prior", "warmup" or "cache"
 
 
 @dataclass

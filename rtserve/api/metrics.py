@@ -131,6 +131,10 @@ class ServingMetrics:
         from rtserve.api.rt_metrics import render_cost_model
         lines += self.rt.render()
         lines += render_cost_model(self.model_name, stats.queue)
+        lines += render_scalar("gauge", "rtserve:step_cost_model_source",
+                               "Where the step-time model came from at start: prior, warmup (measured "
+                               "before ready) or cache (stored by an earlier start); 1 for the one in use.",
+                               [([*model, ("source", stats.cost_model_source)], 1)])
         return "\n".join(lines) + "\n"
 
 

@@ -48,11 +48,11 @@ class ThreadTransport:
     """The engine core on a background thread of this process (tests, embedding)."""
 
     def __init__(self, config: EngineConfig, make_core=None) -> None:
-        from rtserve.engine.core import EngineCore
         from rtserve.engine.core_loop import run_engine_loop
+        from rtserve.engine.startup import start_engine_core
         self._in: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue()
-        factory = make_core or (lambda: EngineCore.from_config(config))
+        factory = make_core or (lambda: start_engine_core(config))
         self._thread = threading.Thread(target=run_engine_loop, args=(factory, self._in, self._out),
                                         name="rtserve-engine-core", daemon=True)
         self._thread.start()

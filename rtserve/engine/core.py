@@ -47,6 +47,10 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         rt = config.rt
         self.cost_model = StepCostModel(rt.cost_prior_s, rt.cost_window, rt.cost_min_samples)
+        # "warmup" or "cache" once start-up calibrated the model, and where it keeps it between
+        # starts (rtserve/engine/startup.py); a core built directly starts from the prior.
+        self.cost_model_source = "prior"
+        self.cost_model_store = None
         self.policy = make_policy(rt, self.cost_model)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.policy)
         self.runner = ModelRunner(model_config, cache, num_blocks, weights, config.device, config.dtype)
@@ -134,6 +138,11 @@ class EngineCore:
             self.thread_governor.tick()
         return EngineCoreOutputs(outputs, now, self.stats())
 
+    def close(self) -> None:
+        """Clean shutdown: keep the cost model for the next start, where start-up gave it a store."""
+        if self.cost_model_store is not None:
+            self.cost_model_store.save_if_newer(self.cost_model)
+
     def _log_step(self, start: float, end: float, features) -> None:
         self._step_log.write(json.dumps({
             "t": round(start, 4), "measured_ms": round((end - start) * 1e3, 2),
@@ -141,7 +150,8 @@ class EngineCore:
             "decodes": features.num_decodes, "prefill_tokens": features.num_prefill_tokens,
             "context_tokens": features.num_context_tokens, "prefill_pairs": features.num_prefill_pairs,
             "prefill_seqs": features.num_prefill_seqs, "threads": torch.get_num_threads(),
-            "overrun_ratio": round(self.cost_model.overrun_ratio, 3)}) + "\n")
+            "overrun_ratio": round(self.cost_model.overrun_ratio, 3),
+            "calibrated": self.cost_model.is_calibrated}) + "\n")
 
     def _forget_finished(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
         """Release what the speculator keeps for finished requests (a draft model's KV, estimates)."""
@@ -158,7 +168,7 @@ class EngineCore:
             num_total_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits, num_preemptions=self.scheduler.num_preemptions,
             step_time_s=self._last_step_s, num_scheduled_tokens=self._last_num_tokens,
-            queue=self.queue_snapshot(),
+            queue=self.queue_snapshot(), cost_model_source=self.cost_model_source,
             spec_decode=None if self.speculator is None else self.speculator.stats())
 
     def queue_snapshot(self) -> QueueSnapshot:

@@ -23,7 +23,7 @@ logger = logging.getLogger("rtserve.engine")
 
 def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
                     is_orphaned: Callable[[], bool] = lambda: False) -> None:
-    """Build the core, announce readiness, then serve until EngineCoreShutdown."""
+    """Build the core, announce readiness, then serve until EngineCoreShutdown (then `core.close()`)."""
     try:
         core = make_core()
     except Exception as exc:  # noqa: BLE001 - reported to the client, which fails loudly
@@ -34,11 +34,16 @@ def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
     out_q.put(EngineCoreReady(vocab_size=mc.vocab_size, max_model_len=core.max_model_len,
                               num_kv_blocks=core.kv.pool.num_blocks, block_size=core.kv.block_size,
                               eos_token_ids=tuple(mc.eos_token_ids)))
+    # The stats before any step: the client's admission control then predicts the first request
+    # with the cost model start-up calibrated, not with none.
+    out_q.put(EngineCoreOutputs([], time.monotonic(), core.stats()))
     try:
         _serve(core, in_q, out_q, is_orphaned)
     except BaseException:  # noqa: BLE001 - whatever kills the loop is reported, never silent
         logger.exception("engine core loop died")
         out_q.put(EngineCoreFailed("engine core loop died: " + traceback.format_exc(limit=3)))
+    else:
+        core.close()
 
 
 _STALLED_POLL_S = 0.01  # every unfinished request is paused (slow readers): poll, don't spin
@@ -121,5 +126,6 @@ def run_engine_process(config, in_q: Any, out_q: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
-    run_engine_loop(lambda: EngineCore.from_config(config), in_q, out_q,
+    from rtserve.engine.startup import start_engine_core
+    run_engine_loop(lambda: start_engine_core(config), in_q, out_q,
                     is_orphaned=lambda: os.getppid() != parent_pid)

@@ -149,9 +149,10 @@ class StepCostModel:
             self.overrun_ratio, self.overrun_p99 = self._overrun_ratios()
 
     def to_json(self) -> dict:
-        """The model as plain JSON values: its coefficients, overrun ratio and error averages, and the
-        window's samples, each [num_decodes, num_prefill_tokens, num_context_tokens,
-        num_prefill_pairs, num_prefill_seqs, measured seconds]."""
+        """The model as plain JSON values: the window's samples, each [num_decodes,
+        num_prefill_tokens, num_context_tokens, num_prefill_pairs, num_prefill_seqs, measured
+        seconds], and the error averages; the coefficients and overrun ratio are there for reading
+        (`load_json` refits them from the samples)."""
         return {"coeffs": list(self.theta), "overrun_ratio": self.overrun_ratio,
                 "mean_abs_error_s": self.mean_abs_error_s, "mean_rel_error": self.mean_rel_error,
                 "samples": [[int(x[1]), int(x[2]), round(x[3] * 1000), round(x[4] * 1e6), int(x[5]), y]

@@ -7,8 +7,9 @@ its request paused, then aborted (the engine's gauges return to idle while the s
 the server's memory flat; the final chunk's `rt` object, Server-Timing, and per-class metrics. Firm
 streams here get loose ITL budgets: on a shared CPU a 50 ms one may drop them for their ITL first.
 
-The cost model's calibration is pushed out of reach (`--rt-cost-min-samples`) so that firm admission
-never predicts here (unit-tested in tests/unit/test_rt_admission.py) and the expiry path is reachable.
+The cost model's calibration is pushed out of reach (`--rt-cost-min-samples`; no warm-up steps at start,
+`--no-rt-calibrate`) so that firm admission never predicts here (unit-tested in
+tests/unit/test_rt_admission.py) and the expiry path is reachable.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ LONG = {"messages": [{"role": "user", "content": "Count from one to one thousand
 def server():
     with ServerProcess("--policy", "deadline", "--max-num-seqs", "1", "--max-num-waiting", "2",
                        "--rt-cost-min-samples", "1000000000", "--max-buffered-outputs", "4",
-                       "--slow-reader-timeout-s", "2", "--num-threads", "1", "--max-logprobs", "200") as s:
+                       "--slow-reader-timeout-s", "2", "--num-threads", "1", "--max-logprobs", "200",
+                       "--no-rt-calibrate") as s:
         s.model = httpx.get(s.url + "/v1/models").json()["data"][0]["id"]
         yield s
 
