@@ -117,7 +117,7 @@ class RTConfig:
     batch_max_wait_s: float = 30.0    # a batch request waits at most this long behind deadline work
     min_prefill_chunk: int = 8        # prefill tokens per step even when ITL slack is exhausted
     step_slack_fraction: float = 0.8  # steps end within this share of the tightest slack, at most
-    rescue_step_fraction: float = 0.25  # a step stretched to save a TTFT lasts at most this share of it
+    rescue_step_fraction: float = 0.6  # a step stretched to save a TTFT lasts at most this share of it
     background_slot_share: float = 0.5  # late and batch work joins only below this share of the ITL cap
     min_running: int = 8              # the ITL-based running-set cap never goes below this
     # A firm token must reach the client within its budget, not just be sampled within it: its

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "when measured steps overrun their prediction (0.8)")
     rt.add_argument("--rt-rescue-step-fraction", type=float, default=None,
                     help="a step stretched past soft streams' ITL to save a prompt's TTFT lasts at most this "
-                         "share of the interactive TTFT budget (0.25; 0 never stretches)")
+                         "share of the interactive TTFT budget (0.6; 0 never stretches)")
     rt.add_argument("--rt-background-slot-share", type=float, default=None,
                     help="late and batch work joins the running set only below this share of its ITL cap (0.5)")
     rt.add_argument("--rt-min-running", type=int, default=None,

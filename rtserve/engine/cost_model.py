@@ -46,6 +46,8 @@ _OVERRUN_MIN_SAMPLES = 32
 _TRUST_MIN_TOKENS = 64  # prefill tokens a step may take before larger steps have been measured
 _OVERRUN_PRIOR = 1.5
 _OVERRUN_P99_PRIOR = 1.2
+_KEPT_SAMPLES = 32     # large prefill steps kept beside the window ...
+_KEPT_MIN_TOKENS = 64  # ... of at least this many prefill tokens
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class StepCostModel:
         self.overrun_p99 = _OVERRUN_P99_PRIOR  # ... and once in 100 steps
         self._xs: deque[list[float]] = deque(maxlen=window)
         self._ys: deque[float] = deque(maxlen=window)
+        # Large prefill steps that left the window: the fit and the trust region keep them, so that
+        # steps planned small for a while (ITL-sized chunks) do not forget what a large one costs.
+        self._kept: deque[tuple[list[float], float]] = deque(maxlen=_KEPT_SAMPLES)
         self._fitted = False  # coefficients from measurements: predictions need their range
         self._given = False   # coefficients given (`from_coeffs`)
 
@@ -120,13 +125,14 @@ class StepCostModel:
 
     @property
     def trusted_prefill_tokens(self) -> int:
-        """The most prefill tokens a planned step should hold: twice the most the window has measured
-        (at least 64). A fit extrapolates badly: with only 8-token chunks in its window, a real run's
+        """The most prefill tokens a planned step should hold: twice the most the window (or the large
+        steps kept beside it) has measured (at least 64). A fit extrapolates badly: with only 8-token chunks in its window, a real run's
         model predicted a 512-token chunk at 20 ms, and it took 295 ms; growing the chunks at most 2x
         per measurement keeps every prediction near measured ground."""
         if self._given and self.is_calibrated and not self._fitted:
             return 1 << 30  # given coefficients (a snapshot's copy, a test's fake model) are trusted
-        return max(2 * int(max((x[2] for x in self._xs), default=0)), _TRUST_MIN_TOKENS)  # x[2]: prefill tokens
+        largest = max((x[2] for x in (*self._xs, *(k[0] for k in self._kept))), default=0)  # x[2]: prefill tokens
+        return max(2 * int(largest), _TRUST_MIN_TOKENS)
 
     def prefill_attention_s(self, num_pairs: int) -> float:
         """The prefill-attention part of a prediction: `num_pairs` query-key pairs, however chunked."""
@@ -140,6 +146,8 @@ class StepCostModel:
             err = abs(measured_s - self.predict_s(f))
             self.mean_abs_error_s += _ERR_ALPHA * (err - self.mean_abs_error_s)
             self.mean_rel_error += _ERR_ALPHA * (err / max(measured_s, 1e-6) - self.mean_rel_error)
+        if len(self._xs) == self._xs.maxlen and self._xs[0][2] >= _KEPT_MIN_TOKENS:
+            self._kept.append((self._xs[0], self._ys[0]))  # about to leave the window: keep its range
         self._xs.append(f.vector())
         self._ys.append(measured_s)
         self.num_samples += 1
@@ -156,7 +164,7 @@ class StepCostModel:
         return {"coeffs": list(self.theta), "overrun_ratio": self.overrun_ratio,
                 "mean_abs_error_s": self.mean_abs_error_s, "mean_rel_error": self.mean_rel_error,
                 "samples": [[int(x[1]), int(x[2]), round(x[3] * 1000), round(x[4] * 1e6), int(x[5]), y]
-                            for x, y in zip(self._xs, self._ys)]}
+                            for x, y in (*self._kept, *zip(self._xs, self._ys))]}
 
     def load_json(self, state: dict) -> None:
         """Forget everything measured, then observe `to_json`'s samples again, so that the
@@ -179,12 +187,13 @@ class StepCostModel:
             self.mean_abs_error_s, self.mean_rel_error = (float(e) for e in errors)
 
     def _fit(self) -> list[float]:
-        """Fit, then refit without outliers (stalls: residual above 3 median absolute residuals)."""
-        y = np.array(self._ys, dtype=np.float64)  # [n]
+        """Fit the window and the kept large steps, then refit without outliers (stalls: residual above
+        3 median absolute residuals)."""
+        y = np.array([*(k[1] for k in self._kept), *self._ys], dtype=np.float64)  # [n]
         # Relative errors are what plans need (a 10 ms decode step mispredicted by 5 ms matters more
         # than a 300 ms prefill step by 20 ms): each step is weighted by 1 / its time.
         w = 1.0 / np.maximum(y, 1e-3)
-        x = np.array(self._xs, dtype=np.float64) * w[:, None]  # [n, NUM_FEATURES]
+        x = np.array([*(k[0] for k in self._kept), *self._xs], dtype=np.float64) * w[:, None]  # [n, NUM_FEATURES]
         y = y * w
         theta = self._solve(x, y)
         if len(y) >= 16:

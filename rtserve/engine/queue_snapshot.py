@@ -33,6 +33,11 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
     num_context = sum(r.num_computed_tokens for r in running)
     step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context))
+    plan = policy.plan_step(running, sched.waiting, now, budget)
+    if plan.time_left_s is not None and num_prefill > 0:  # the next step's own plan, as it will run
+        planned_s = cost_model.predict_s(StepFeatures(num_decodes, 0, num_context)) + min(
+            plan.time_left_s, cost_model.prefill_chunk_s(min(num_prefill, budget - num_decodes)))
+        step_s = max(step_s, planned_s)
 
     def ahead(requests) -> list[tuple[tuple[int, float], int]]:
         return [(policy.order_key(r, now), r.num_remaining_prefill_tokens + 1) for r in requests

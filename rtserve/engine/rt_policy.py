@@ -229,7 +229,7 @@ class DeadlinePolicy:
         if req.sampling_params.max_tokens is not None:
             horizon = max(min(horizon, req.sampling_params.max_tokens - req.num_output_tokens - 1), 0)
         pace_due = (req.first_token_time + (req.num_output_tokens + horizon) * itl_s
-                    - horizon * min(step_s * self.overrun(False), itl_s))
+                    - horizon * min(step_s, itl_s))
         return max(gap_s, (pace_due - now - self.config.firm_delivery_margin_s) / self.overrun(False))
 
     def plan_step(self, running: list[Request], waiting: Iterable[Request], now: float,
@@ -244,7 +244,7 @@ class DeadlinePolicy:
         decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
         streams = _streams(decodes)
         decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, _num_context(active)))
-        step_s = self._step_budget_s(streams)
+        step_s = self._step_budget_s(streams, any(r.is_firm for r in (*active, *waiting)))
         if step_s is None:
             return StepPlan(token_budget, fixed_chunk=fixed)
         if streams:
@@ -258,13 +258,18 @@ class DeadlinePolicy:
         return StepPlan(token_budget, step_s - decode_step_s, trust, self.config.min_prefill_chunk,
                         background, fixed, self.cost_model, rescue)
 
-    def _step_budget_s(self, streams: list[Request]) -> float | None:
-        """A step's length with no stream to pace it: the interactive classes' ITL budget (a request
-        arriving meanwhile waits for the step in flight); None when no class has one."""
+    def _step_budget_s(self, streams: list[Request], firm_queued: bool) -> float | None:
+        """A step's length with no stream to pace it: what a request arriving meanwhile can afford to
+        wait for the step in flight, the longest TTFT rescue step (at least the interactive classes'
+        ITL budget; only that while a firm request is queued, its admission predicted ITL-sized
+        steps); None when no class has a budget."""
         if streams:
             return 0.0
         budgets = [b for b in (self.config.firm.itl_s, self.config.soft.itl_s) if b is not None]
-        return min(budgets) / self.overrun(False) if budgets else None
+        if not budgets:
+            return None
+        itl_step_s = min(budgets) / self.overrun(False)
+        return itl_step_s if firm_queued else max(itl_step_s, self._rescue_step_s())
 
     def _rescue_step_s(self) -> float:
         """The longest step a TTFT rescue may plan: a share of the interactive TTFT budget, so that a
@@ -365,7 +370,10 @@ class DeadlinePolicy:
         num_context = sum(r.num_tokens for r in active) + (req.num_tokens if req is not None else 0)
         firm = req is None or req.is_firm or any(r.is_firm for r in active)
         step_s = (min(itls) - self.config.firm_delivery_margin_s) / self.overrun(firm)
-        cap = self.cost_model.max_decodes(step_s, self.config.min_prefill_chunk, num_context)
+        # Beside a firm stream every step must leave room for a minimum prefill chunk (its gaps are
+        # deadlines); soft streams are paced (module doc), so a step of decodes alone must fit.
+        chunk = self.config.min_prefill_chunk if firm else 0
+        cap = self.cost_model.max_decodes(step_s, chunk, num_context)
         # Never below `min_running`: in a real run on a contended host the linear model's fit drove
         # the cap to 0 and serialized the streams (soft TTFT p99 30 s at 0.75 req/s).
         return None if cap is None else max(cap, self.config.min_running)

@@ -164,11 +164,16 @@ def test_trusted_prefill_tokens_grow_only_from_measured_steps():
     for _ in range(8):
         model.observe(StepFeatures(2, 8), 0.020)
     assert model.trusted_prefill_tokens == 64  # only 8-token chunks measured: at least 64 allowed
-    model.observe(StepFeatures(2, 100), 0.030)
-    assert model.trusted_prefill_tokens == 200
-    for _ in range(16):  # the 100-token step leaves the window
+    model.observe(StepFeatures(2, 40), 0.024)
+    assert model.trusted_prefill_tokens == 80
+    for _ in range(16):  # the 40-token step leaves the window
         model.observe(StepFeatures(2, 0), 0.010)
     assert model.trusted_prefill_tokens == 64
+    model.observe(StepFeatures(2, 100), 0.030)
+    assert model.trusted_prefill_tokens == 200
+    for _ in range(16):  # a large step (>= 64 tokens) leaving the window is kept beside it
+        model.observe(StepFeatures(2, 0), 0.010)
+    assert model.trusted_prefill_tokens == 200
 
 
 def test_a_fresh_model_trusts_only_small_steps_until_fitted():

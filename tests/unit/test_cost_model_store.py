@@ -91,9 +91,11 @@ def test_save_if_newer_keeps_the_prefill_range(tmp_path):
     model = measured_model()
     store.save(model)
     assert not store.save_if_newer(model)  # nothing measured since
-    for _ in range(256):  # the window now holds decode steps only: its trusted prefill range shrank
+    for _ in range(256):  # the window now holds decode steps only: the large steps are kept beside it
         model.observe(StepFeatures(4, 0, 400), 0.01)
-    assert model.trusted_prefill_tokens == 64 and not store.save_if_newer(model)
+    range_before = model.trusted_prefill_tokens
+    model._kept.clear()  # as if they had been pushed out: the trusted prefill range shrank
+    assert model.trusted_prefill_tokens == 64 < range_before and not store.save_if_newer(model)
     model.observe(StepFeatures(0, 512, 512, prefill_pairs(512)), 0.5)
     assert store.save_if_newer(model)
 

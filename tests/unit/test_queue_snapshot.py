@@ -8,7 +8,8 @@ from tests.unit.rt_helpers import FAKE_COEFFS, make_sched, rt_req, step
 
 
 def test_keys_tiers_and_the_starving_batch_share():
-    sched, kv, clock, _ = make_sched("deadline", budget=512, max_seqs=1, min_prefill_chunk=16)
+    sched, kv, clock, _ = make_sched("deadline", budget=512, max_seqs=1, min_prefill_chunk=16,
+                                     rescue_step_fraction=0.0)  # 50 ms steps with no stream running
     sched.add_request(rt_req("starving", 2000, clock.now - 40.0, "batch"))
     sched.add_request(rt_req("young", 2000, clock.now - 1.0, "batch", first_token=3000))
     sched.add_request(rt_req("late", 50, clock.now - 2.0, ttft_s=0.5, first_token=6000))

@@ -204,13 +204,18 @@ def test_a_waiting_on_time_prompt_takes_the_prefill_budget_before_a_running_batc
     assert ids(step(fcfs, clock2, 0.01)) == [("batch", 512)]
 
 
-def test_steps_are_bounded_by_the_interactive_itl_budget_even_with_no_stream_running():
-    sched, _, clock, _ = make_sched("deadline", budget=1024)
-    sched.add_request(rt_req("batch", 2000, clock.now, "batch"))
-    assert ids(sched.schedule()) == [("batch", 400)]  # (50 ms - 10 ms) / 0.1 ms
-    fcfs, _, clock2, _ = make_sched("fcfs", budget=1024)
+def test_steps_are_bounded_with_no_stream_running_by_what_an_arrival_can_wait():
+    # The longest rescue step (0.6 of the interactive TTFT budget, 300 ms: (300 - 10 ms) / 0.1 ms), at
+    # least the ITL budget.
+    sched, _, clock, _ = make_sched("deadline", budget=4096)
+    sched.add_request(rt_req("batch", 4000, clock.now, "batch"))
+    assert ids(sched.schedule()) in ([("batch", 2899)], [("batch", 2900)])  # rounding at the boundary
+    itl_only, _, clock3, _ = make_sched("deadline", budget=2048, rescue_step_fraction=0.0)
+    itl_only.add_request(rt_req("batch", 2000, clock3.now, "batch"))
+    assert ids(itl_only.schedule()) == [("batch", 400)]  # (50 ms - 10 ms) / 0.1 ms
+    fcfs, _, clock2, _ = make_sched("fcfs", budget=2048)
     fcfs.add_request(rt_req("batch", 2000, clock2.now, "batch"))
-    assert ids(fcfs.schedule()) == [("batch", 1024)]
+    assert ids(fcfs.schedule()) == [("batch", 2000)]
 
 
 def test_steps_leave_room_for_the_cost_models_observed_overruns():
@@ -226,14 +231,15 @@ def test_steps_leave_room_for_the_cost_models_observed_overruns():
 
 
 def test_the_running_set_is_capped_so_that_a_step_of_decodes_fits_the_itl_budget():
-    # 20 ms ITL budget: 10 ms per step + 8 minimum prefill tokens (0.8 ms) leave room for 9 decodes.
+    # 20 ms ITL budget, 10 ms per step: soft streams are paced, so a step of decodes alone must fit
+    # (10 decodes); beside a firm stream a minimum prefill chunk (8 tokens, 0.8 ms) must fit too (9).
     tight = RTClassDefaults(0.5, 0.020, None)
     sched, _, clock, _ = make_sched("deadline", budget=512, max_seqs=64, soft=tight, firm=tight)
     for i in range(12):
         sched.add_request(rt_req(f"s{i}", 8, clock.now, itl_s=0.020))
     step(sched, clock, 0.005)
-    assert len(sched.running) == 9 and len(sched.waiting) == 3
-    assert sched.policy.max_num_running(sched.running) == 9
+    assert len(sched.running) == 10 and len(sched.waiting) == 2
+    assert sched.policy.max_num_running(sched.running) == 9  # what a firm arrival would find
     fcfs, _, clock2, _ = make_sched("fcfs", budget=512, max_seqs=64)
     for i in range(12):
         fcfs.add_request(rt_req(f"s{i}", 8, clock2.now, itl_s=0.020))
@@ -247,14 +253,15 @@ def test_batch_joins_only_below_its_share_of_the_cap_but_never_finds_an_empty_en
     for i in range(6):
         sched.add_request(rt_req(f"b{i}", 8, clock.now, "batch"))
     step(sched, clock, 0.005)
-    assert [r.request_id for r in sched.running] == ["b0", "b1", "b2", "b3"]  # int(9 * 0.5)
+    assert [r.request_id for r in sched.running] == ["b0", "b1", "b2", "b3", "b4"]  # int(10 * 0.5)
     alone, _, clock2, _ = make_sched("deadline", background_slot_share=0.0)
     alone.add_request(rt_req("b", 8, clock2.now, "batch"))
     assert ids(alone.schedule()) == [("b", 8)]
 
 
 def test_the_oldest_starving_batch_request_goes_first_with_a_small_share_of_each_step():
-    sched, _, clock, _ = make_sched("deadline", budget=512, batch_max_wait_s=30.0, min_prefill_chunk=16)
+    sched, _, clock, _ = make_sched("deadline", budget=512, batch_max_wait_s=30.0, min_prefill_chunk=16,
+                                    rescue_step_fraction=0.0)  # 50 ms steps with no stream running
     sched.add_request(rt_req("young-batch", 2000, clock.now - 31.0, "batch"))
     sched.add_request(rt_req("old-batch", 2000, clock.now - 40.0, "batch"))
     sched.add_request(rt_req("soft", 100, clock.now, ttft_s=0.5))
@@ -285,7 +292,7 @@ def test_exhausted_slack_gives_batch_work_nothing_until_it_starves():
 
 def test_each_chunk_is_sized_by_its_own_position():
     # Prefill attention costs 1 s per million query-key pairs: a chunk deep in a long prompt is dear.
-    sched, _, clock, _ = make_sched("deadline", budget=2048)
+    sched, _, clock, _ = make_sched("deadline", budget=2048, rescue_step_fraction=0.0)  # 50 ms steps
     sched.policy.cost_model.theta = list(FAKE_COEFFS) + [1.0, 0.0]
     sched.add_request(rt_req("long", 3000, clock.now, max_tokens=1))
     while sched.requests["long"].num_computed_tokens < 1900:
@@ -353,8 +360,8 @@ def test_both_policies_return_a_step_plan_for_the_same_scenario():
     assert not plans["deadline"].rescue
 
 
-def _stream_and_prompt(rt_class, prompt_len):
-    sched, _, clock, _ = make_sched("deadline", budget=2048)
+def _stream_and_prompt(rt_class, prompt_len, **rt_kw):
+    sched, _, clock, _ = make_sched("deadline", budget=2048, **rt_kw)
     cfg = RTConfig()
     sched.add_request(rt_req("stream", 8, clock.now, rt_class, max_tokens=500, config=cfg, itl_s=0.050))
     step(sched, clock, 0.01)
@@ -364,9 +371,9 @@ def _stream_and_prompt(rt_class, prompt_len):
 
 def test_a_prompt_running_out_of_ttft_slack_stretches_the_step_beside_a_soft_stream_on_pace():
     # 2,000 tokens at ITL-sized steps (390 tokens per 50 ms) take 0.26 s, over 40% of the 0.5 s TTFT:
-    # the step may stretch to a quarter of the TTFT budget (125 ms: (125 - 11) / 0.1 = 1,140 tokens),
-    # since the soft stream repays the longer gap within its pace horizon.
-    sched, clock = _stream_and_prompt("soft", 2000)
+    # the step may stretch (here to a quarter of the TTFT budget, 125 ms: (125 - 11) / 0.1 = 1,140
+    # tokens), since the soft stream repays the longer gap within its pace horizon.
+    sched, clock = _stream_and_prompt("soft", 2000, rescue_step_fraction=0.25)
     got = dict(ids(step(sched, clock, 0.125)))
     assert got["stream"] == 1 and 1135 <= got["prompt"] <= 1140
     # A short prompt makes its TTFT at ITL-sized steps: no stretch, the stream's gap stays in budget.
