@@ -35,6 +35,9 @@ one interface, chosen by `RTConfig.policy`:
   So the step may stretch to the soft streams' pace deadlines (never past a firm stream's ITL
   deadline, never beyond `rescue_step_fraction` of the interactive TTFT budget, so an arrival does
   not wait long for the step in flight); the stretched gaps are reported as ITL misses all the same.
+  Beside soft streams a prefill chunk must also be worth its fixed cost (`_efficient_chunk_tokens`:
+  on the CPU path a chunk beside decodes costs ~11 ms besides its tokens): the step stretches within
+  the streams' pace to hold one such chunk, or runs the decodes alone and banks pace for it.
   A request joins the running set only while a step with one more decode still fits the ITL budget
   (`can_admit`); late and batch work only below `background_slot_share` of that. A waiting on-time
   firm request that finds no slot or blocks may preempt batch work, then soft work with the most slack
@@ -80,6 +83,7 @@ class StepPlan:
     fixed_chunk: dict[str, int] = field(default_factory=dict)
     cost_model: StepCostModel | None = None
     rescue: bool = False  # stretched to the soft streams' pace to save a TTFT (module doc)
+    min_efficient_chunk: int = 0  # smaller chunks (but a prompt's last) are not worth their fixed cost
     _placed_chunk: bool = False
 
     def max_chunk_tokens(self, req: Request) -> int | None:
@@ -90,6 +94,8 @@ class StepPlan:
         if self.time_left_s is None or req.request_id in self.fixed_chunk:
             return num_tokens
         fit = min(self.cost_model.max_chunk_tokens(self.time_left_s, start), max(self.trust_left, 0))
+        if fit < min(self.min_efficient_chunk, num_tokens):
+            fit = 0  # a chunk whose fixed cost outweighs its tokens waits for a step with room
         if fit < self.min_chunk and not self._placed_chunk and req.request_id not in self.no_min_chunk_ids:
             fit = self.min_chunk
         return min(num_tokens, fit)
@@ -255,8 +261,30 @@ class DeadlinePolicy:
         rescue, step_s = stretched_s > step_s, stretched_s
         background = frozenset(r.request_id for r in (*active, *waiting)
                                if streams and self.order_key(r, now)[0] == BACKGROUND)
-        return StepPlan(token_budget, step_s - decode_step_s, trust, self.config.min_prefill_chunk,
-                        background, fixed, self.cost_model, rescue)
+        # Beside soft streams only, a chunk must be worth its fixed cost, and the step stretches to
+        # hold one such chunk when the streams' pace allows; otherwise a decode-only step banks pace
+        # for it. Beside firm work (every gap a deadline; a firm prompt admitted on a prediction of
+        # ITL-sized steps) prefill progresses by the minimum chunk.
+        min_chunk, efficient = self.config.min_prefill_chunk, 0
+        if streams and not any(r.is_firm for r in (*active, *waiting)):
+            efficient = self._efficient_chunk_tokens()
+        if efficient > 0:
+            min_chunk = 0
+            efficient_s = decode_step_s + self.cost_model.prefill_chunk_s(efficient)
+            if step_s < efficient_s <= pace_s and _has_prompt(active, waiting):
+                step_s = efficient_s
+        return StepPlan(token_budget, step_s - decode_step_s, trust, min_chunk,
+                        background, fixed, self.cost_model, rescue, min_efficient_chunk=efficient)
+
+    def _efficient_chunk_tokens(self) -> int:
+        """The fewest prefill tokens whose cost is `_EFFICIENT_CHUNK_FACTOR` times a chunk's fixed
+        cost (its own attention call and gather per layer, the mixed step's path): on the 2-core CPU
+        path a chunk beside decodes costs about 11 ms besides its tokens, so 8-token chunks in every
+        ITL-sized step spent most of each step on overhead and fell behind the arriving prompts."""
+        fixed_s, per_token_s = self.cost_model.coeffs[5], self.cost_model.coeffs[2]
+        if fixed_s <= 0:
+            return 0
+        return int(math.ceil(_EFFICIENT_CHUNK_FACTOR * fixed_s / per_token_s)) if per_token_s > 0 else 1 << 30
 
     def _step_budget_s(self, streams: list[Request], firm_queued: bool) -> float | None:
         """A step's length with no stream to pace it: what a request arriving meanwhile can afford to
@@ -428,6 +456,7 @@ UNCALIBRATED_PREFILL_TOKENS = 64  # a fresh server's 512-token prefill steps too
 # A prompt is running out of TTFT slack when the prefill ahead of it, at ITL-sized steps, would take
 # more than this share of it: predictions are of typical steps, and more prompts may arrive before it.
 RESCUE_SLACK_SHARE = 0.4
+_EFFICIENT_CHUNK_FACTOR = 4  # a chunk's tokens cost at least 4x its fixed cost (overhead <= 20 %)
 PACE_HORIZON_TOKENS = 16  # a soft stream's longer gap must be repaid within this many tokens
 # A noisy host's overrun tail must not shrink every plan to nothing: margins are capped at these.
 _MAX_OVERRUN = 2.0
@@ -437,6 +466,11 @@ _MAX_FIRM_OVERRUN = 4.0
 def _streams(decodes: Iterable[Request]) -> list[Request]:
     """Decoding requests that have sent a token and have an ITL budget (a next-token deadline)."""
     return [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+
+
+def _has_prompt(active: list[Request], waiting: list[Request]) -> bool:
+    """Whether some request still needs prefill."""
+    return any(r.num_remaining_prefill_tokens > 0 for r in (*active, *waiting))
 
 
 def _num_context(requests: Iterable[Request]) -> int:

@@ -386,3 +386,30 @@ def test_a_firm_stream_is_never_stretched_for_a_prompt():
     sched, clock = _stream_and_prompt("firm", 2000)
     got = dict(ids(step(sched, clock, 0.05)))
     assert got["stream"] == 1 and 385 <= got["prompt"] <= 390  # (50 ms - 11 ms) / 0.1 ms
+
+
+def _with_chunk_cost(rt_class):
+    """A soft or firm 20 ms stream beside a 1,000-token prompt with a lax TTFT (no rescue), on a model
+    where a chunk costs 5 ms besides its tokens: an efficient chunk is 4 x 5 ms / 0.1 ms = 200 tokens."""
+    sched, _, clock, _ = make_sched("deadline", budget=2048)
+    sched.policy.cost_model.theta = list(FAKE_COEFFS) + [0.0, 0.005]
+    sched.add_request(rt_req("stream", 8, clock.now, rt_class, max_tokens=500, itl_s=0.020))
+    step(sched, clock, 0.011)
+    sched.add_request(rt_req("prompt", 1000, clock.now, ttft_s=10.0, first_token=5000))
+    return sched, clock
+
+
+def test_beside_soft_streams_a_prefill_chunk_is_worth_its_fixed_cost_or_waits():
+    # The 20 ms gap leaves 9 ms: 40 tokens, mostly overhead. The stream is ahead of its pace, so
+    # the step stretches to hold one efficient chunk (11 + 5 + 20 ms).
+    sched, clock = _with_chunk_cost("soft")
+    assert sched.policy._efficient_chunk_tokens() == 200
+    got = dict(ids(step(sched, clock, 0.036)))
+    assert got == {"stream": 1, "prompt": 200}
+    # A stream with no pace left: the decodes run alone (no 8-token chunk), banking pace.
+    sched, clock = _with_chunk_cost("soft")
+    sched.requests["stream"].first_token_time = clock.now - 1.0
+    assert ids(step(sched, clock, 0.011)) == [("stream", 1)]
+    # Beside a firm stream every gap is a deadline: what fits the gap ((20 - 11 - 5 ms) / 0.1 ms).
+    sched, clock = _with_chunk_cost("firm")
+    assert 39 <= dict(ids(step(sched, clock, 0.020)))["prompt"] <= 40
