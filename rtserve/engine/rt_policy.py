@@ -35,7 +35,7 @@ one interface, chosen by `RTConfig.policy`:
   So the step may stretch to the soft streams' pace deadlines (never past a firm stream's ITL
   deadline, never beyond `rescue_step_fraction` of the interactive TTFT budget, so an arrival does
   not wait long for the step in flight); the stretched gaps are reported as ITL misses all the same.
-  Beside soft streams a prefill chunk must also be worth its fixed cost (`_efficient_chunk_tokens`:
+  Beside soft streams a prefill chunk must also be worth its fixed cost (`_chunk_overhead_s`:
   on the CPU path a chunk beside decodes costs ~11 ms besides its tokens): the step stretches within
   the streams' pace to hold one such chunk, or runs the decodes alone and banks pace for it.
   A request joins the running set only while a step with one more decode still fits the ITL budget
@@ -83,7 +83,9 @@ class StepPlan:
     fixed_chunk: dict[str, int] = field(default_factory=dict)
     cost_model: StepCostModel | None = None
     rescue: bool = False  # stretched to the soft streams' pace to save a TTFT (module doc)
-    min_efficient_chunk: int = 0  # smaller chunks (but a prompt's last) are not worth their fixed cost
+    # A chunk whose tokens cost less than this (and is not its prompt's last) is not worth the fixed
+    # cost of a chunk: it waits for a step with more room.
+    min_chunk_work_s: float = 0.0
     _placed_chunk: bool = False
 
     def max_chunk_tokens(self, req: Request) -> int | None:
@@ -94,7 +96,8 @@ class StepPlan:
         if self.time_left_s is None or req.request_id in self.fixed_chunk:
             return num_tokens
         fit = min(self.cost_model.max_chunk_tokens(self.time_left_s, start), max(self.trust_left, 0))
-        if fit < min(self.min_efficient_chunk, num_tokens):
+        if 0 < fit < num_tokens and self.min_chunk_work_s > 0 and (
+                self.cost_model.prefill_chunk_s(fit, start) - self.cost_model.coeffs[5] < self.min_chunk_work_s):
             fit = 0  # a chunk whose fixed cost outweighs its tokens waits for a step with room
         if fit < self.min_chunk and not self._placed_chunk and req.request_id not in self.no_min_chunk_ids:
             fit = self.min_chunk
@@ -265,26 +268,22 @@ class DeadlinePolicy:
         # hold one such chunk when the streams' pace allows; otherwise a decode-only step banks pace
         # for it. Beside firm work (every gap a deadline; a firm prompt admitted on a prediction of
         # ITL-sized steps) prefill progresses by the minimum chunk.
-        min_chunk, efficient = self.config.min_prefill_chunk, 0
+        min_chunk, min_work_s = self.config.min_prefill_chunk, 0.0
         if streams and not any(r.is_firm for r in (*active, *waiting)):
-            efficient = self._efficient_chunk_tokens()
-        if efficient > 0:
+            min_work_s = _EFFICIENT_CHUNK_FACTOR * self._chunk_overhead_s()
+        if min_work_s > 0:
             min_chunk = 0
-            efficient_s = decode_step_s + self.cost_model.prefill_chunk_s(efficient)
+            efficient_s = decode_step_s + self._chunk_overhead_s() + min_work_s
             if step_s < efficient_s <= pace_s and _has_prompt(active, waiting):
                 step_s = efficient_s
         return StepPlan(token_budget, step_s - decode_step_s, trust, min_chunk,
-                        background, fixed, self.cost_model, rescue, min_efficient_chunk=efficient)
+                        background, fixed, self.cost_model, rescue, min_chunk_work_s=min_work_s)
 
-    def _efficient_chunk_tokens(self) -> int:
-        """The fewest prefill tokens whose cost is `_EFFICIENT_CHUNK_FACTOR` times a chunk's fixed
-        cost (its own attention call and gather per layer, the mixed step's path): on the 2-core CPU
-        path a chunk beside decodes costs about 11 ms besides its tokens, so 8-token chunks in every
+    def _chunk_overhead_s(self) -> float:
+        """What a prefill chunk costs besides its tokens (its own attention call and gather per layer,
+        the mixed step's path): on the 2-core CPU path about 11 ms, so 8-token chunks in every
         ITL-sized step spent most of each step on overhead and fell behind the arriving prompts."""
-        fixed_s, per_token_s = self.cost_model.coeffs[5], self.cost_model.coeffs[2]
-        if fixed_s <= 0:
-            return 0
-        return int(math.ceil(_EFFICIENT_CHUNK_FACTOR * fixed_s / per_token_s)) if per_token_s > 0 else 1 << 30
+        return max(self.cost_model.coeffs[5], 0.0)
 
     def _step_budget_s(self, streams: list[Request], firm_queued: bool) -> float | None:
         """A step's length with no stream to pace it: what a request arriving meanwhile can afford to

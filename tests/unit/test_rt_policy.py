@@ -403,7 +403,7 @@ def test_beside_soft_streams_a_prefill_chunk_is_worth_its_fixed_cost_or_waits():
     # The 20 ms gap leaves 9 ms: 40 tokens, mostly overhead. The stream is ahead of its pace, so
     # the step stretches to hold one efficient chunk (11 + 5 + 20 ms).
     sched, clock = _with_chunk_cost("soft")
-    assert sched.policy._efficient_chunk_tokens() == 200
+    assert sched.policy._chunk_overhead_s() == 0.005
     got = dict(ids(step(sched, clock, 0.036)))
     assert got == {"stream": 1, "prompt": 200}
     # A stream with no pace left: the decodes run alone (no 8-token chunk), banking pace.
