@@ -193,8 +193,7 @@ def main() -> None:
         columns[label]["cold start s (2nd)"] = "skipped" if args.no_cold_start else \
             f"{cold_start_s(quantization, args.threads):.2f}"
     if importlib.util.find_spec("llama_cpp") is None:
-        print("llama-cpp-python is not installed: its column is skipped "
-              "(reference figures: /work/shared/reference/measured-here.md)")
+        print("llama-cpp-python is not installed (install it in its own venv): its column is skipped")
     print(f"threads={args.threads}, torch {torch.__version__}")
     rows = list(next(iter(columns.values())))
     width = max(len(r) for r in rows)

@@ -1,5 +1,6 @@
 """Real-time scheduling acceptance: the same realtime-mix load against `--policy deadline` and
-`--policy fcfs`, one server after the other, in one run; prints the figures issue #4 asks for.
+`--policy fcfs`, one server after the other, in one run; prints the real-time acceptance figures
+(firm attainment and lateness, rejections and drops per class, interactive ITL, goodput ratio).
 
 For each policy: start `rtserve serve` on 127.0.0.1, wait for /health, run `rtserve bench
 --workload realtime-mix` (firm and soft chats with rt budgets, batch summaries with long prompts,

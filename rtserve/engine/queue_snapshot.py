@@ -29,12 +29,12 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     running_prefills = [r for r in running if r.num_remaining_prefill_tokens > 0]
     shares = {r.request_id: share for r in (*running_prefills, *sched.waiting)
               if (share := policy.max_chunk_tokens(r, now)) is not None}
-    prefill_token_budget = policy.interactive_prefill_tokens(running, sched.waiting, now, budget - num_decodes)
+    plan = policy.plan_step(running, sched.waiting, now, budget - num_decodes)  # the next step's
+    prefill_token_budget = policy.interactive_prefill_tokens(plan, budget - num_decodes)
     num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
     num_context = sum(r.num_computed_tokens for r in running)
     step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context))
-    plan = policy.plan_step(running, sched.waiting, now, budget)
-    if plan.time_left_s is not None and num_prefill > 0:  # the next step's own plan, as it will run
+    if plan.time_left_s is not None and num_prefill > 0:  # the step as its plan will run it
         planned_s = cost_model.predict_s(StepFeatures(num_decodes, 0, num_context)) + min(
             plan.time_left_s, cost_model.prefill_chunk_s(min(num_prefill, budget - num_decodes)))
         step_s = max(step_s, planned_s)

@@ -127,8 +127,7 @@ class FCFSPolicy:
                   token_budget: int) -> StepPlan:
         return StepPlan(token_budget)
 
-    def interactive_prefill_tokens(self, running: list[Request], waiting: Iterable[Request], now: float,
-                                   token_budget: int) -> int:
+    def interactive_prefill_tokens(self, plan: StepPlan, token_budget: int) -> int:
         return token_budget
 
     def step_time_budget_s(self, running: list[Request], now: float) -> float | None:
@@ -339,11 +338,9 @@ class DeadlinePolicy:
                   self.cost_model.trusted_prefill_tokens)
         return max(fit, self.config.min_prefill_chunk) / max(step_s, 1e-6)
 
-    def interactive_prefill_tokens(self, running: list[Request], waiting: Iterable[Request], now: float,
-                                   token_budget: int) -> int:
+    def interactive_prefill_tokens(self, plan: StepPlan, token_budget: int) -> int:
         """Prefill tokens an arriving interactive prompt would get per step (admission's prediction):
-        one chunk at position 0 within this step's plan, at least `min_prefill_chunk`."""
-        plan = self.plan_step(running, waiting, now, token_budget)
+        one chunk at position 0 within `plan` (the next step's), at least `min_prefill_chunk`."""
         if plan.time_left_s is None:
             return plan.prefill_token_budget
         time_left_s = plan.time_left_s - sum(

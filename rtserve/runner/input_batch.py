@@ -29,7 +29,7 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> torch
 # row j attends to its sequence's first start_pos + j + 1 slots through the block table, so the step
 # stays on the decode path (native paged attention reading the blocks in place, the scripted layer
 # stack) instead of a gathered, masked attention call per chunk. Measured beside 4 decodes (medians of
-# 3 interleaved rounds, /work/scratch/mix3.py): an 8-token chunk at position 1,900 took 30 ms as rows
+# 3 interleaved rounds): an 8-token chunk at position 1,900 took 30 ms as rows
 # against 39 ms as a chunk; but 16 tokens there 46 against 42 ms, 32 tokens 82 against 75 ms (each row
 # reads the whole context again). 8 is the deadline policy's minimum chunk beside running streams.
 ROW_CHUNK_MAX = 8
