@@ -233,10 +233,8 @@ def _stream_flags(req: S._SamplingFields) -> tuple[bool, bool]:
     return bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    arrival_s, state = time.monotonic(), app_state(request)
-    req = await read_json_body(request, S.ChatCompletionRequest)
+def chat_job(state: AppState, req: S.ChatCompletionRequest, arrival_s: float) -> Job:
+    """A validated chat request -> Job (400/404 ApiError on bad input); nothing is submitted."""
     model = state.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
@@ -247,15 +245,12 @@ async def chat_completions(request: Request) -> Response:
     prompt_ids = chat_prompt_ids(state.engine.tokenizer, req.messages)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=names)
     include_usage, continuous = _stream_flags(req)
-    job = Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt_ids], params, arrival_s,
-              include_usage, continuous, rt=_rt_of(req))
-    return await respond(request, state, job, bool(req.stream))
+    return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt_ids], params, arrival_s,
+               include_usage, continuous, rt=_rt_of(req))
 
 
-@router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    arrival_s, state = time.monotonic(), app_state(request)
-    req = await read_json_body(request, S.CompletionRequest)
+def completion_job(state: AppState, req: S.CompletionRequest, arrival_s: float) -> Job:
+    """A validated completions request -> Job (400/404 ApiError on bad input); nothing is submitted."""
     model = state.check_model(req.model)
     params = _params(req, {}, req.max_tokens, req.logprobs)
     prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt)
@@ -265,7 +260,19 @@ async def completions(request: Request) -> Response:
         check_request_limits(state.engine, prompt_ids, params, prompt_param="prompt", param_names={})
     echo = [state.engine.tokenizer.decode(p) for p in prompts] if req.echo else []
     include_usage, continuous = _stream_flags(req)
-    job = Job("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, params, arrival_s, include_usage,
-              continuous, echo, rt=_rt_of(req))
-    return await respond(request, state, job, bool(req.stream))
+    return Job("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, params, arrival_s, include_usage,
+               continuous, echo, rt=_rt_of(req))
 
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    arrival_s, state = time.monotonic(), app_state(request)
+    req = await read_json_body(request, S.ChatCompletionRequest)
+    return await respond(request, state, chat_job(state, req, arrival_s), bool(req.stream))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    arrival_s, state = time.monotonic(), app_state(request)
+    req = await read_json_body(request, S.CompletionRequest)
+    return await respond(request, state, completion_job(state, req, arrival_s), bool(req.stream))
