@@ -79,8 +79,8 @@ class LLM:
     def chat(self, messages, params: SamplingParams | None = None) -> list[GenerationOutput]:
         """messages: one conversation (list of {"role","content"}) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        return self.generate([self.tokenizer.encode(t) for t in texts], params)
+        return self.generate([self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations],
+                             params)
 
     def _run(self, token_lists: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         processor = OutputProcessor(self.tokenizer)

@@ -1,6 +1,7 @@
 """Request content -> prompt token ids (chat template for message lists; plain text or ids for completions).
 
-The chat template already contains the special tokens, so its text is encoded with add_special_tokens=False.
+Conversations go through the tokenizer's `encode_chat`: the template's own markup gives the control tokens
+and message text is always read as text (a user typing `<|im_start|>` gets no role boundary).
 Anything the tokenizer or template rejects (bad roles, lone surrogates, ...) is a 400, not a 500.
 """
 from __future__ import annotations
@@ -30,8 +31,7 @@ def text_of(content: Any, param: str, text_types: frozenset[str] = frozenset({"t
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], param: str = "messages") -> list[int]:
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode_chat(messages, add_generation_prompt=True))
     except ApiError:
         raise
     except Exception as exc:  # template/tokenizer errors are about the input
@@ -51,8 +51,12 @@ def chat_prompt_ids(tokenizer: Any, messages: list[Any]) -> list[int]:
     return render_chat(tokenizer, rendered)
 
 
-def completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[list[int]]:
-    """`prompt` as a string, a list of strings, a list of ids or a list of id lists -> one id list each."""
+def completion_prompt_ids(tokenizer: Any, prompt: Any, parse_special_tokens: bool = True) -> list[list[int]]:
+    """`prompt` as a string, a list of strings, a list of ids or a list of id lists -> one id list each.
+
+    A raw prompt is the caller's own text, so by default special-token text in it (`<|im_start|>`) maps
+    to the special token, as in vLLM; `parse_special_tokens=False` reads it as plain text instead.
+    """
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -65,7 +69,8 @@ def completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[list[int]]:
     for p in prompts:
         if isinstance(p, str):
             try:
-                out.append(list(tokenizer.encode(p, add_special_tokens=True)))
+                out.append(list(tokenizer.encode(p, add_special_tokens=True) if parse_special_tokens
+                                else _with_bos(tokenizer, tokenizer.encode_as_text(p))))
             except Exception as exc:
                 raise ApiError(400, f"Could not tokenize the prompt: {type(exc).__name__}", param="prompt")
         else:
@@ -73,3 +78,10 @@ def completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[list[int]]:
                 raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size}).", param="prompt")
             out.append(list(p))
     return out
+
+
+def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """`ids` with the BOS that `encode(..., add_special_tokens=True)` would have put in front."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    adds_bos = bos is not None and tokenizer.encode("", add_special_tokens=True)[:1] == [bos]
+    return ([bos] if adds_bos else []) + ids

@@ -253,7 +253,7 @@ def completion_job(state: AppState, req: S.CompletionRequest, arrival_s: float) 
     """A validated completions request -> Job (400/404 ApiError on bad input); nothing is submitted."""
     model = state.check_model(req.model)
     params = _params(req, {}, req.max_tokens, req.logprobs)
-    prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt)
+    prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt, req.parse_special_tokens is not False)
     if len(prompts) * params.n > state.engine.limits.max_n:
         raise ApiError(400, f"len(prompt) * n must be <= {state.engine.limits.max_n}.", param="prompt")
     for prompt_ids in prompts:

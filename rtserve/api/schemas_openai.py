@@ -59,6 +59,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = False
+    parse_special_tokens: bool | None = True  # False: special-token text in `prompt` is read as text
 
 
 class TokenizeRequest(_Lenient):

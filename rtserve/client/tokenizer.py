@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from rtserve.client.chat_encoding import encode_chat
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir, end_of_turn_token_ids
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -63,6 +64,9 @@ class Tokenizer:
         specials = {i for i, tok in added.items() if tok.special}
         self.special_token_ids: frozenset[int] = frozenset(
             specials | set(eos_token_ids) | ({bos_token_id} if bos_token_id is not None else set()))
+        self.special_token_texts: tuple[str, ...] = tuple(
+            t for t in (backend.id_to_token(i) for i in sorted(self.special_token_ids)) if t)
+        self._text_backend: Backend | None = None  # a copy that reads special-token text as text
         self.chat_template = chat_template
         self._template_tokens = dict(template_tokens)  # bos_token, eos_token, ... for the template
         self._compiled = None
@@ -80,6 +84,19 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids; special tokens written in `text` (e.g. `<|im_start|>`) map to their ids."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Token ids reading special-token text as plain text (`<|im_end|>` -> `<`, `|`, `im`, ...)."""
+        if self._text_backend is None:  # a copy: the shared backend's setting must not flip under a caller
+            backend = Backend.from_str(self.backend.to_str())
+            backend.encode_special_tokens = True
+            self._text_backend = backend
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> list[int]:
+        """The conversation's prompt ids; message text never becomes a control token (chat_encoding.py)."""
+        return encode_chat(self, messages, add_generation_prompt, **template_kwargs)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

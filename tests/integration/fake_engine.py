@@ -35,6 +35,12 @@ class FakeTokenizer:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
+    def encode_as_text(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
 
 @dataclass
 class FakeEngine:
