@@ -61,6 +61,7 @@ def app_state(conn: HTTPConnection) -> AppState:
 
 def build_app(engine_client: Any, settings: ServerSettings | None = None) -> FastAPI:
     from rtserve.api import routes_anthropic, routes_openai, routes_ops, routes_realtime
+    from rtserve.api.web import routes as routes_web
 
     settings = settings or ServerSettings()
     model_name = settings.served_model_names[0] if settings.served_model_names else engine_client.model_name
@@ -79,7 +80,7 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
     app.state.rtserve = AppState(engine_client, settings, ServingMetrics(model_name), model_name)
     engine_client.rt_listener = app.state.rtserve.metrics.rt  # per-class real-time metrics
     install_error_handlers(app)
-    for module in (routes_ops, routes_openai, routes_anthropic, routes_realtime):
+    for module in (routes_ops, routes_openai, routes_anthropic, routes_realtime, routes_web):
         app.include_router(module.router)
     # add_middleware puts each new one outermost: add innermost first.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

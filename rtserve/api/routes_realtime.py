@@ -266,5 +266,7 @@ class RealtimeSession:
 
 @router.websocket("/v1/realtime")
 async def realtime(ws: WebSocket) -> None:
-    await ws.accept()
+    # A browser that offered subprotocols (["realtime", "openai-insecure-api-key.KEY"]) needs one chosen.
+    offered = ws.scope.get("subprotocols") or []
+    await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
     await RealtimeSession(ws.app.state.rtserve, ws).run()
