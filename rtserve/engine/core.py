@@ -26,6 +26,9 @@ from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreReq
                               FinishReason, QueueSnapshot, RTClass)
 from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_dtype
 from rtserve.spec.proposer import Proposer
+from rtserve.structured.compiler import GrammarService
+from rtserve.structured.matcher import RequestGrammar
+from rtserve.structured.vocab import tokenizer_info_for_model
 from rtserve.spec.speculator import build_speculator
 
 logger = logging.getLogger("rtserve.engine")
@@ -56,6 +59,10 @@ class EngineCore:
         self.runner = ModelRunner(model_config, cache, num_blocks, weights, config.device, config.dtype)
         self.speculator = build_speculator(config.speculative, cache.block_size, config.device,
                                            config.weights_cache_dir, proposer, model_config.vocab_size)
+        # Structured outputs: grammars compile on worker threads, against the model's own vocabulary
+        # (read from the model files on the first constrained request).
+        self.grammars = GrammarService(lambda: tokenizer_info_for_model(
+            config.model or _default_model_path(), model_config.vocab_size, model_config.eos_token_ids))
         self.thread_governor = None
         if config.adaptive_threads and self.runner.device.type == "cpu":
             self.thread_governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
@@ -87,11 +94,15 @@ class EngineCore:
                          vocab_size=self.model_config.vocab_size, limits=self.config.limits)
         if len(req.prompt_token_ids) > self.kv.pool.num_blocks * self.kv.block_size:
             raise ValueError("prompt does not fit in the KV cache")
-        self.scheduler.add_request(Request(
+        request = Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, arrival_time=req.arrival_time,
             eos_token_ids=tuple(req.eos_token_ids or self.model_config.eos_token_ids), rt=rt,
-            deadline_margin_s=self.config.rt.firm_delivery_margin_s if rt.rt_class == RTClass.FIRM else 0.0))
+            deadline_margin_s=self.config.rt.firm_delivery_margin_s if rt.rt_class == RTClass.FIRM else 0.0)
+        if req.sampling_params.structured is not None:  # the compile starts now, beside the queue and prefill
+            request.grammar = RequestGrammar(self.grammars.submit(req.sampling_params.structured),
+                                             request.eos_token_ids)
+        self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self._forget_finished(self.scheduler.finish_requests(request_ids, FinishReason.ABORT))
@@ -109,12 +120,13 @@ class EngineCore:
 
     def step(self) -> EngineCoreOutputs:
         start = time.monotonic()
+        failed = self._fail_broken_grammars()
         if self.speculator is not None:
             propose_drafts(self.speculator, self.scheduler, self.cost_model, self.max_model_len)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._last_num_tokens = 0
-            return EngineCoreOutputs([], time.monotonic(), self.stats())
+            return EngineCoreOutputs(failed, time.monotonic(), self.stats())
         try:
             result = self.runner.execute(sched)
         except Exception as exc:  # noqa: BLE001 - a step fault fails its requests, not the engine
@@ -125,7 +137,7 @@ class EngineCore:
             outputs = self.scheduler.update(sched, result)
             if self.speculator is not None:
                 observe_acceptance(self.speculator, sched, result)
-        self._forget_finished(outputs)
+        outputs = failed + self._forget_finished(outputs)
         now = time.monotonic()
         self._last_step_s, self._last_num_tokens = now - start, sched.num_scheduled_tokens
         features = sched.step_features
@@ -140,6 +152,7 @@ class EngineCore:
 
     def close(self) -> None:
         """Clean shutdown: keep the cost model for the next start, where start-up gave it a store."""
+        self.grammars.close()
         if self.cost_model_store is not None:
             self.cost_model_store.save_if_newer(self.cost_model)
 
@@ -152,6 +165,17 @@ class EngineCore:
             "prefill_seqs": features.num_prefill_seqs, "threads": torch.get_num_threads(),
             "overrun_ratio": round(self.cost_model.overrun_ratio, 3),
             "calibrated": self.cost_model.is_calibrated}) + "\n")
+
+    def _fail_broken_grammars(self) -> list[EngineCoreOutput]:
+        """Finish requests whose grammar failed to compile (the API checks grammars first: this is rare)."""
+        broken = {r.request_id: r.grammar.error for r in [*self.scheduler.running, *self.scheduler.waiting]
+                  if r.grammar is not None and r.grammar.error is not None}
+        if not broken:
+            return []
+        outputs = []
+        for request_id, error in broken.items():
+            outputs += self.scheduler.finish_requests([request_id], FinishReason.ERROR, f"grammar: {error}")
+        return self._forget_finished(outputs)
 
     def _forget_finished(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
         """Release what the speculator keeps for finished requests (a draft model's KV, estimates)."""
@@ -175,3 +199,8 @@ class EngineCore:
         """What admission control in the engine client needs to predict a new request's TTFT."""
         return build_queue_snapshot(self.scheduler, self.cost_model, self.num_requests_added,
                                     self.max_model_len, time.monotonic())
+
+
+def _default_model_path() -> str:
+    from rtserve.model.loader import default_model_path
+    return default_model_path()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,9 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission
+    # While waiting: prompt tokens the prefix cache holds now (the scheduler refreshes it each step),
+    # where its prefill would start if admitted.
+    num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_hashes: list[BlockHash] = field(default_factory=list)
@@ -46,6 +50,9 @@ class Request:
     # [len, V] (None: deterministic proposer). Set before scheduling; never part of the sequence.
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: torch.Tensor | None = None
+    # The request's grammar state (rtserve/structured/matcher.RequestGrammar) when its output is
+    # constrained; the runner masks its rows with it and advances it over the tokens it emits.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

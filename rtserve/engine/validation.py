@@ -34,6 +34,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, *, max
         raise
     except ValueError as exc:
         raise InvalidRequest(str(exc), str(exc).split(" ", 1)[0]) from None
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias has token id {bad}, outside the vocabulary [0, {vocab_size})",
+                             "logit_bias")
     if params.max_tokens is not None and n + params.max_tokens > max_model_len:
         raise InvalidRequest(
             f"max_tokens ({params.max_tokens}) plus the prompt ({n} tokens) exceeds the context length "

@@ -14,8 +14,10 @@ from rtserve.model.llama import LlamaForCausalLM
 from rtserve.model.quantized_loader import FastCheckpoint
 from rtserve.protocol import TokenLogprob
 from rtserve.runner.input_batch import ModelInputs, prepare_inputs
+from rtserve.sample.logits_processors import LogitsAdjustments
 from rtserve.sample.rejection import verify
 from rtserve.sample.sampler import SamplingBatch, compute_logprobs, make_generator, sample
+from rtserve.structured.matcher import apply_masks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,14 +77,16 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, inputs: ModelInputs) -> RunnerOutput:
         reqs = [s.request for s in inputs.sample_seqs]
         self._mask_early_stops(logits, reqs)
+        failed = self._process_logits(logits, inputs.sample_seqs)
         for req in reqs:
             if req.generator is None and req.sampling_params.seed is not None:
                 req.generator = make_generator(req.sampling_params.seed, self.device)
         batch = SamplingBatch.build([r.sampling_params for r in reqs], [r.generator for r in reqs], self.device)
         if any(s.spec_token_ids for s in inputs.sample_seqs):
-            return self._verify(logits, inputs.sample_seqs, batch)
+            return _drop(self._verify(logits, inputs.sample_seqs, batch, failed), failed)
         result = sample(logits, batch)
         token_ids = result.token_ids.tolist()
+        _advance_grammars([(r, [t]) for r, t in zip(reqs, token_ids) if r.request_id not in failed])
         out = RunnerOutput(sampled_token_ids={r.request_id: t for r, t in zip(reqs, token_ids)})
         if result.logprobs is not None:
             lps, lp_ids = result.logprobs.tolist(), result.logprob_token_ids.tolist()
@@ -90,15 +94,16 @@ class ModelRunner:
                 k = req.sampling_params.logprobs
                 if k is not None:
                     out.logprobs[req.request_id] = [_token_logprob(token_ids[i], lps[i], lp_ids[i], k)]
-        return out
+        return _drop(out, failed)
 
-    def _verify(self, logits: torch.Tensor, seqs, batch: SamplingBatch) -> RunnerOutput:
+    def _verify(self, logits: torch.Tensor, seqs, batch: SamplingBatch, failed: set[str]) -> RunnerOutput:
         """Speculative step: rows are p_0..p_k per sequence (k = 0 for plain decodes in the batch)."""
         drafts = [s.spec_token_ids for s in seqs]
         # Row j of a sequence predicts its (num_output_tokens + j)-th output token.
         self._mask_early_stops(logits, [s.request for s in seqs for _ in range(len(s.spec_token_ids) + 1)],
                                [j for s in seqs for j in range(len(s.spec_token_ids) + 1)])
         emitted = verify(logits, drafts, [s.spec_probs for s in seqs], batch)
+        _advance_grammars([(s.request, ids) for s, ids in zip(seqs, emitted) if s.request.request_id not in failed])
         out = RunnerOutput()
         for seq, token_ids in zip(seqs, emitted):
             if seq.spec_token_ids:
@@ -108,6 +113,33 @@ class ModelRunner:
         if batch.max_num_logprobs >= 0:
             out.logprobs = _emitted_logprobs(logits, seqs, emitted, batch.max_num_logprobs)
         return out
+
+    def _process_logits(self, logits: torch.Tensor, seqs) -> set[str]:
+        """Penalties, logit bias and grammar masks (modifies logits). A sequence's row j predicts the
+        token after its drafts[:j], so row j counts those drafts as generated and its grammar mask is
+        the one after them. Returns the requests whose grammar failed to compile: they emit nothing
+        this step, and the engine fails them before the next."""
+        rows, params, outputs, prompts, grammars, failed = [], [], [], [], [], set()
+        row = 0
+        for seq in seqs:
+            req, drafts = seq.request, list(seq.spec_token_ids)
+            if req.grammar is not None:
+                if req.grammar.wait():
+                    grammars.append((row, req.grammar, drafts))
+                else:
+                    failed.add(req.request_id)
+            p = req.sampling_params
+            if p.has_penalties or p.logit_bias:
+                for j in range(len(drafts) + 1):
+                    rows.append(row + j)
+                    params.append(p)
+                    outputs.append(req.output_token_ids + drafts[:j])
+                    prompts.append(req.prompt_token_ids)
+            row += len(drafts) + 1
+        if rows:
+            LogitsAdjustments.build(rows, params, outputs, prompts, logits.shape[-1], self.device).apply(logits)
+        apply_masks(logits, grammars)
+        return failed
 
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, reqs, offsets=None) -> None:
@@ -120,6 +152,22 @@ class ModelRunner:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(req.eos_token_ids))
                 if banned:
                     logits[i, banned] = float("-inf")
+
+
+def _drop(out: RunnerOutput, request_ids: set[str]) -> RunnerOutput:
+    """`out` without these requests' tokens (they emit nothing this step)."""
+    for request_id in request_ids:
+        out.sampled_token_ids.pop(request_id, None)
+        out.spec_token_ids.pop(request_id, None)
+        out.logprobs.pop(request_id, None)
+    return out
+
+
+def _advance_grammars(emitted: list[tuple]) -> None:
+    """Feed each constrained request's emitted tokens to its grammar (masked sampling keeps them legal)."""
+    for req, token_ids in emitted:
+        if req.grammar is not None and not req.grammar.accept(token_ids):
+            raise RuntimeError(f"request {req.request_id}: a sampled token broke its grammar")
 
 
 def _emitted_logprobs(logits: torch.Tensor, seqs, emitted: list[list[int]],

@@ -1,0 +1,131 @@
+"""Grammar-constrained decoding inside the engine on the tiny random Llama (256 byte tokens, EOS = 0):
+outputs follow their grammar, unconstrained neighbours are untouched, speculation keeps greedy output,
+penalties and logit bias act on the logits."""
+import json
+import re
+
+import jsonschema_rs
+import pytest
+
+from rtserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from rtserve.engine.core import EngineCore
+from rtserve.protocol import EngineCoreRequest
+from rtserve.sampling_params import SamplingParams, StructuredOutputs
+from rtserve.structured.compiler import GrammarService
+from rtserve.structured.vocab import raw_tokenizer_info
+from tests.unit.conftest import TINY, hf_greedy, run_to_completion
+
+EOS = 0
+PROMPT = [5, 9, 200, 3, 17, 33]
+SCHEMAS = [
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+     "required": ["a"], "additionalProperties": False},
+    {"type": "object", "properties": {"k": {"enum": ["x", "yy"]},
+                                      "v": {"type": "array", "items": {"type": "boolean"}, "minItems": 1,
+                                            "maxItems": 2},
+                                      "o": {"anyOf": [{"type": "null"}, {"type": "number"}]}},
+     "required": ["k", "v"], "additionalProperties": False},
+]
+
+
+def byte_vocab_info():
+    return raw_tokenizer_info([bytes([i]) for i in range(TINY.vocab_size)], TINY.vocab_size, (EOS,))
+
+
+def engine(tiny_weights, speculative=None) -> EngineCore:
+    cfg = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8,
+                                                 max_model_len=TINY.max_position),
+                       **({"speculative": speculative} if speculative else {}))
+    core = EngineCore(cfg, TINY, tiny_weights)
+    core.grammars = GrammarService(byte_vocab_info)
+    return core
+
+
+def add(core, rid, structured=None, max_tokens=60, prompt=PROMPT, **kw):
+    params = SamplingParams(temperature=kw.pop("temperature", 0.0), max_tokens=max_tokens, structured=structured,
+                            **kw)
+    core.add_request(EngineCoreRequest(rid, list(prompt), params, 0.0, eos_token_ids=(EOS,)))
+
+
+def text(ids):
+    return bytes(t for t in ids if t != EOS).decode("latin-1")
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_json_schema_output_validates(tiny_weights, schema):
+    core = engine(tiny_weights)
+    for i in range(3):  # greedy and two seeded samples
+        add(core, f"r{i}", StructuredOutputs("json", json.dumps(schema)), temperature=0.0 if i == 0 else 1.0,
+            seed=i)
+    out = run_to_completion(core)
+    for ids in out.values():
+        assert ids[-1] == EOS, "a complete JSON value ends the output with EOS"
+        jsonschema_rs.validate(schema, json.loads(text(ids)))
+
+
+def test_regex_choice_and_json_object(tiny_weights):
+    core = engine(tiny_weights)
+    add(core, "re", StructuredOutputs("regex", r"[a-c]{2,4}-[0-9]+"), max_tokens=30)
+    add(core, "choice", StructuredOutputs("choice", json.dumps(["left", "right"])))
+    add(core, "obj", StructuredOutputs("json_object"), max_tokens=40, temperature=1.0, seed=3)
+    out = run_to_completion(core)
+    assert re.fullmatch(r"[a-c]{2,4}-[0-9]+", text(out["re"])) or out["re"][-1] != EOS
+    assert text(out["choice"]) in ("left", "right")
+    if out["obj"][-1] == EOS:  # finished inside max_tokens: a whole object
+        assert isinstance(json.loads(text(out["obj"])), dict)
+    else:
+        assert text(out["obj"]).startswith("{")
+
+
+def test_unconstrained_neighbour_is_unchanged(tiny_weights, tiny_hf_model):
+    core = engine(tiny_weights)
+    add(core, "plain", None, max_tokens=16)
+    add(core, "json", StructuredOutputs("json", json.dumps(SCHEMAS[1])))
+    add(core, "plain2", None, max_tokens=16, prompt=[7] * 9)
+    out = run_to_completion(core)
+    assert out["plain"] == hf_greedy(tiny_hf_model, PROMPT, 16)
+    assert out["plain2"] == hf_greedy(tiny_hf_model, [7] * 9, 16)
+    jsonschema_rs.validate(SCHEMAS[1], json.loads(text(out["json"])))
+
+
+def test_speculation_keeps_constrained_greedy_output(tiny_weights):
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False, ngram_min=1, ngram_max=3)
+    outs = []
+    for speculative in (None, spec):
+        core = engine(tiny_weights, speculative)
+        # A schema with long fixed keys repeats text, so n-gram drafts are proposed inside the grammar.
+        schema = {"type": "array", "items": {"type": "object", "properties": {"name_of_item": {"type": "integer", "minimum": 0, "maximum": 99}},
+                                             "required": ["name_of_item"]}, "minItems": 3, "maxItems": 3}
+        add(core, "s", StructuredOutputs("json", json.dumps(schema)), max_tokens=120)
+        add(core, "p", None, max_tokens=24, prompt=[30, 31, 32, 33, 34, 35, 99, 30, 31, 32, 33])
+        outs.append(run_to_completion(core))
+        if speculative is not None:
+            assert core.speculator.stats().num_drafts > 0
+    assert outs[0] == outs[1]
+    assert json.loads(text(outs[0]["s"]))
+
+
+def test_compile_failure_fails_only_that_request(tiny_weights):
+    core = engine(tiny_weights)
+    add(core, "bad", StructuredOutputs("regex", "a("))
+    add(core, "ok", None, max_tokens=4)
+    errors, tokens = {}, {}
+    while core.has_unfinished:
+        for o in core.step().outputs:
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                errors[o.request_id] = (o.finish_reason, o.error)
+    assert errors["bad"][0] == "error" and "grammar" in errors["bad"][1]
+    assert errors["ok"][0] == "length" and len(tokens["ok"]) == 4
+
+
+def test_logit_bias_and_penalties_change_greedy_output(tiny_weights, tiny_hf_model):
+    core = engine(tiny_weights)
+    add(core, "bias", None, max_tokens=6, logit_bias={42: 100.0})
+    add(core, "freq", None, max_tokens=12, prompt=[7] * 20, frequency_penalty=2.0)
+    add(core, "plain", None, max_tokens=12, prompt=[7] * 20)
+    out = run_to_completion(core)
+    assert out["bias"] == [42] * 6
+    assert out["plain"] == hf_greedy(tiny_hf_model, [7] * 20, 12)
+    assert out["freq"] != out["plain"]
