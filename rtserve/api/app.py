@@ -1,6 +1,7 @@
 """App factory: `build_app(engine_client, settings)` wires middleware, error handlers and routes.
 
-Middleware, outermost first: access log (request id) -> API key -> body-size limit -> FastAPI.
+Middleware, outermost first: access log (request id) -> API key -> drain (503 while shutting down) ->
+body-size limit -> FastAPI.
 The lifespan starts the engine client (engine core process, model load) and shuts it down.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rtserve.api.errors import ApiError, install_error_handlers
 from rtserve.api.limits import BodyLimitMiddleware
 from rtserve.api.logging import AccessLogMiddleware
 from rtserve.api.metrics import ServingMetrics
+from rtserve.api.shutdown import DrainMiddleware, DrainState
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class AppState:
     metrics: ServingMetrics
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
+    drain: DrainState = field(default_factory=DrainState)  # graceful shutdown (rtserve/api/shutdown.py)
 
     def check_model(self, requested: str | None) -> str:
         """The served name to report; 404 for a model this server does not serve."""
@@ -84,6 +87,7 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
         app.include_router(module.router)
     # add_middleware puts each new one outermost: add innermost first.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainMiddleware, drain=app.state.rtserve.drain)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(AccessLogMiddleware)
     return app

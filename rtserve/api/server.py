@@ -14,6 +14,7 @@ import sys
 from rtserve.api.app import ServerSettings, build_app
 from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
+from rtserve.api.shutdown import GracefulServer
 from rtserve.config import (SOFT_OVERLOAD_MODES, CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig,
                             SchedulerConfig, SpeculativeConfig)
 
@@ -109,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive timeout, seconds")
     h.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn connection cap (plain 503 beyond)")
     h.add_argument("--backlog", type=int, default=2048)
-    h.add_argument("--timeout-graceful-shutdown", type=int, default=10)
+    h.add_argument("--timeout-graceful-shutdown", type=int, default=10,
+                   help="after the drain, uvicorn's wait for connections to close, seconds")
+    h.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, requests in flight may finish within this; then they are aborted "
+                        "(new requests get 503 meanwhile; a second signal exits at once)")
     h.add_argument("--max-header-bytes", type=int, default=64 * 1024,
                    help="request line + headers cap (431 beyond; h11: h11_max_incomplete_event_size)")
     h.add_argument("--header-timeout-s", type=float, default=10.0,
@@ -204,6 +209,9 @@ def main(argv: list[str]) -> int:
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
         h11_max_incomplete_event_size=args.max_header_bytes,
         ws_max_size=max(args.max_body_bytes, 64 * 1024), server_header=False)
-    server = uvicorn.Server(uvicorn_config)
+    if args.shutdown_timeout_s < 0:
+        print("rtserve serve: --shutdown-timeout-s must be >= 0", file=sys.stderr)
+        return 2
+    server = GracefulServer(uvicorn_config, engine, app.state.rtserve.drain, args.shutdown_timeout_s)
     server.run()
-    return 0 if server.started else 3
+    return server.exit_status if server.started else 3

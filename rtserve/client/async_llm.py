@@ -240,6 +240,32 @@ class AsyncLLM:
         q.put_nowait(RequestOutput(request_id, finished=True, finish_reason=FinishReason.ABORT,
                                    error=f"slow reader: the client stopped reading for {limit_s:.0f} s"))
 
+    @property
+    def num_requests(self) -> int:
+        """Requests whose outputs someone is still waiting for."""
+        return len(self._queues)
+
+    def abort_all(self, reason: str) -> list[str]:
+        """Abort every request in flight (server shutdown): each stream ends now with finish_reason
+        "abort" after what it already has, and the engine frees their blocks. Returns their ids."""
+        ids = [rid for rid in self._queues if rid in self._processor]
+        for rid in ids:
+            self._processor.remove(rid)
+            timer = self._paused.pop(rid, None)
+            if timer is not None:
+                timer.cancel()
+            self._queues[rid].put_nowait(RequestOutput(rid, finished=True, finish_reason=FinishReason.ABORT,
+                                                       error=reason))
+        if ids and not self.is_dead:
+            self._transport.send(EngineCoreAbort(ids))
+        return ids
+
+    def kill(self) -> None:
+        """Stop the engine process at once (a forced exit); no output is delivered after this."""
+        self._mark_dead("engine killed")
+        if self._transport is not None:
+            self._transport.kill()
+
     async def abort(self, request_id: str) -> None:
         if request_id in self._queues and not self.is_dead:
             self._transport.send(EngineCoreAbort([request_id]))

@@ -1,7 +1,7 @@
 """How the engine client reaches the engine core: a spawned process (default) or a thread.
 
-Both expose the same three calls: `send(msg)`, `recv(timeout_s)` and `is_alive()`. Messages are the
-dataclasses of rtserve.protocol.
+Both expose `send(msg)`, `recv(timeout_s)`, `is_alive()`, `close()` (orderly) and `kill()` (at once).
+Messages are the dataclasses of rtserve.protocol.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ class ProcessTransport:
     def is_alive(self) -> bool:
         return self._proc.is_alive()
 
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+
     def close(self, timeout_s: float = 5.0) -> None:
         if self._proc.is_alive():
             self._in.put(EngineCoreShutdown())
@@ -65,6 +69,10 @@ class ThreadTransport:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def kill(self) -> None:
+        """A thread cannot be killed: ask it to stop and do not wait."""
+        self._in.put(EngineCoreShutdown())
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._thread.is_alive():
