@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: rtserve {serve,bench,generate} [options]
+USAGE = """usage: rtserve {serve,bench,generate,chat} [options]
 
   serve      start the OpenAI/Anthropic-compatible server
   bench      SLO load generator against any OpenAI-compatible server
   generate   one-shot offline generation on the local model
+  chat       terminal chat with a running server (any OpenAI-compatible one)
 """
 
 
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "generate":
         from rtserve.offline_cli import main as generate_main
         return generate_main(rest)
+    if command == "chat":
+        from rtserve.chat.cli import main as chat_main
+        return chat_main(rest)
     print(f"rtserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,148 @@
+"""`rtserve chat`: the session logic against scripted HTTP answers, and the terminal program itself
+through a pseudo-terminal against a real uvicorn with the fake engine."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import httpx
+import pexpect
+import pytest
+
+from rtserve.chat.session import AnswerStats, ChatError, ChatSession, parse_budget
+from tests.integration.fake_engine import FakeEngine, LiveServer, build_test_app
+
+KEY = "chat-key"
+
+
+def sse(*chunks: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def delta(text: str, finish: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+RT_REPORT = {"class": "firm", "budget": {"ttft_ms": 300.0, "itl_ms": 50.0, "deadline_ms": None},
+             "ttft_ms": 120.0, "itl_ms": {"p50": 20.0, "p99": 70.0, "max": 70.0}, "deadline_met": False,
+             "missed": ["itl"], "dropped": False}
+
+
+def scripted(handler) -> httpx.Client:
+    return httpx.Client(base_url="http://server", transport=httpx.MockTransport(handler))
+
+
+def test_session_streams_keeps_history_and_sends_rt_only_when_asked():
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, content=sse(delta("Hel"), delta("lo", "stop"), {
+            "choices": [], "usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 8}},
+            "rt": RT_REPORT}), headers={"content-type": "text/event-stream"})
+
+    session = ChatSession(model="m", system="be brief")
+    with scripted(handler) as client:
+        events = list(session.stream(client, "hi"))
+        assert "".join(e.text for e in events) == "Hello"
+        assert "rt" not in bodies[0] and bodies[0]["messages"][0] == {"role": "system", "content": "be brief"}
+        session.rt_class, session.budgets_ms = "firm", parse_budget(["ttft=300", "itl_ms=50"])
+        list(session.stream(client, "again"))
+    assert bodies[1]["rt"] == {"class": "firm", "ttft_ms": 300.0, "itl_ms": 50.0}
+    assert [m["role"] for m in bodies[1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert session.history[-1] == {"role": "assistant", "content": "Hello"}
+    stats = events[-1].stats
+    assert stats.num_tokens == 2 and stats.finish_reason == "stop"
+    footer = stats.footer()
+    assert "8 cached" in footer and "firm (ttft 300 ms, itl 50 ms): missed itl" in footer
+
+
+def test_refusal_takes_the_question_back_and_reads_retry_after():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json={"error": {"message": "queue is full", "code": "queue_full"}},
+                              headers={"retry-after": "2", "retry-after-ms": "1500"})
+
+    session = ChatSession(model="m")
+    with scripted(handler) as client, pytest.raises(ChatError) as exc:
+        list(session.stream(client, "hi"))
+    assert (exc.value.status, exc.value.retry_after_s) == (429, 1.5) and "queue_full" in exc.value.message
+    assert session.history == []
+
+
+def test_in_band_error_after_some_text_keeps_the_partial_answer():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=sse(delta("Par"), {"error": {"message": "engine died"}}))
+
+    session = ChatSession(model="m")
+    with scripted(handler) as client, pytest.raises(ChatError, match="engine died"):
+        list(session.stream(client, "hi"))
+    assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Par"}]
+
+
+def test_answer_stats_and_budget_parsing():
+    stats = AnswerStats(sent_s=0.0)
+    for now_s in (0.1, 0.12, 0.15, 0.17, 0.30):
+        stats.on_text(now_s)
+    assert stats.ttft_ms == pytest.approx(100.0)
+    assert stats.itl_p99_ms == pytest.approx(130.0)  # the largest of four gaps
+    assert stats.tokens_per_s() == pytest.approx(4 / 0.2)
+    assert stats.verdict is None  # no rt report: any OpenAI-compatible server
+    stats.rt = {**RT_REPORT, "dropped": True}
+    assert stats.verdict == "dropped"
+    with pytest.raises(ValueError, match="unknown budget 'tpot'"):
+        parse_budget(["tpot=5"])
+    with pytest.raises(ValueError, match="itl must be a positive"):
+        parse_budget(["itl=-3"])
+
+
+# ---- the terminal program in a pseudo-terminal --------------------------------------------------------
+
+@pytest.fixture
+def served():
+    engine = FakeEngine(reply="Paris is the capital of France. " * 20, step_s=0.02)
+    app, engine = build_test_app(engine, api_key=KEY)
+    with LiveServer(app) as server:
+        yield server, engine
+
+
+def spawn_chat(url: str) -> pexpect.spawn:
+    env = {**os.environ, "TERM": "xterm", "NO_COLOR": "1", "COLUMNS": "100", "LINES": "30", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "rtserve", "chat", "--base-url", url + "/v1", "--api-key", KEY],
+                          env=env, dimensions=(30, 100), encoding="utf-8", timeout=30)
+    child.expect("model fake-model")
+    child.expect("you>")
+    return child
+
+
+def wait_until(predicate, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served):
+    server, engine = served
+    child = spawn_chat(server.url)
+    try:
+        child.sendline("/class firm")
+        child.expect("class firm")
+        child.expect("you>")
+        child.sendline("Where is Paris?")
+        child.expect("Paris is the")          # text arrives while the answer streams
+        child.expect(r"TTFT \d+ ms")          # under the live footer
+        assert engine.rt_params[-1].rt_class == "firm"  # the rt object reached the server
+        child.sendcontrol("c")
+        child.expect("stopped")
+        child.expect("you>")                 # the program is still there
+        wait_until(lambda: engine.aborted, "the server saw the request end early")
+        assert not engine.finished
+        child.sendline("/class default")
+        child.expect("class default")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
