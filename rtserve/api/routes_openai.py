@@ -29,10 +29,15 @@ from rtserve.api.limits import build_sampling_params, check_request_limits, read
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.respond import json_response, stream_response
-from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
+from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids, render_chat
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import SSE_DONE, sse_data
+from rtserve.api.structured_fields import (REFUSED_CHAT, REFUSED_COMPLETION, ToolContext, check_grammar,
+                                           completion_structured, grammar_param, load_grammar_engine,
+                                           needs_tool_rendering, openai_messages, openai_tool_context,
+                                           refuse_and_warn, sampling_extras)
+from rtserve.api.tool_responses import ChoiceTools, message_fields
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams
@@ -56,6 +61,12 @@ class Job:
     echo_texts: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     rt: RTParams | None = None  # as requested; resolved by admission in `respond`
+    tool_ctx: ToolContext | None = None  # chat with tools: tool calls are read out of the text
+    choice_tools: list[ChoiceTools] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.tool_ctx is not None and self.tool_ctx.parses_tools:
+            self.choice_tools = [ChoiceTools() for _ in range(self.num_choices)]
 
     @property
     def num_choices(self) -> int:
@@ -114,6 +125,8 @@ def chunk_choice(job: Job, tokenizer: Any, choice: int, out: RequestOutput, is_f
     text = (job.echo_texts[choice // job.params.n] if is_first and job.echo_texts else "") + out.text
     if job.kind == "chat":
         logprobs = S.chat_logprobs(tokenizer, out.logprobs) if job.params.logprobs is not None else None
+        if job.choice_tools:
+            return _tool_chunk_choice(job.choice_tools[choice], choice, out, is_first, logprobs, finish)
         if not (is_first or text or logprobs or finish):
             return None
         delta = {"role": "assistant", "content": text} if is_first else ({"content": text} if text else {})
@@ -125,6 +138,17 @@ def chunk_choice(job: Job, tokenizer: Any, choice: int, out: RequestOutput, is_f
         return None
     text_offsets[choice] += len(text)
     return S.completion_choice(choice, text, logprobs, finish)
+
+
+def _tool_chunk_choice(tools: ChoiceTools, choice: int, out: RequestOutput, is_first: bool,
+                      logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any] | None:
+    fields = tools.delta(out.text, out.finished)
+    finish = tools.finish_reason(finish)
+    if not (is_first or fields or logprobs or finish):
+        return None
+    delta = {"role": "assistant", "content": fields.pop("content", None if "tool_calls" in fields else "")
+             } if is_first else {}
+    return S.chat_chunk_choice(choice, {**delta, **fields}, logprobs, finish)
 
 
 async def _replay(first: tuple[int, RequestOutput] | None, outputs: OutputStream):
@@ -189,6 +213,10 @@ async def collect(state: AppState, job: Job) -> dict[str, Any]:
     if job.kind == "chat":
         choices = [S.chat_choice(c, texts[c], S.chat_logprobs(tokenizer, logprobs[c]) if want_lp else None,
                                  finish[c]) for c in range(job.num_choices)]
+        if job.choice_tools:
+            for c, body in enumerate(choices):
+                fields, body["finish_reason"] = message_fields(texts[c], finish[c])
+                body["message"].update(fields)
         body = S.chat_completion(job.request_id, job.created, job.model, choices, usage.total())
     else:
         choices = [S.completion_choice(c, texts[c], S.completion_logprobs(tokenizer, logprobs[c], 0) if want_lp
@@ -211,7 +239,7 @@ async def respond(request: Request, state: AppState, job: Job, stream: bool) -> 
 
 
 def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | None, logprobs: int | None,
-            ) -> SamplingParams:
+            **extras: Any) -> SamplingParams:
     return build_sampling_params(
         names, n=1 if req.n is None else req.n, max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -219,7 +247,7 @@ def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | Non
         min_p=req.min_p or 0.0, seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
         ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False,
-        include_stop_str_in_output=bool(req.include_stop_str_in_output))
+        include_stop_str_in_output=bool(req.include_stop_str_in_output), **extras)
 
 
 def _rt_of(req: S._SamplingFields) -> RTParams | None:
@@ -240,19 +268,31 @@ def chat_job(state: AppState, req: S.ChatCompletionRequest, arrival_s: float) ->
         raise ApiError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
     use_mct = req.max_completion_tokens is not None
     names = {"max_tokens": "max_completion_tokens" if use_mct else "max_tokens", "logprobs": "top_logprobs"}
+    extra = req.model_extra or {}
+    refuse_and_warn(extra, REFUSED_CHAT)
+    tool_ctx = openai_tool_context(extra)
     params = _params(req, names, req.max_completion_tokens if use_mct else req.max_tokens,
-                     (req.top_logprobs or 0) if req.logprobs else None)
-    prompt_ids = chat_prompt_ids(state.engine.tokenizer, req.messages)
+                     (req.top_logprobs or 0) if req.logprobs else None, structured=tool_ctx.structured,
+                     **sampling_extras(extra))
+    check_grammar(tool_ctx.structured, grammar_param(extra, tool_ctx))
+    if tool_ctx.tools or needs_tool_rendering(req.messages):
+        prompt_ids = render_chat(state.engine.tokenizer, openai_messages(req.messages, tool_ctx.tools))
+    else:
+        prompt_ids = chat_prompt_ids(state.engine.tokenizer, req.messages)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=names)
     include_usage, continuous = _stream_flags(req)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt_ids], params, arrival_s,
-               include_usage, continuous, rt=_rt_of(req))
+               include_usage, continuous, rt=_rt_of(req), tool_ctx=tool_ctx)
 
 
 def completion_job(state: AppState, req: S.CompletionRequest, arrival_s: float) -> Job:
     """A validated completions request -> Job (400/404 ApiError on bad input); nothing is submitted."""
     model = state.check_model(req.model)
-    params = _params(req, {}, req.max_tokens, req.logprobs)
+    extra = req.model_extra or {}
+    refuse_and_warn(extra, REFUSED_COMPLETION)
+    structured, grammar_field = completion_structured(extra)
+    params = _params(req, {}, req.max_tokens, req.logprobs, structured=structured, **sampling_extras(extra))
+    check_grammar(structured, grammar_field)
     prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt, req.parse_special_tokens is not False)
     if len(prompts) * params.n > state.engine.limits.max_n:
         raise ApiError(400, f"len(prompt) * n must be <= {state.engine.limits.max_n}.", param="prompt")
@@ -268,6 +308,7 @@ def completion_job(state: AppState, req: S.CompletionRequest, arrival_s: float) 
 async def chat_completions(request: Request) -> Response:
     arrival_s, state = time.monotonic(), app_state(request)
     req = await read_json_body(request, S.ChatCompletionRequest)
+    await load_grammar_engine(req.model_extra)
     return await respond(request, state, chat_job(state, req, arrival_s), bool(req.stream))
 
 
@@ -275,4 +316,5 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     arrival_s, state = time.monotonic(), app_state(request)
     req = await read_json_body(request, S.CompletionRequest)
+    await load_grammar_engine(req.model_extra)
     return await respond(request, state, completion_job(state, req, arrival_s), bool(req.stream))

@@ -1,0 +1,314 @@
+"""The request fields of structured outputs, tools and sampling controls, read and checked at the edge.
+
+Every field the OpenAI schema defines is honoured or refused with a 400 naming it: `response_format`,
+vLLM's `structured_outputs`, `tools` / `tool_choice` / `parallel_tool_calls`, `frequency_penalty`,
+`presence_penalty`, `logit_bias` (and the `repetition_penalty` extension) are honoured; the fields in
+`REFUSED_CHAT` / `REFUSED_COMPLETION` are refused. Other unknown fields are ignored with a warning in
+the log, as vLLM does. A grammar is built here (xgrammar, on a worker thread) so a bad schema, regex
+or grammar is a 400 before the engine sees the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtserve.api.errors import ApiError
+from rtserve.api.prompts import CHAT_ROLES, ROLE_ALIASES, text_of
+from rtserve.sampling_params import StructuredOutputs
+from rtserve.structured.check import GrammarError, check_structured
+from rtserve.structured.tools import (NAME_PATTERN, ToolSpec, render_call, render_result, tool_call_grammar,
+                                      tools_system_prompt)
+
+logger = logging.getLogger("rtserve.api")
+
+# Field -> predicate on its value saying it asks for something this server does not do.
+_SET = lambda v: v is not None  # noqa: E731
+REFUSED_CHAT = {
+    "audio": _SET, "prediction": _SET, "web_search_options": _SET, "functions": _SET, "function_call": _SET,
+    "reasoning_effort": _SET, "verbosity": _SET, "store": lambda v: bool(v),
+    "modalities": lambda v: v is not None and v != ["text"],
+}
+REFUSED_COMPLETION = {"suffix": _SET, "best_of": lambda v: v is not None and v != 1}
+# Known fields read from `model_extra` (by this module or rt_fields), and harmless identifiers.
+KNOWN_EXTRA = {"rt", "service_tier", "response_format", "structured_outputs", "tools", "tool_choice",
+               "parallel_tool_calls", "frequency_penalty", "presence_penalty", "logit_bias", "repetition_penalty",
+               "user", "metadata", "safety_identifier", "prompt_cache_key", "store", "modalities"}
+
+
+def refuse_and_warn(extra: dict[str, Any], refused: dict[str, Any]) -> None:
+    for name, asks in refused.items():
+        if asks(extra.get(name)):
+            raise ApiError(400, f"{name} is not supported by this server.", param=name, code="unsupported_parameter")
+    unknown = sorted(set(extra) - KNOWN_EXTRA - set(refused))
+    if unknown:
+        logger.warning("ignoring unknown request fields: %s", ", ".join(n[:40] for n in unknown[:10]))
+
+
+def sampling_extras(extra: dict[str, Any]) -> dict[str, Any]:
+    """frequency_penalty, presence_penalty, repetition_penalty and logit_bias as SamplingParams keywords
+    (their ranges are checked by SamplingParams, which names the field)."""
+    out: dict[str, Any] = {}
+    for name in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+        value = extra.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ApiError(400, f"{name} must be a number.", param=name, code="invalid_type")
+            out[name] = float(value)
+    bias = extra.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise ApiError(400, "logit_bias must map token ids to numbers.", param="logit_bias", code="invalid_type")
+        try:
+            out["logit_bias"] = {int(k): float(v) for k, v in bias.items()
+                                 if not isinstance(v, bool) and isinstance(v, (int, float))}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids.", param="logit_bias", code="invalid_value")
+        if len(out["logit_bias"]) != len(bias):
+            raise ApiError(400, "logit_bias values must be numbers.", param="logit_bias", code="invalid_type")
+        if len(bias) > 1024:
+            raise ApiError(400, "logit_bias may hold at most 1024 tokens.", param="logit_bias")
+    return out
+
+
+@dataclass
+class ToolContext:
+    """How a chat request's output is shaped: its grammar, and whether to read tool calls out of it."""
+
+    structured: StructuredOutputs | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_mode: str = "none"  # "none" | "auto" | "required" | a tool's name
+
+    @property
+    def parses_tools(self) -> bool:
+        return self.tool_mode != "none"
+
+
+def _object(value: Any, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{param} must be an object.", param=param, code="invalid_type")
+    return value
+
+
+def parse_schema_spec(schema: Any, param: str) -> StructuredOutputs:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError:
+            raise ApiError(400, f"{param} is not valid JSON.", param=param, code="invalid_value")
+    if not isinstance(schema, (dict, bool)):
+        raise ApiError(400, f"{param} must be a JSON schema object.", param=param, code="invalid_type")
+    return StructuredOutputs("json", json.dumps(schema, sort_keys=True))
+
+
+def response_format_spec(value: Any) -> StructuredOutputs | None:
+    fmt = _object(value, "response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs("json_object")
+    if kind == "json_schema":
+        inner = _object(fmt.get("json_schema"), "response_format.json_schema")
+        if "schema" not in inner:
+            raise ApiError(400, "response_format.json_schema.schema is required.",
+                           param="response_format.json_schema.schema")
+        return parse_schema_spec(inner["schema"], "response_format.json_schema.schema")
+    raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r:.40}.",
+                   param="response_format.type", code="invalid_value")
+
+
+def structured_outputs_spec(value: Any) -> StructuredOutputs:
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+    so = _object(value, "structured_outputs")
+    given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise ApiError(400, "structured_outputs must set exactly one of json, regex, choice, grammar, json_object.",
+                       param="structured_outputs")
+    kind, spec = given[0], so[given[0]]
+    param = f"structured_outputs.{kind}"
+    if kind == "json":
+        return parse_schema_spec(spec, param)
+    if kind == "json_object":
+        return StructuredOutputs("json_object")
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(c, str) and c for c in spec):
+            raise ApiError(400, f"{param} must be a non-empty list of non-empty strings.", param=param)
+        return StructuredOutputs("choice", json.dumps(spec))
+    if not isinstance(spec, str) or not spec:
+        raise ApiError(400, f"{param} must be a non-empty string.", param=param, code="invalid_type")
+    return StructuredOutputs(kind, spec)
+
+
+def parse_openai_tools(value: Any) -> list[ToolSpec]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "tools must be a non-empty list.", param="tools", code="invalid_type")
+    tools: list[ToolSpec] = []
+    for i, tool in enumerate(value):
+        tool = _object(tool, f"tools[{i}]")
+        if tool.get("type") != "function":
+            raise ApiError(400, f"tools[{i}].type must be 'function'.", param=f"tools[{i}].type")
+        fn = _object(tool.get("function"), f"tools[{i}].function")
+        tools.append(tool_spec(fn.get("name"), fn.get("description"), fn.get("parameters"), f"tools[{i}].function"))
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "tools must have distinct names.", param="tools")
+    return tools
+
+
+def tool_spec(name: Any, description: Any, parameters: Any, param: str, schema_key: str = "parameters") -> ToolSpec:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ApiError(400, f"{param}.name must match [a-zA-Z0-9_-]{{1,64}}.", param=f"{param}.name")
+    if description is not None and not isinstance(description, str):
+        raise ApiError(400, f"{param}.description must be a string.", param=f"{param}.description")
+    schema = {"type": "object", "properties": {}} if parameters is None else parameters
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        raise ApiError(400, f"{param}.{schema_key} must be a JSON schema of type object.",
+                       param=f"{param}.{schema_key}")
+    return ToolSpec(name, description, schema)
+
+
+def tool_mode(choice: Any, tools: list[ToolSpec]) -> str:
+    """OpenAI tool_choice -> "none" | "auto" | "required" | the named tool."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice in ("none", "auto", "required"):
+        mode = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        mode = choice["function"].get("name")
+        if mode not in {t.name for t in tools}:
+            raise ApiError(400, f"tool_choice names a function that is not in tools: {str(mode)[:64]!r}.",
+                           param="tool_choice")
+    else:
+        raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
+                       "'function': {'name': ...}}.", param="tool_choice")
+    if mode != "none" and not tools:
+        raise ApiError(400, "tool_choice requires tools.", param="tool_choice")
+    return mode
+
+
+def openai_tool_context(extra: dict[str, Any]) -> ToolContext:
+    tools = parse_openai_tools(extra["tools"]) if extra.get("tools") is not None else []
+    mode = tool_mode(extra.get("tool_choice"), tools)
+    parallel = extra.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "parallel_tool_calls must be a boolean.", param="parallel_tool_calls")
+    fmt = response_format_spec(extra["response_format"]) if extra.get("response_format") is not None else None
+    so = structured_outputs_spec(extra["structured_outputs"]) if extra.get("structured_outputs") is not None else None
+    if fmt is not None and so is not None:
+        raise ApiError(400, "response_format and structured_outputs cannot both be set.", param="structured_outputs")
+    grammar = fmt or so
+    if grammar is not None and mode != "none":
+        raise ApiError(400, "response_format / structured_outputs cannot be combined with tools unless tool_choice "
+                       "is 'none'.", param="response_format" if fmt is not None else "structured_outputs")
+    if mode != "none":
+        grammar = tool_call_grammar(tools, mode, parallel is not False)
+    return ToolContext(grammar, tools, mode)
+
+
+GRAMMAR_FIELDS = ("response_format", "structured_outputs", "tools")
+
+
+async def load_grammar_engine(extra: dict[str, Any] | None) -> None:
+    """Import xgrammar (about a second, once) on a worker thread when the request needs a grammar,
+    so the event loop never stalls on it."""
+    if extra and any(extra.get(name) is not None for name in GRAMMAR_FIELDS):
+        await asyncio.to_thread(importlib.import_module, "xgrammar")
+
+
+def check_grammar(spec: StructuredOutputs | None, param: str) -> None:
+    """Build the grammar (milliseconds; cached by source); a failure is a 400 naming `param`."""
+    if spec is None:
+        return
+    try:
+        check_structured(spec)
+    except GrammarError as exc:
+        raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_grammar")
+
+
+def completion_structured(extra: dict[str, Any]) -> tuple[StructuredOutputs | None, str]:
+    """/v1/completions: `structured_outputs` or `response_format` (no tools there), and its field name."""
+    for name in ("tools", "tool_choice"):
+        if extra.get(name) is not None:
+            raise ApiError(400, f"{name} is only supported on /v1/chat/completions.", param=name)
+    if extra.get("response_format") is not None and extra.get("structured_outputs") is not None:
+        raise ApiError(400, "response_format and structured_outputs cannot both be set.", param="structured_outputs")
+    if extra.get("structured_outputs") is not None:
+        spec = structured_outputs_spec(extra["structured_outputs"])
+    elif extra.get("response_format") is not None:
+        spec = response_format_spec(extra["response_format"])
+    else:
+        return None, ""
+    return spec, grammar_param(extra, ToolContext(spec))
+
+
+def needs_tool_rendering(messages: list[Any]) -> bool:
+    """Whether the history holds tool calls or tool results (rendered by `openai_messages`)."""
+    return any(m.role == "tool" or (m.model_extra or {}).get("tool_calls") for m in messages)
+
+
+def grammar_param(extra: dict[str, Any], ctx: ToolContext) -> str:
+    """The request field a grammar came from (named by a 400 when it does not build)."""
+    if ctx.parses_tools:
+        return "tools"
+    if extra.get("response_format") is not None:
+        return "response_format.json_schema.schema" if ctx.structured.kind == "json" else "response_format"
+    so = extra.get("structured_outputs") or {}
+    return next((f"structured_outputs.{k}" for k in ("json", "regex", "choice", "grammar") if so.get(k)),
+                "structured_outputs")
+
+
+def openai_messages(messages: list[Any], tools: list[ToolSpec]) -> list[dict[str, str]]:
+    """OpenAI messages (with tool calls and tool results) as plain role/content messages for the chat
+    template, the tools offered in the system message."""
+    out: list[dict[str, str]] = []
+    known_ids: set[str] = set()
+    for i, m in enumerate(messages):
+        role = ROLE_ALIASES.get(m.role, m.role)
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"Unknown role {m.role[:40]!r}.", param=f"messages[{i}].role")
+        extra = m.model_extra or {}
+        content = text_of(m.content, f"messages[{i}].content")
+        if role == "assistant" and extra.get("tool_calls"):
+            content = "\n".join([content] * bool(content) + _history_calls(extra["tool_calls"], i, known_ids))
+        elif role == "tool":
+            call_id = extra.get("tool_call_id")
+            if call_id not in known_ids:
+                raise ApiError(400, f"messages[{i}].tool_call_id does not match a tool call of an earlier "
+                               "assistant message.", param=f"messages[{i}].tool_call_id")
+            content = render_result(content)
+        out.append({"role": role, "content": content})
+    if tools:
+        prompt = tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _history_calls(calls: Any, i: int, known_ids: set[str]) -> list[str]:
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{param} must be a list.", param=param)
+    rendered = []
+    for j, call in enumerate(calls):
+        fn = _object(_object(call, f"{param}[{j}]").get("function"), f"{param}[{j}].function")
+        name, arguments = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise ApiError(400, f"{param}[{j}].function.name is not a valid function name.",
+                           param=f"{param}[{j}].function.name")
+        try:
+            args = json.loads(arguments) if isinstance(arguments, str) else None
+        except json.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):
+            raise ApiError(400, f"{param}[{j}].function.arguments must be a JSON object in a string.",
+                           param=f"{param}[{j}].function.arguments")
+        if isinstance(call.get("id"), str):
+            known_ids.add(call["id"])
+        rendered.append(render_call(name, json.dumps(args)))
+    return rendered
