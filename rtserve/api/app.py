@@ -20,6 +20,7 @@ from rtserve.api.errors import ApiError, install_error_handlers
 from rtserve.api.limits import BodyLimitMiddleware
 from rtserve.api.logging import AccessLogMiddleware
 from rtserve.api.metrics import ServingMetrics
+from rtserve.api.openapi import install_openapi
 from rtserve.api.shutdown import DrainMiddleware, DrainState
 
 
@@ -79,10 +80,11 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
             if settings.manage_engine_lifecycle:
                 await engine_client.shutdown()
 
-    app = FastAPI(title="rtserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="rtserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.rtserve = AppState(engine_client, settings, ServingMetrics(model_name), model_name)
     engine_client.rt_listener = app.state.rtserve.metrics.rt  # per-class real-time metrics
     install_error_handlers(app)
+    install_openapi(app)
     for module in (routes_ops, routes_openai, routes_anthropic, routes_realtime, routes_web):
         app.include_router(module.router)
     # add_middleware puts each new one outermost: add innermost first.
