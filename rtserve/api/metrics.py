@@ -100,6 +100,7 @@ class ServingMetrics:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_finished: dict[str, int] = dict.fromkeys(self.FINISHED_REASONS, 0)
+        self.num_engine_restarts = 0  # --engine-restart: engine cores started after one died
         from rtserve.api.rt_metrics import RTMetrics  # imports this module's Histogram
         self.rt = RTMetrics(model_name)  # fed by the engine client (AsyncLLM.rt_listener)
 
@@ -135,6 +136,9 @@ class ServingMetrics:
                                "Where the step-time model came from at start: prior, warmup (measured "
                                "before ready) or cache (stored by an earlier start); 1 for the one in use.",
                                [([*model, ("source", stats.cost_model_source)], 1)])
+        lines += render_scalar("counter", "rtserve:engine_restarts_total",
+                               "Engine core processes started after one died (--engine-restart).",
+                               [(model, self.num_engine_restarts)])
         return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-cache-bytes", type=int, default=None)
     m.add_argument("--no-prefix-caching", action="store_true")
     m.add_argument("--in-process", action="store_true", help="run the engine core on a thread of this process")
+    m.add_argument("--engine-restart", action="store_true",
+                   help="when the engine process dies, start a new one (counted in /metrics) instead of exiting "
+                        "with status 3")
     sp = p.add_argument_group("speculative decoding")
     sp.add_argument("--speculative-method", default=None, choices=("off", "ngram", "draft"))
     sp.add_argument("--num-speculative-tokens", type=int, default=None, help="largest k per verify step")
@@ -212,6 +215,6 @@ def main(argv: list[str]) -> int:
     if args.shutdown_timeout_s < 0:
         print("rtserve serve: --shutdown-timeout-s must be >= 0", file=sys.stderr)
         return 2
-    server = GracefulServer(uvicorn_config, engine, app.state.rtserve.drain, args.shutdown_timeout_s)
+    server = GracefulServer(uvicorn_config, app.state.rtserve, args.shutdown_timeout_s, args.engine_restart)
     server.run()
     return server.exit_status if server.started else 3

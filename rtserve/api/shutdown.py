@@ -11,7 +11,8 @@ at once (status 1).
 If the engine dies on its own (killed, crashed, its loop raised), every waiting request has already
 been failed by the engine client, `/health` answers 503, and the server exits non-zero
 (`ENGINE_DEAD_EXIT_STATUS`) after a short grace for those error responses to go out, so a supervisor
-restarts it.
+restarts it. With `engine_restart` it starts a new engine core instead (503s until it is ready) and
+counts the restart in /metrics (`rtserve:engine_restarts_total`).
 """
 from __future__ import annotations
 
@@ -95,11 +96,14 @@ class DrainMiddleware:
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server whose signals drain first (see the module docstring) and whose exit status tells why."""
 
-    def __init__(self, config: uvicorn.Config, engine: Any, drain: DrainState, shutdown_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: Any, shutdown_timeout_s: float,
+                 engine_restart: bool = False) -> None:
         super().__init__(config)
-        self.engine = engine
-        self.drain = drain
+        self.engine = state.engine
+        self.drain: DrainState = state.drain
+        self.metrics = state.metrics
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.engine_restart = engine_restart
         self.exit_status = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -150,13 +154,27 @@ class GracefulServer(uvicorn.Server):
     async def _watch_engine(self) -> None:
         while not self.should_exit:
             if self.engine.is_dead and not self.drain.is_draining:
-                logger.error("engine died (%s): failing over, exit status %d",
-                             getattr(self.engine, "dead_reason", ""), ENGINE_DEAD_EXIT_STATUS)
+                reason = getattr(self.engine, "dead_reason", "")
+                if self.engine_restart and await self._restart_engine(reason):
+                    continue
+                logger.error("engine died (%s): exiting with status %d", reason, ENGINE_DEAD_EXIT_STATUS)
                 self.exit_status = ENGINE_DEAD_EXIT_STATUS
                 await asyncio.sleep(_ERROR_FLUSH_S)
                 self.should_exit = True
                 return
             await asyncio.sleep(_POLL_S)
+
+    async def _restart_engine(self, reason: str) -> bool:
+        """--engine-restart: a new engine core in place of the dead one (its waiters were already failed)."""
+        logger.error("engine died (%s): starting a new engine core", reason)
+        try:
+            await self.engine.restart()
+        except Exception:  # noqa: BLE001 - a restart that fails ends the server like any engine death
+            logger.exception("engine restart failed")
+            return False
+        self.metrics.num_engine_restarts += 1
+        logger.info("engine restarted (%d restart(s) so far)", self.metrics.num_engine_restarts)
+        return True
 
     def capture_signals(self):
         """uvicorn re-raises a handled signal after its shutdown (exit status -15); a drained exit is 0."""

@@ -89,6 +89,7 @@ class AsyncLLM:
         self.stats = EngineStats()
         self.is_dead = False
         self.dead_reason = ""
+        self.num_restarts = 0
         self._processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}
         self._transport = None
@@ -117,8 +118,25 @@ class AsyncLLM:
             raise EngineDeadError(msg.error)
         self.max_model_len = msg.max_model_len
         self.vocab_size = msg.vocab_size
+        self.is_dead, self.dead_reason = False, ""
         self._reader = threading.Thread(target=self._read_loop, name="rtserve-output-reader", daemon=True)
         self._reader.start()
+
+    async def restart(self, timeout_s: float = 300.0) -> None:
+        """After the engine died (every waiter already failed): stop what is left of it and start a new
+        engine core. The client stays dead (503s) until the new one is ready; EngineDeadError if it fails."""
+        if self._transport is not None:
+            await asyncio.to_thread(self._transport.kill)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 2.0)
+        for timer in self._paused.values():
+            timer.cancel()
+        self._paused.clear()
+        self._pending.clear()
+        self._num_sent = 0  # the new engine counts the requests it is sent from zero
+        self.stats = EngineStats()
+        await self.start(timeout_s)
+        self.num_restarts += 1
 
     def _wait_ready(self, timeout_s: float):
         deadline = time.monotonic() + timeout_s

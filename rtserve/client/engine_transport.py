@@ -38,6 +38,7 @@ class ProcessTransport:
     def kill(self) -> None:
         if self._proc.is_alive():
             self._proc.kill()
+            self._proc.join(5.0)
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._proc.is_alive():

@@ -170,3 +170,30 @@ def test_engine_sigkill_fails_every_client_and_exits_nonzero():
     assert max(delays) < 5
     assert "engine died" in server.log_text()
     assert_all_gone(children)
+
+
+def test_engine_restart_replaces_a_killed_engine():
+    with ServerProcess(*FAST_START, "--engine-restart") as server:
+        children = descendants(server)
+        first_engine = engine_process(server)
+        stream = Stream(server.url, 2000)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(stream)
+            wait_for(lambda: stream.first_s, 120, "the stream's first chunk")
+            first_engine.kill()
+            assert future.result(timeout=30).payloads[-2]["error"]["code"] == "engine_dead"
+
+        def healthy() -> bool:
+            assert server.proc.poll() is None, "the server exited instead of restarting its engine"
+            return httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+        wait_for(healthy, 120, "the new engine")
+        assert engine_process(server).pid != first_engine.pid
+        r = httpx.post(server.url + CHAT, json=chat(4, stream=False), timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        assert 'rtserve:engine_restarts_total{model_name="SmolLM2-135M-Instruct"} 1' in metrics
+        children += descendants(server)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+    assert_all_gone(children)
