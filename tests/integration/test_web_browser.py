@@ -177,6 +177,19 @@ def test_429_counts_down_and_firm_drop_is_explained(page):
         assert "could not get its first token within its TTFT budget (200 ms)" in notice.inner_text()
         assert "Nothing was generated" in notice.inner_text()
 
+    class CuttingEngine(FakeEngine):
+        async def _tokens(self, prompt_ids, params, request_id):
+            for i, ch in enumerate("abc"):
+                yield RequestOutput(request_id=request_id, text=ch, token_ids=[ord(ch) + 1], num_output_tokens=i + 1)
+            yield RequestOutput(request_id=request_id, finished=True, finish_reason="deadline", num_output_tokens=3)
+
+    with serve(CuttingEngine()) as server:
+        open_chat(page, server.url)
+        send(page, "hello")
+        page.wait_for_selector(".msg.assistant[data-state='done']")
+        assert last_answer(page).locator(".body").inner_text() == "abc"
+        assert "Cut short by its deadline" in last_answer(page).locator(".notice.warn").inner_text()
+
 
 def test_dashboard_plots_update_under_load(page, artifacts):
     engine = FakeEngine(reply="x" * 40, step_s=0.01)
