@@ -21,6 +21,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from rtserve.api import schemas_anthropic as A
+from rtserve.api.anthropic_tools import (KNOWN_MESSAGES_EXTRA, REFUSED_MESSAGES, TextBlocks, ToolUseBlocks,
+                                         anthropic_messages, anthropic_tool_context, message_content)
 from rtserve.api.app import AppState, app_state
 from rtserve.api.errors import ApiError, anthropic_error_body, engine_failure
 from rtserve.api.limits import build_sampling_params, check_request_limits, read_json_body
@@ -31,6 +33,8 @@ from rtserve.api.prompts import render_chat, text_of
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import dumps, sse_event
+from rtserve.api.structured_fields import (ToolContext, check_grammar, load_grammar_engine, refuse_and_warn,
+                                           sampling_extras)
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams
@@ -51,6 +55,10 @@ class MessagesJob:
     cache_control: bool
     arrival_s: float
     rt: RTParams | None = None  # as requested; resolved by admission
+    tool_ctx: ToolContext | None = None
+
+    def blocks(self) -> TextBlocks | ToolUseBlocks:
+        return ToolUseBlocks() if self.tool_ctx is not None and self.tool_ctx.parses_tools else TextBlocks()
 
     def start(self, state: AppState) -> OutputStream:
         iterator = state.engine.generate(self.prompt_ids, self.params, self.message_id, rt=self.rt,
@@ -70,17 +78,13 @@ def _block_text(content: Any, param: str) -> str:
     return text_of(content, param, TEXT_BLOCK_TYPES)
 
 
-def prompt_ids_of(tokenizer: Any, req: A.CountTokensRequest) -> list[int]:
+def prompt_ids_of(tokenizer: Any, req: A.CountTokensRequest, ctx: ToolContext | None = None) -> list[int]:
+    """The prompt; tools offered (and tool blocks in the history rendered) by rtserve/api/anthropic_tools.py."""
     if not req.messages:
         raise ApiError(400, "messages: at least one message is required.", param="messages")
-    messages = []
-    if req.system:
-        messages.append({"role": "system", "content": _block_text(req.system, "system")})
-    for i, m in enumerate(req.messages):
-        if m.role not in ("user", "assistant"):
-            raise ApiError(400, f"messages.{i}.role: must be 'user' or 'assistant'.", param=f"messages[{i}].role")
-        messages.append({"role": m.role, "content": _block_text(m.content, f"messages[{i}].content")})
-    return render_chat(tokenizer, messages)
+    ctx = ctx if ctx is not None else anthropic_tool_context(req)
+    system = _block_text(req.system, "system") if req.system else None
+    return render_chat(tokenizer, anthropic_messages(req, system, ctx))
 
 
 async def stream_events(state: AppState, job: MessagesJob, conn: Request, outputs: OutputStream,
@@ -88,7 +92,9 @@ async def stream_events(state: AppState, job: MessagesJob, conn: Request, output
     usage = job.usage(0, 0)
     yield sse_event("message_start", A.message_start(A.message_object(job.message_id, job.model, None, None,
                                                                         None, usage)))
-    yield sse_event("content_block_start", A.content_block_start(0))
+    blocks = job.blocks()
+    for name, event in blocks.start():
+        yield sse_event(name, event)
     yield sse_event("ping", A.PING)
     try:
         last = None
@@ -102,14 +108,16 @@ async def stream_events(state: AppState, job: MessagesJob, conn: Request, output
             last = item[1]
             if last.finish_reason == "error":
                 raise ApiError(500, f"The engine failed this request: {last.error or 'unknown error'}")
-            if last.text:
-                yield sse_event("content_block_delta", A.text_delta(0, last.text))
+            for name, event in blocks.feed(last.text):
+                yield sse_event(name, event)
         if last is None:
             raise ApiError(500, "The engine ended the request without output.")
+        for name, event in blocks.close():
+            yield sse_event(name, event)
         stop_reason, stop_sequence = A.stop_reason_of(last.finish_reason, last.stop_reason)
+        stop_reason = blocks.stop_reason(stop_reason)
         usage = job.usage(last.num_cached_tokens, last.num_output_tokens)
         log_fields(conn, stop_reason=stop_reason, **usage)
-        yield sse_event("content_block_stop", A.content_block_stop(0))
         delta = A.message_delta(stop_reason, stop_sequence, usage)
         yield sse_event("message_delta", {**delta, "rt": last.rt.to_wire()} if last.rt is not None else delta)
         yield sse_event("message_stop", A.MESSAGE_STOP)
@@ -134,6 +142,8 @@ async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
     stop_reason, stop_sequence = A.stop_reason_of(last.finish_reason, last.stop_reason)
     body = A.message_object(job.message_id, job.model, text, stop_reason, stop_sequence,
                             job.usage(last.num_cached_tokens, last.num_output_tokens))
+    if job.tool_ctx is not None and job.tool_ctx.parses_tools:
+        body["content"], body["stop_reason"] = message_content(text, stop_reason)
     rt = rt_object([last.rt])
     return body if rt is None else {**body, "rt": rt, "_server_timing": server_timing([last.rt])}
 
@@ -142,14 +152,20 @@ async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
 async def messages(request: Request) -> Response:
     arrival_s, state = time.monotonic(), app_state(request)
     req = await read_json_body(request, A.MessagesRequest)
+    refuse_and_warn(req.model_extra or {}, REFUSED_MESSAGES, KNOWN_MESSAGES_EXTRA)
+    if req.tools:
+        await load_grammar_engine({"tools": req.tools})
+    tool_ctx = anthropic_tool_context(req)
     params = build_sampling_params(
         NAMES, max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stop_sequences or [])
-    prompt_ids = prompt_ids_of(state.engine.tokenizer, req)
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stop_sequences or [],
+        structured=tool_ctx.structured)
+    check_grammar(tool_ctx.structured, "tools")
+    prompt_ids = prompt_ids_of(state.engine.tokenizer, req, tool_ctx)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=NAMES)
     rt = parse_rt((req.model_extra or {}).get("rt"))
     job = MessagesJob(f"msg_{uuid.uuid4().hex}", req.model or state.model_name, prompt_ids, params,
-                      A.has_cache_control(req), arrival_s)
+                      A.has_cache_control(req), arrival_s, tool_ctx=tool_ctx)
     log_fields(request, id=job.message_id, model=job.model, stream=bool(req.stream))
     if state.engine.is_dead:
         raise ApiError(503, "The engine is not running.")

@@ -39,11 +39,12 @@ KNOWN_EXTRA = {"rt", "service_tier", "response_format", "structured_outputs", "t
                "user", "metadata", "safety_identifier", "prompt_cache_key", "store", "modalities"}
 
 
-def refuse_and_warn(extra: dict[str, Any], refused: dict[str, Any]) -> None:
+def refuse_and_warn(extra: dict[str, Any], refused: dict[str, Any], known: set[str] = KNOWN_EXTRA) -> None:
+    """400 for a refused field that asks for something; a log warning for fields nobody reads."""
     for name, asks in refused.items():
         if asks(extra.get(name)):
             raise ApiError(400, f"{name} is not supported by this server.", param=name, code="unsupported_parameter")
-    unknown = sorted(set(extra) - KNOWN_EXTRA - set(refused))
+    unknown = sorted(set(extra) - known - set(refused))
     if unknown:
         logger.warning("ignoring unknown request fields: %s", ", ".join(n[:40] for n in unknown[:10]))
 

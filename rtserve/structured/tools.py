@@ -147,7 +147,8 @@ class ToolCallParser:
             end = self._buffer.find(CALL_END)
             if end < 0:
                 keep = _partial_suffix(self._buffer, CALL_END)
-                fragment, self._buffer = self._buffer[:len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
+                cut = len(self._buffer) - keep
+                fragment, self._buffer = self._buffer[:cut], self._buffer[cut:]
                 if fragment:
                     call.arguments += fragment
                     events.arguments.append((len(self.calls) - 1, fragment))

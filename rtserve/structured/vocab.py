@@ -14,7 +14,7 @@ from typing import Any
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = list(keep), 0
     for b in range(256):
         if b not in keep:

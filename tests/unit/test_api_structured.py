@@ -127,3 +127,65 @@ async def test_bad_or_refused_field_is_400_naming_it(body, param):
 async def test_completions_refusals(body, param):
     r, _ = await post({"prompt": "x", **body}, path="/v1/completions")
     assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+MESSAGES = "/v1/messages"
+A_TOOL = {"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}
+
+
+def events(body: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for frame in body.decode().strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+async def test_anthropic_tool_use_whole_and_streamed():
+    body = {"messages": USER, "tools": [A_TOOL], "tool_choice": {"type": "any"}}
+    r, engine = await post(body, reply="Sure. " + CALL_TEXT, path=MESSAGES)
+    assert r.status_code == 200, r.text
+    (params,) = engine.params.values()
+    assert params.structured.kind == "structural_tag"
+    msg = r.json()
+    assert msg["stop_reason"] == "tool_use"
+    assert msg["content"][0] == {"type": "text", "text": "Sure."}
+    assert msg["content"][1]["type"] == "tool_use" and msg["content"][1]["input"] == {"city": "Paris"}
+    r, _ = await post({**body, "stream": True}, reply="Sure. " + CALL_TEXT, path=MESSAGES)
+    evs = events(r.content)
+    starts = [e["content_block"] for name, e in evs if name == "content_block_start"]
+    assert [b["type"] for b in starts] == ["text", "tool_use"]
+    assert starts[1]["name"] == "get_weather" and starts[1]["id"].startswith("toolu_") and starts[1]["input"] == {}
+    partial = "".join(e["delta"]["partial_json"] for name, e in evs
+                      if name == "content_block_delta" and e["delta"]["type"] == "input_json_delta")
+    assert json.loads(partial) == {"city": "Paris"}
+    assert [e["index"] for name, e in evs if name == "content_block_stop"] == [0, 1]
+    assert next(e for name, e in evs if name == "message_delta")["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_anthropic_tool_history_renders():
+    history = USER + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}]
+    r, engine = await post({"messages": history, "tools": [A_TOOL]}, path=MESSAGES)
+    assert r.status_code == 200, r.text
+    prompt = engine.tokenizer.decode(next(iter(engine.prompts.values())))
+    assert "<tool_response>\nsunny\n</tool_response>" in prompt and '"arguments": {"city": "Paris"}' in prompt
+    history[-1]["content"][0]["tool_use_id"] = "toolu_2"
+    r, _ = await post({"messages": history, "tools": [A_TOOL]}, path=MESSAGES)
+    assert r.status_code == 400 and "tool_use_id" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"mcp_servers": [{}]}, "mcp_servers"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+    ({"tools": [A_TOOL], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "input_schema"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+])
+async def test_anthropic_refusals_name_the_field(body, needle):
+    r, engine = await post({"messages": USER, **body}, path=MESSAGES)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"] and not engine.started

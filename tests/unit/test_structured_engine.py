@@ -95,8 +95,9 @@ def test_speculation_keeps_constrained_greedy_output(tiny_weights):
     for speculative in (None, spec):
         core = engine(tiny_weights, speculative)
         # A schema with long fixed keys repeats text, so n-gram drafts are proposed inside the grammar.
-        schema = {"type": "array", "items": {"type": "object", "properties": {"name_of_item": {"type": "integer", "minimum": 0, "maximum": 99}},
-                                             "required": ["name_of_item"]}, "minItems": 3, "maxItems": 3}
+        item = {"type": "object", "properties": {"name_of_item": {"type": "integer", "minimum": 0, "maximum": 99}},
+                "required": ["name_of_item"]}
+        schema = {"type": "array", "items": item, "minItems": 3, "maxItems": 3}
         add(core, "s", StructuredOutputs("json", json.dumps(schema)), max_tokens=120)
         add(core, "p", None, max_tokens=24, prompt=[30, 31, 32, 33, 34, 35, 99, 30, 31, 32, 33])
         outs.append(run_to_completion(core))

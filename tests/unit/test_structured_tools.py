@@ -69,5 +69,5 @@ def test_grammar_accepts_the_rendered_calls():
 
 def test_bad_schema_is_refused():
     with pytest.raises(GrammarError):
-        check_structured(tool_call_grammar([ToolSpec("f", None, {"type": "object", "properties": {"a": {"type": "nope"}}})],
-                                           "required", True))
+        bad = ToolSpec("f", None, {"type": "object", "properties": {"a": {"type": "nope"}}})
+        check_structured(tool_call_grammar([bad], "required", True))
