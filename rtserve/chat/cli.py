@@ -174,7 +174,10 @@ class ChatApp:
                 if not self.command(line):
                     return 0
                 continue
-            self.ask(line)
+            try:
+                self.ask(line)
+            except KeyboardInterrupt:  # Ctrl-C between sending and the first byte read
+                self.console.print("stopped", style="cyan")
 
 
 def main(argv: list[str] | None = None) -> int:

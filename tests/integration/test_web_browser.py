@@ -49,10 +49,12 @@ def artifacts(tmp_path) -> Path:
 def page(browser):
     context = browser.new_context(viewport={"width": 390, "height": 844})  # phone width
     pg = context.new_page()
-    pg.dialogs = []
+    pg.dialogs, pg.errors = [], []
     pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
     yield pg
     context.close()
+    assert pg.errors == []  # no uncaught script error on the page
 
 
 def serve(engine: FakeEngine, **settings) -> LiveServer:

@@ -139,6 +139,14 @@ def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served):
         child.expect("you>")                 # the program is still there
         wait_until(lambda: engine.aborted, "the server saw the request end early")
         assert not engine.finished
+        engine.reply = "Still here."
+        child.sendline("Are you there?")      # the next question gets an answer
+        child.expect("Still here.")
+        child.expect(r"11 tokens")
+        child.expect("you>")
+        wait_until(lambda: engine.finished, "the second answer completed")
+        history = engine.prompts[engine.finished[-1]]
+        assert "Where is Paris?" in bytes(i - 1 for i in history).decode()  # the conversation went on
         child.sendline("/class default")
         child.expect("class default")
         child.sendline("/quit")

@@ -25,7 +25,7 @@ router = APIRouter()
 PAGES = {"/": "chat.html", "/dashboard": "dashboard.html"}
 ASSET_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                ".html": "text/html; charset=utf-8"}
-ASSETS = frozenset({"chat.js", "dashboard.js", "common.js", "markdown.js", "plots.js", "style.css"})
+ASSETS = frozenset({"chat.js", "transports.js", "dashboard.js", "common.js", "markdown.js", "plots.js", "style.css"})
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 MIN_INTERVAL_MS, MAX_INTERVAL_MS = 100, 10_000

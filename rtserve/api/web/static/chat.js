@@ -189,116 +189,6 @@
     $("send").disabled = false;
   }
 
-  function messagesFor(system) {
-    return (system ? [{role: "system", content: system}] : []).concat(state.history);
-  }
-
-  async function viaSSE(turn, s, userText) {
-    const body = {model: state.model, messages: messagesFor(s.system), stream: true,
-                  stream_options: {include_usage: true}};
-    if (s.rt) body.rt = s.rt;
-    if (s.maxTokens) body.max_tokens = s.maxTokens;
-    const ctrl = new AbortController();
-    turn.stop = () => ctrl.abort();
-    try {
-      const r = await RT.fetch("/v1/chat/completions", {method: "POST", body: JSON.stringify(body),
-        headers: {"Content-Type": "application/json"}, signal: ctrl.signal});
-      if (!r.ok) {
-        const err = ((await r.json().catch(() => ({}))).error) || {};
-        const retryMs = parseFloat(r.headers.get("retry-after-ms")) || parseFloat(r.headers.get("retry-after")) * 1000 || 0;
-        if (r.status === 401) RT.askKey("This server needs an API key:");
-        return turn.refuse(r.status, err, retryMs, userText);
-      }
-      await RT.readSSE(r, (data) => {
-        if (data === "[DONE]") return;
-        const obj = JSON.parse(data);
-        if (obj.error) return turn.say("Error: " + obj.error.message, "error");
-        const choice = obj.choices && obj.choices[0];
-        if (choice && choice.delta && choice.delta.content) turn.token(choice.delta.content);
-        if (choice && choice.finish_reason) turn.finishReason = choice.finish_reason;
-        if (obj.usage) turn.cached = (obj.usage.prompt_tokens_details || {}).cached_tokens || 0;
-        if (obj.rt) turn.rt = obj.rt;
-      });
-      turn.finish("done");
-    } catch (e) {
-      if (ctrl.signal.aborted) return turn.finish("stopped");
-      if (turn.numTokens) { turn.say("Connection lost: " + e.message, "error"); return turn.finish("error"); }
-      turn.refuse(0, {message: "connection failed: " + e.message}, 0, userText);
-    }
-  }
-
-  // One WebSocket per conversation; opened (and the history replayed) on first use.
-  async function realtimeLink(system) {
-    if (state.link && state.link.ws.readyState === WebSocket.OPEN && state.link.system === system) return state.link;
-    if (state.link) state.link.ws.close();
-    const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/realtime";
-    const key = RT.apiKey();
-    const ws = new WebSocket(url, key ? ["realtime", "openai-insecure-api-key." + key] : ["realtime"]);
-    const link = {ws, system, turn: null};
-    await new Promise((resolve, reject) => {
-      ws.onmessage = (ev) => { if (JSON.parse(ev.data).type === "session.created") resolve(); };
-      ws.onerror = () => reject(new Error("the WebSocket did not open"));
-    });
-    ws.onmessage = (ev) => onRealtimeEvent(link, JSON.parse(ev.data));
-    ws.onclose = () => { if (link.turn && !link.turn.ended) { link.turn.say("The WebSocket closed.", "error"); link.turn.finish("error"); } };
-    if (system) ws.send(JSON.stringify({type: "session.update", session: {instructions: system}}));
-    state.link = link;
-    return link;
-  }
-
-  function itemEvent(role, text) {
-    return JSON.stringify({type: "conversation.item.create", item: {type: "message", role,
-      content: [{type: role === "assistant" ? "output_text" : "input_text", text}]}});
-  }
-
-  function onRealtimeEvent(link, ev) {
-    const turn = link.turn;
-    if (!turn || turn.ended) return;
-    if (ev.type === "response.output_text.delta") turn.token(ev.delta);
-    else if (ev.type === "error") {
-      const err = ev.error || {};
-      if (err.retry_after_ms) turn.pendingRefusal = err;
-      else turn.say("Error: " + err.message, "error");
-    } else if (ev.type === "response.done") {
-      const resp = ev.response;
-      turn.rt = resp.rt || null;
-      turn.cached = resp.usage ? resp.usage.input_token_details.cached_tokens : null;
-      const details = resp.status_details || {};
-      // A refused turn left its question in the server's conversation: the next turn starts a new socket.
-      if (turn.pendingRefusal || (resp.status === "failed" && (details.error || {}).code === "deadline_exceeded")) {
-        link.ws.close();
-        state.link = null;
-      }
-      if (turn.pendingRefusal) return turn.refuse(429, turn.pendingRefusal, turn.pendingRefusal.retry_after_ms, turn.userText);
-      if (resp.status === "failed" && (details.error || {}).code === "deadline_exceeded") {
-        return turn.refuse(504, details.error, 0, turn.userText);
-      }
-      if (resp.status === "incomplete") turn.finishReason = details.reason === "deadline" ? "deadline" : "length";
-      if (resp.status === "failed") turn.say("Error: " + ((details.error || {}).message || "failed"), "error");
-      turn.finish(resp.status === "cancelled" ? "stopped" : resp.status === "failed" ? "error" : "done");
-    }
-  }
-
-  async function viaRealtime(turn, s, userText) {
-    let link;
-    try {
-      const fresh = !(state.link && state.link.ws.readyState === WebSocket.OPEN && state.link.system === s.system);
-      link = await realtimeLink(s.system);
-      // A new socket starts with an empty conversation: replay everything said so far.
-      const items = fresh ? state.history : state.history.slice(-1);
-      for (const m of items) link.ws.send(itemEvent(m.role, m.content));
-    } catch (e) {
-      return turn.refuse(0, {message: e.message}, 0, userText);
-    }
-    link.turn = turn;
-    turn.userText = userText;
-    turn.stop = () => link.ws.send(JSON.stringify({type: "response.cancel"}));
-    const response = {};
-    if (s.rt) response.rt = s.rt;
-    if (s.maxTokens) response.max_output_tokens = s.maxTokens;
-    link.ws.send(JSON.stringify({type: "response.create", response}));
-  }
-
   function send(text) {
     if (!text.trim() || state.active) return;
     const s = settings();
@@ -308,13 +198,13 @@
     state.active = turn;
     $("send").disabled = true;
     $("stop").disabled = false;
-    (s.transport === "ws" ? viaRealtime : viaSSE)(turn, s, text);
+    (s.transport === "ws" ? RT.viaRealtime : RT.viaSSE)(turn, state, s, text);
   }
 
   function reset() {
     if (state.active && state.active.stop) state.active.stop();
     state.history = [];
-    if (state.link) { state.link.ws.close(); state.link = null; }
+    RT.closeRealtime(state);
     $("messages").replaceChildren();
   }
 
@@ -326,7 +216,7 @@
     $("stop").onclick = () => { if (state.active && state.active.stop) state.active.stop(); };
     $("reset").onclick = reset;
     for (const id of ["transport", "rt-class", "ttft-ms", "itl-ms", "deadline-ms"]) $(id).addEventListener("change", summarize);
-    $("transport").addEventListener("change", () => { if (state.link) { state.link.ws.close(); state.link = null; } });
+    $("transport").addEventListener("change", () => { RT.closeRealtime(state); });
     const models = await RT.ensureKey();
     state.model = (models.data && models.data[0] && models.data[0].id) || "";
     $("model").textContent = state.model;
