@@ -108,6 +108,7 @@ async def stream_events(state: AppState, job: MessagesJob, conn: Request, output
             last = item[1]
             if last.finish_reason == "error":
                 raise ApiError(500, f"The engine failed this request: {last.error or 'unknown error'}")
+            raise_if_cut_short(last)
             for name, event in blocks.feed(last.text):
                 yield sse_event(name, event)
         if last is None:
@@ -129,6 +130,12 @@ async def stream_events(state: AppState, job: MessagesJob, conn: Request, output
         await outputs.aclose()
 
 
+def raise_if_cut_short(out: RequestOutput) -> None:
+    """An abort by the server (shutdown, slow reader) has no Anthropic stop_reason: it is a 503 error."""
+    if out.finish_reason == "abort" and out.error:
+        raise ApiError(503, f"The response was cut short: {out.error}.")
+
+
 async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
     text, last = "", None
     async with job.start(state) as outputs:
@@ -137,6 +144,7 @@ async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
             last = out
     if last is None or last.finish_reason == "error":
         raise ApiError(500, f"The engine failed this request: {last.error if last else 'no output'}")
+    raise_if_cut_short(last)
     if job.rt is not None and job.rt.rt_class == "firm" and is_deadline_drop(last):
         raise deadline_error(last.error)
     stop_reason, stop_sequence = A.stop_reason_of(last.finish_reason, last.stop_reason)

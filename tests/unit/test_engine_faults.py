@@ -114,3 +114,33 @@ async def test_abort_all_ends_every_stream_with_abort(make_core):
         assert core.kv.num_free_blocks == core.kv.pool.num_blocks
     finally:
         await llm.shutdown()
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
+
+
+async def test_abort_all_ends_anthropic_streams_with_an_error_event(make_core):
+    core = make_core(num_blocks=64)
+    llm = AsyncLLM(EngineConfig(), make_core=lambda: core, tokenizer=ChatByteTokenizer())
+    await llm.start(timeout_s=30)
+    app = build_app(llm, ServerSettings(manage_engine_lifecycle=False))
+    try:
+        async with asgi_client(app) as client:
+            async def stream() -> list[str]:
+                body = {"model": "m", "max_tokens": 60, "stream": True, "ignore_eos": True,
+                        "messages": [{"role": "user", "content": "hi"}]}
+                async with client.stream("POST", "/v1/messages", json=body) as r:
+                    return [line async for line in r.aiter_lines() if line]
+
+            task = asyncio.create_task(stream())
+            while not llm.num_requests or not core.has_unfinished:
+                await asyncio.sleep(0.01)
+            assert len(llm.abort_all("the server is shutting down")) == 1
+            lines = await asyncio.wait_for(task, 10)
+        assert lines[-2] == "event: error"
+        assert json.loads(lines[-1][len("data: "):]) == {"type": "error", "error": {
+            "type": "api_error", "message": "The response was cut short: the server is shutting down."}}
+    finally:
+        await llm.shutdown()
