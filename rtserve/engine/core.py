@@ -14,6 +14,7 @@ import torch
 
 from rtserve.config import EngineConfig, ModelConfig
 from rtserve.engine.cost_model import StepCostModel
+from rtserve.engine.grammar_step import propose_jump_forward
 from rtserve.engine.queue_snapshot import build_queue_snapshot
 from rtserve.engine.request import Request
 from rtserve.engine.rt_policy import make_policy, resolve_rt
@@ -63,6 +64,7 @@ class EngineCore:
         # (read from the model files on the first constrained request).
         self.grammars = GrammarService(lambda: tokenizer_info_for_model(
             config.model or _default_model_path(), model_config.vocab_size, model_config.eos_token_ids))
+        self.jump_forward = True  # grammar-forced tokens verified as drafts (rtserve/engine/grammar_step.py)
         self.thread_governor = None
         if config.adaptive_threads and self.runner.device.type == "cpu":
             self.thread_governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
@@ -123,6 +125,8 @@ class EngineCore:
         failed = self._fail_broken_grammars()
         if self.speculator is not None:
             propose_drafts(self.speculator, self.scheduler, self.cost_model, self.max_model_len)
+        elif self.jump_forward:
+            propose_jump_forward(self.scheduler, self.max_model_len)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._last_num_tokens = 0

@@ -76,13 +76,15 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, inputs: ModelInputs) -> RunnerOutput:
         reqs = [s.request for s in inputs.sample_seqs]
-        self._mask_early_stops(logits, reqs)
+        is_verify = any(s.spec_token_ids for s in inputs.sample_seqs)
+        if not is_verify:  # a verify step's rows are per draft: `_verify` masks them itself
+            self._mask_early_stops(logits, reqs)
         failed = self._process_logits(logits, inputs.sample_seqs)
         for req in reqs:
             if req.generator is None and req.sampling_params.seed is not None:
                 req.generator = make_generator(req.sampling_params.seed, self.device)
         batch = SamplingBatch.build([r.sampling_params for r in reqs], [r.generator for r in reqs], self.device)
-        if any(s.spec_token_ids for s in inputs.sample_seqs):
+        if is_verify:
             return _drop(self._verify(logits, inputs.sample_seqs, batch, failed), failed)
         result = sample(logits, batch)
         token_ids = result.token_ids.tolist()

@@ -61,6 +61,16 @@ class RequestGrammar:
         return True
 
     @property
+    def is_ready(self) -> bool:
+        """Compiled (without waiting) and not failed."""
+        return self._matcher is not None or (self._compiled.done() and self._compiled.exception() is None)
+
+    def jump_forward_tokens(self) -> list[int]:
+        """Tokens spelling the text the grammar forces next (empty when it allows a choice)."""
+        matcher = self.matcher
+        return [] if matcher.is_terminated() else matcher.find_jump_forward_tokens()
+
+    @property
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
@@ -93,7 +103,7 @@ def apply_masks(logits: Tensor, grammars: list[tuple[int, RequestGrammar, list[i
         grammar.fill(bitmask, first_row, drafts)
         rows.extend(range(first_row, first_row + len(drafts) + 1))
     if logits.device.type == "cpu":
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=rows)
-    else:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=rows, backend="cpu")
+    else:  # xgrammar's default GPU kernel needs triton, which rtserve does not install: plain torch ops
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                        vocab_size=vocab_size, indices=rows)
+                                        vocab_size=vocab_size, indices=rows, backend="torch_native")

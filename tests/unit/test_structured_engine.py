@@ -130,3 +130,30 @@ def test_logit_bias_and_penalties_change_greedy_output(tiny_weights, tiny_hf_mod
     assert out["bias"] == [42] * 6
     assert out["plain"] == hf_greedy(tiny_hf_model, [7] * 20, 12)
     assert out["freq"] != out["plain"]
+
+
+def test_jump_forward_keeps_output_in_fewer_steps(tiny_weights):
+    item = {"type": "object", "properties": {"a_rather_long_key_name": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 9}},
+            "required": ["a_rather_long_key_name"], "additionalProperties": False}
+    spec = StructuredOutputs("json", json.dumps({"type": "array", "items": item, "minItems": 2, "maxItems": 2}))
+    outs, steps = [], []
+    for jump in (False, True):
+        core = engine(tiny_weights)
+        core.jump_forward = jump
+        add(core, "s", spec, max_tokens=150)
+        add(core, "p", None, max_tokens=20)
+        add(core, "t", spec, max_tokens=150, temperature=1.0, seed=4)
+        n = 0
+        out: dict[str, list[int]] = {}
+        while core.has_unfinished:
+            for o in core.step().outputs:
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            n += 1
+        outs.append(out)
+        steps.append(n)
+    assert outs[0]["s"] == outs[1]["s"] and outs[0]["p"] == outs[1]["p"]
+    for out in outs:
+        jsonschema_rs.validate(json.loads(spec.spec), json.loads(text(out["s"])))
+        jsonschema_rs.validate(json.loads(spec.spec), json.loads(text(out["t"])))
+    assert steps[1] < steps[0]
