@@ -126,7 +126,7 @@ class EngineCore:
         if self.speculator is not None:
             propose_drafts(self.speculator, self.scheduler, self.cost_model, self.max_model_len)
         elif self.jump_forward:
-            propose_jump_forward(self.scheduler, self.max_model_len)
+            propose_jump_forward(self.scheduler, self.cost_model, self.max_model_len)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._last_num_tokens = 0

@@ -7,7 +7,7 @@ import re
 import jsonschema_rs
 import pytest
 
-from rtserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from rtserve.config import CacheConfig, EngineConfig, RTConfig, SchedulerConfig, SpeculativeConfig
 from rtserve.engine.core import EngineCore
 from rtserve.protocol import EngineCoreRequest
 from rtserve.sampling_params import SamplingParams, StructuredOutputs
@@ -32,8 +32,8 @@ def byte_vocab_info():
     return raw_tokenizer_info([bytes([i]) for i in range(TINY.vocab_size)], TINY.vocab_size, (EOS,))
 
 
-def engine(tiny_weights, speculative=None) -> EngineCore:
-    cfg = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128),
+def engine(tiny_weights, speculative=None, policy="deadline") -> EngineCore:
+    cfg = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128), rt=RTConfig(policy=policy),
                        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8,
                                                  max_model_len=TINY.max_position),
                        **({"speculative": speculative} if speculative else {}))
@@ -139,7 +139,7 @@ def test_jump_forward_keeps_output_in_fewer_steps(tiny_weights):
     spec = StructuredOutputs("json", json.dumps({"type": "array", "items": item, "minItems": 2, "maxItems": 2}))
     outs, steps = [], []
     for jump in (False, True):
-        core = engine(tiny_weights)
+        core = engine(tiny_weights, policy="fcfs")  # no step-time budget to limit the drafts
         core.jump_forward = jump
         add(core, "s", spec, max_tokens=150)
         add(core, "p", None, max_tokens=20)
@@ -157,3 +157,16 @@ def test_jump_forward_keeps_output_in_fewer_steps(tiny_weights):
         jsonschema_rs.validate(json.loads(spec.spec), json.loads(text(out["s"])))
         jsonschema_rs.validate(json.loads(spec.spec), json.loads(text(out["t"])))
     assert steps[1] < steps[0]
+
+
+def test_jump_forward_stays_within_the_step_time_budget(tiny_weights):
+    from rtserve.engine.grammar_step import propose_jump_forward
+    core = engine(tiny_weights, policy="fcfs")
+    add(core, "s", StructuredOutputs("json", json.dumps(SCHEMAS[0])), max_tokens=50)
+    core.step()  # prefill: the grammar's first forced tokens are `{"a": `
+    core.scheduler.policy.step_time_budget_s = lambda running, now: 0.0  # no room for another row
+    propose_jump_forward(core.scheduler, core.cost_model, core.max_model_len)
+    assert core.scheduler.running[0].spec_token_ids == []
+    core.scheduler.policy.step_time_budget_s = lambda running, now: None
+    propose_jump_forward(core.scheduler, core.cost_model, core.max_model_len)
+    assert text(core.scheduler.running[0].spec_token_ids) == '"a": '[:4]
