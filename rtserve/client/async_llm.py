@@ -14,6 +14,7 @@ stream's buffer is bounded: a consumer that stops reading gets its request pause
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -196,6 +197,7 @@ class AsyncLLM:
         `admitted=True`: `rt` came from `check_admission` (resolved, admitted); it is not decided again.
         """
         self.validate(prompt_token_ids, params)
+        params = self._bounded(prompt_token_ids, params)
         if self.is_dead:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         if request_id in self._queues:
@@ -232,6 +234,14 @@ class AsyncLLM:
             self._processor.remove(request_id)
             if not finished and not self.is_dead:
                 self._transport.send(EngineCoreAbort([request_id]))
+
+    def _bounded(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """A request without max_tokens may generate up to the server's cap (or to the end of the context
+        when that comes first), never without bound."""
+        if params.max_tokens is not None:
+            return params
+        room = self.max_model_len - len(prompt_token_ids)
+        return dataclasses.replace(params, max_tokens=max(1, min(self.limits.max_tokens_cap, room)))
 
     def _maybe_resume(self, request_id: str, q: asyncio.Queue) -> None:
         """The consumer is reading again: resume a paused request once its buffer is half drained."""
