@@ -31,7 +31,8 @@ def tokenizer_info_for_model(path: str, vocab_size: int, stop_token_ids: tuple[i
         with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
             text = f.read()
         data = json.loads(text)
-        vocab = dict(data["model"]["vocab"])
+        model_vocab = data["model"]["vocab"]  # BPE/WordPiece: {token: id}; Unigram: [[token, score], ...]
+        vocab = dict(model_vocab) if isinstance(model_vocab, dict) else {t: i for i, (t, _) in enumerate(model_vocab)}
         vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
         tokens = [""] * (max(vocab.values()) + 1)
         for token, i in vocab.items():
