@@ -1,7 +1,7 @@
 """App factory: `build_app(engine_client, settings)` wires middleware, error handlers and routes.
 
-Middleware, outermost first: access log (request id) -> API key -> drain (503 while shutting down) ->
-body-size limit -> FastAPI.
+Middleware, outermost first: access log (request id) -> API key -> per-key concurrency -> drain (503
+while shutting down) -> body-size limit -> FastAPI.
 The lifespan starts the engine client (engine core process, model load) and shuts it down.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from starlette.requests import HTTPConnection
 
 from rtserve.api.auth import ApiKeyMiddleware
 from rtserve.api.errors import ApiError, install_error_handlers
+from rtserve.api.key_limits import KeyConcurrencyMiddleware
 from rtserve.api.limits import BodyLimitMiddleware
 from rtserve.api.logging import AccessLogMiddleware
 from rtserve.api.metrics import ServingMetrics
@@ -35,6 +36,7 @@ class ServerSettings:
     send_timeout_s: float = 60.0         # drop a client that has not read for this long
     ready_timeout_s: float = 10.0        # /ready: one-token generation must finish within this
     manage_engine_lifecycle: bool = True  # lifespan calls engine.start() / engine.shutdown()
+    max_concurrent_per_key: int = 0      # HTTP requests in flight per API key (0: unlimited)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.ping_interval_s <= 0 or self.send_timeout_s <= 0:
@@ -90,6 +92,7 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
     # add_middleware puts each new one outermost: add innermost first.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware, drain=app.state.rtserve.drain)
+    app.add_middleware(KeyConcurrencyMiddleware, max_per_key=settings.max_concurrent_per_key)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(AccessLogMiddleware)
     return app

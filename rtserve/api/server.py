@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-n", type=int, default=None, help="largest n (choices per request)")
     lim.add_argument("--max-logprobs", type=int, default=None)
     lim.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    lim.add_argument("--max-concurrent-per-key", type=int, default=0,
+                     help="HTTP requests one API key may have in flight; more get 429 (needs --api-key; 0: no limit)")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1")
     h.add_argument("--port", type=int, default=8000)
@@ -182,7 +184,8 @@ def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(served_model_names=tuple(args.served_model_name or ()), api_key=args.api_key or None,
                           max_body_bytes=args.max_body_bytes, ping_interval_s=args.ping_interval_s,
-                          send_timeout_s=args.send_timeout_s, ready_timeout_s=args.ready_timeout_s)
+                          send_timeout_s=args.send_timeout_s, ready_timeout_s=args.ready_timeout_s,
+                          max_concurrent_per_key=args.max_concurrent_per_key)
 
 
 def main(argv: list[str]) -> int:
@@ -212,6 +215,9 @@ def main(argv: list[str]) -> int:
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
         h11_max_incomplete_event_size=args.max_header_bytes,
         ws_max_size=max(args.max_body_bytes, 64 * 1024), server_header=False)
+    if args.max_concurrent_per_key and not settings.api_key:
+        print("rtserve serve: --max-concurrent-per-key needs --api-key", file=sys.stderr)
+        return 2
     if args.shutdown_timeout_s < 0:
         print("rtserve serve: --shutdown-timeout-s must be >= 0", file=sys.stderr)
         return 2
