@@ -84,6 +84,16 @@ def watch_answer_growth(page) -> None:
     }""")
 
 
+def strip_has_bars(page) -> bool:
+    """Whether the newest answer's gap strip has anything drawn on it."""
+    return page.evaluate("""() => {
+        const strips = document.querySelectorAll('.msg.assistant canvas.gaps');
+        const c = strips[strips.length - 1];
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return px.some((v, i) => i % 4 === 3 && v > 0);
+    }""")
+
+
 def send(page, text: str) -> None:
     page.fill("#prompt", text)
     page.press("#prompt", "Enter")
@@ -111,6 +121,7 @@ def test_key_prompt_streaming_and_hostile_markup_stays_text(page, artifacts):
         assert len([n for n in lengths if n > 0]) >= 3, lengths  # grew in visible steps (** vanish at the end)
         assert re.fullmatch(r"\d+(\.\d)? ms", answer.locator(".fig-ttft .value").inner_text())
         assert answer.locator("canvas.gaps").count() == 1
+        assert strip_has_bars(page)
         page.screenshot(path=str(artifacts / "chat-fake.png"), full_page=True)
 
 
@@ -243,6 +254,7 @@ def test_real_server_streams_reports_rt_and_stop_frees_the_engine(browser, artif
             assert re.fullmatch(r"\d+(\.\d)? ms", answer.locator(".fig-ttft .value").inner_text())
             assert answer.locator(".fig-verdict").get_attribute("data-verdict") in ("met", "missed")
             assert "soft" in answer.locator(".fig-class .value").inner_text()
+            assert strip_has_bars(page)
             page.screenshot(path=str(artifacts / "chat.png"))
 
             worker = threading.Thread(target=mixed_load, args=(server.url,))

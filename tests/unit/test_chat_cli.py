@@ -59,6 +59,17 @@ def test_session_streams_keeps_history_and_sends_rt_only_when_asked():
     assert "8 cached" in footer and "firm (ttft 300 ms, itl 50 ms): missed itl" in footer
 
 
+def test_plain_openai_server_without_rt_or_usage():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=sse(delta("A"), delta("B"), delta("", "length")))
+
+    session = ChatSession(model="gpt")
+    with scripted(handler) as client:
+        stats = list(session.stream(client, "hi"))[-1].stats
+    assert stats.rt is None and stats.verdict is None and stats.num_tokens == 2
+    assert stats.footer().endswith("2 tokens · finish: length")
+
+
 def test_refusal_takes_the_question_back_and_reads_retry_after():
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(429, json={"error": {"message": "queue is full", "code": "queue_full"}},
