@@ -14,7 +14,7 @@ import torch
 
 from rtserve.config import EngineConfig, ModelConfig
 from rtserve.engine.cost_model import StepCostModel
-from rtserve.engine.grammar_step import propose_jump_forward
+from rtserve.engine.grammar_step import hold_until_compiled, propose_jump_forward
 from rtserve.engine.queue_snapshot import build_queue_snapshot
 from rtserve.engine.request import Request
 from rtserve.engine.rt_policy import make_policy, resolve_rt
@@ -27,10 +27,10 @@ from rtserve.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreReq
                               FinishReason, QueueSnapshot, RTClass)
 from rtserve.runner.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_dtype
 from rtserve.spec.proposer import Proposer
+from rtserve.spec.speculator import build_speculator
 from rtserve.structured.compiler import GrammarService
 from rtserve.structured.matcher import RequestGrammar
 from rtserve.structured.vocab import tokenizer_info_for_model
-from rtserve.spec.speculator import build_speculator
 
 logger = logging.getLogger("rtserve.engine")
 
@@ -123,6 +123,7 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         start = time.monotonic()
         failed = self._fail_broken_grammars()
+        hold_until_compiled(self.scheduler)
         if self.speculator is not None:
             propose_drafts(self.speculator, self.scheduler, self.cost_model, self.max_model_len)
         elif self.jump_forward:

@@ -1,4 +1,9 @@
-"""Jump-forward decoding for constrained requests, as drafts the verify step checks.
+"""The engine step's grammar chores: hold a request until its grammar has compiled, and jump-forward.
+
+A request whose grammar is still compiling when its next step could sample is held (paused, keeping
+its blocks) until the compile is done, so no step waits on a compile: the others keep their pace.
+
+Jump-forward decoding for constrained requests, as drafts the verify step checks.
 
 Where a request's grammar forces a run of text (a JSON key, the punctuation between values), the
 matcher's forced tokens become that request's draft tokens for the step, before scheduling. The
@@ -18,6 +23,21 @@ from rtserve.engine.scheduler import Scheduler
 
 MAX_JUMP_TOKENS = 4  # drafts per request and step
 _UNBOUNDED = 1 << 30
+
+
+def hold_until_compiled(scheduler: Scheduler) -> None:
+    """Pause constrained requests that could sample this step before their grammar is ready; resume
+    them once it is (or once it failed: the engine then fails them)."""
+    for req in (*scheduler.running, *scheduler.waiting):
+        grammar = req.grammar
+        if grammar is None:
+            continue
+        if grammar.is_held:
+            if grammar.is_ready or grammar.error is not None:
+                req.is_paused = grammar.is_held = False
+        elif (not req.is_paused and not grammar.is_ready and grammar.error is None
+              and req.num_tokens - req.num_computed_tokens <= scheduler.config.max_num_batched_tokens):
+            req.is_paused = grammar.is_held = True
 
 
 def propose_jump_forward(scheduler: Scheduler, cost_model: StepCostModel, max_model_len: int,

@@ -162,7 +162,9 @@ def test_jump_forward_keeps_output_in_fewer_steps(tiny_weights):
 def test_jump_forward_stays_within_the_step_time_budget(tiny_weights):
     from rtserve.engine.grammar_step import propose_jump_forward
     core = engine(tiny_weights, policy="fcfs")
-    add(core, "s", StructuredOutputs("json", json.dumps(SCHEMAS[0])), max_tokens=50)
+    spec = StructuredOutputs("json", json.dumps(SCHEMAS[0]))
+    core.grammars.submit(spec).result()  # compiled: the request is not held
+    add(core, "s", spec, max_tokens=50)
     core.step()  # prefill: the grammar's first forced tokens are `{"a": `
     core.scheduler.policy.step_time_budget_s = lambda running, now: 0.0  # no room for another row
     propose_jump_forward(core.scheduler, core.cost_model, core.max_model_len)
@@ -170,3 +172,22 @@ def test_jump_forward_stays_within_the_step_time_budget(tiny_weights):
     core.scheduler.policy.step_time_budget_s = lambda running, now: None
     propose_jump_forward(core.scheduler, core.cost_model, core.max_model_len)
     assert text(core.scheduler.running[0].spec_token_ids) == '"a": '[:4]
+
+
+def test_a_compiling_grammar_holds_only_its_request(tiny_weights, tiny_hf_model):
+    import threading
+    release = threading.Event()
+    core = engine(tiny_weights)
+    slow = GrammarService(lambda: (release.wait(30), byte_vocab_info())[1])
+    core.grammars = slow
+    add(core, "json", StructuredOutputs("json", json.dumps(SCHEMAS[0])))
+    add(core, "plain", None, max_tokens=8)
+    out: dict[str, list[int]] = {}
+    for _ in range(12):  # the compile is blocked: the plain request runs to its end meanwhile
+        for o in core.step().outputs:
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert out["plain"] == hf_greedy(tiny_hf_model, PROMPT, 8) and "json" not in out
+    release.set()
+    for rid, ids in run_to_completion(core).items():
+        out.setdefault(rid, []).extend(ids)
+    jsonschema_rs.validate(SCHEMAS[0], json.loads(text(out["json"])))
