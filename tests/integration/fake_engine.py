@@ -272,10 +272,16 @@ class ServerProcess:
     def __exit__(self, *exc_info: object) -> None:
         import subprocess
 
+        import signal
+
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # drains: requests still in flight may run on for --shutdown-timeout-s
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                self.proc.send_signal(signal.SIGINT)  # a second signal: the server kills its engine and exits
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
