@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from starlette.requests import HTTPConnection
 
 from rtserve.api.auth import ApiKeyMiddleware
+from rtserve.api.batches.settings import BatchSettings
 from rtserve.api.errors import ApiError, install_error_handlers
 from rtserve.api.key_limits import KeyConcurrencyMiddleware
 from rtserve.api.limits import BodyLimitMiddleware
@@ -37,6 +38,12 @@ class ServerSettings:
     ready_timeout_s: float = 10.0        # /ready: one-token generation must finish within this
     manage_engine_lifecycle: bool = True  # lifespan calls engine.start() / engine.shutdown()
     max_concurrent_per_key: int = 0      # HTTP requests in flight per API key (0: unlimited)
+    api_keys: tuple[str, ...] = ()       # more accepted keys besides api_key (each sees only its own batches)
+    batches: BatchSettings | None = None  # the Batch API (rtserve/api/batches), off when None
+
+    @property
+    def all_api_keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for k in (self.api_key, *self.api_keys) if k))
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.ping_interval_s <= 0 or self.send_timeout_s <= 0:
@@ -76,9 +83,13 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.manage_engine_lifecycle:
             await engine_client.start()
+        if batch_service is not None:
+            await batch_service.start()
         try:
             yield
         finally:
+            if batch_service is not None:
+                await batch_service.stop()
             if settings.manage_engine_lifecycle:
                 await engine_client.shutdown()
 
@@ -87,12 +98,17 @@ def build_app(engine_client: Any, settings: ServerSettings | None = None) -> Fas
     engine_client.rt_listener = app.state.rtserve.metrics.rt  # per-class real-time metrics
     install_error_handlers(app)
     install_openapi(app)
+    batch_service = None
+    if settings.batches is not None:
+        from rtserve.api.batches import service
+        batch_service = service.install(app, settings.batches, settings.all_api_keys)
     for module in (routes_ops, routes_openai, routes_anthropic, routes_realtime, routes_web):
         app.include_router(module.router)
     # add_middleware puts each new one outermost: add innermost first.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       path_limits=batch_service.body_limits() if batch_service is not None else None)
     app.add_middleware(DrainMiddleware, drain=app.state.rtserve.drain)
     app.add_middleware(KeyConcurrencyMiddleware, max_per_key=settings.max_concurrent_per_key)
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.all_api_keys)
     app.add_middleware(AccessLogMiddleware)
     return app

@@ -24,17 +24,21 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    """`path_limits` gives paths (exact) their own limit, e.g. file uploads larger than any request body."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.max_body_bytes <= 0:
+        limit = self.path_limits.get(scope.get("path", ""), self.max_body_bytes)
+        if scope["type"] != "http" or limit <= 0:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope.get("headers", []))
-        if declared is not None and declared > self.max_body_bytes:
-            await _send_413(scope, send, self.max_body_bytes)
+        if declared is not None and declared > limit:
+            await _send_413(scope, send, limit)
             return
         num_received = 0
 
@@ -43,8 +47,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 num_received += len(message.get("body", b""))
-                if num_received > self.max_body_bytes:
-                    raise RequestTooLarge(self.max_body_bytes)
+                if num_received > limit:
+                    raise RequestTooLarge(limit)
             return message
 
         await self.app(scope, counting_receive, send)

@@ -90,8 +90,8 @@ async def create_message_batch(request: Request) -> Response:
            "created_at": now, "in_progress_at": now, "expires_at": now + int(service.settings.completion_window_s)}
     await service.runner.call(service.store.add_batch, row, items)
     service.runner.wake()
-    stored = await service.runner.call(service.store.get_batch, row["id"])
-    return json_ok(await message_batch_view(service, request, stored))
+    counts = {**O.NO_ITEMS, "pending": len(items)}
+    return json_ok(O.message_batch_object({**O.NEW_BATCH_DEFAULTS, **row}, counts, ""))  # as created
 
 
 @router.get("/v1/messages/batches")

@@ -91,8 +91,7 @@ async def create_batch(request: Request) -> Response:
            "created_at": now, "expires_at": now + int(service.settings.completion_window_s)}
     await service.runner.call(service.store.add_batch, row)
     service.runner.wake()
-    stored = await service.runner.call(service.store.get_batch, row["id"])
-    return json_ok(await batch_view(service, stored))
+    return json_ok(O.batch_object({**O.NEW_BATCH_DEFAULTS, **row}, O.NO_ITEMS, O.NO_USAGE))  # as created
 
 
 @router.get("/v1/batches/{batch_id}")
@@ -121,12 +120,12 @@ async def cancel_batch(request: Request, batch_id: str) -> Response:
 
 
 async def cancel(service: BatchService, row: dict[str, Any], conflict_message: str) -> None:
-    """validating/in_progress -> cancelling (pending items settle as cancelled); 409 once it has ended."""
+    """validating/in_progress -> cancelling; 409 once it has ended. The runner lets the items in flight
+    finish, then settles the rest as cancelled and writes the partial results."""
     if row["status"] in ("cancelling", "cancelled"):
         return
     now = int(service.runner.clock())
     if not await service.runner.call(service.store.update_batch, row["id"], ("validating", "in_progress"),
                                      status="cancelling", cancelling_at=now):
         raise ApiError(409, conflict_message, param="batch_id", code="batch_not_cancellable")
-    await service.runner.call(service.store.settle_pending, row["id"], "cancelled")
     service.runner.wake()

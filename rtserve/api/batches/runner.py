@@ -48,6 +48,7 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_sweep_s = float("-inf")
+        self._stopping = False
 
     def now(self) -> int:
         return int(self.clock())
@@ -67,6 +68,7 @@ class BatchRunner:
 
     async def stop(self) -> None:
         """Stop submitting; items in flight are abandoned (still pending, so they run after a restart)."""
+        self._stopping = True
         tasks = [t for t in (self._task, *self._in_flight.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -74,17 +76,20 @@ class BatchRunner:
         self._task = None
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not stop every batch; it is logged and retried
                 logger.exception("batch runner step failed")
+            # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation that races the
+            # event, which would leave stop() waiting on this task forever
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.sweep_interval_s)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=self.settings.sweep_interval_s)
+            finally:
+                waiter.cancel()
             self._wake.clear()
 
     async def tick(self) -> None:
@@ -121,14 +126,14 @@ class BatchRunner:
         self.wake()
 
     async def _advance(self, batch: dict[str, Any]) -> None:
-        if self.now() >= batch["expires_at"]:
-            await self.call(self.store.settle_pending, batch["id"], "expired")
+        busy = {idx for (bid, idx) in self._in_flight if bid == batch["id"]}
+        if self.now() >= batch["expires_at"]:  # items in flight may still finish
+            await self.call(self.store.settle_pending, batch["id"], "expired", busy)
             await self.call(self.store.update_batch, batch["id"], ("in_progress",), status="finalizing",
                             finalizing_at=self.now())
             return await self._finish_when_idle({**batch, "status": "finalizing"})
         free = self.settings.max_in_flight - len(self._in_flight)
         if free > 0:
-            busy = {idx for (bid, idx) in self._in_flight if bid == batch["id"]}
             items = await self.call(self.store.pending_items, batch["id"], free, busy)
             for item in items:
                 key = (batch["id"], item["idx"])
@@ -169,14 +174,10 @@ class BatchRunner:
         """cancelling/finalizing -> the batch's final status, once none of its items is in flight."""
         if any(bid == batch["id"] for bid, _ in self._in_flight):
             return
+        cancelling = batch["status"] == "cancelling"
+        await self.call(self.store.settle_pending, batch["id"], "cancelled" if cancelling else "expired")
         counts = await self.call(self.store.item_counts, batch["id"])
-        if counts["pending"]:  # cancelling: items not yet settled
-            await self.call(self.store.settle_pending, batch["id"], "cancelled")
-            counts = await self.call(self.store.item_counts, batch["id"])
-        if batch["status"] == "cancelling":
-            final = "cancelled"
-        else:
-            final = "expired" if counts["expired"] else "completed"
+        final = "cancelled" if cancelling else ("expired" if counts["expired"] else "completed")
         files = await self.call(self._write_result_files, batch) if batch["api"] == "openai" else {}
         await self.call(self.store.finalize, batch["id"], final, list(files.values()), self.now(),
                         output_file_id=files["output"]["id"] if "output" in files else None,

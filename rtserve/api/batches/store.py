@@ -248,10 +248,11 @@ class BatchStore:
                 (state, status_code, request_id, None if result is None else json.dumps(result), *usage,
                  batch_id, idx)).rowcount > 0
 
-    def settle_pending(self, batch_id: str, state: str) -> int:
-        """Every still-pending item of the batch becomes `state` (cancelled or expired)."""
+    def settle_pending(self, batch_id: str, state: str, exclude: set[int] = frozenset()) -> int:
+        """Every still-pending item of the batch but `exclude` (those in flight) becomes `state`."""
         with self._tx() as c:
-            return c.execute("UPDATE items SET state = ? WHERE batch_id = ? AND state = 'pending'",
+            return c.execute(f"UPDATE items SET state = ? WHERE batch_id = ? AND state = 'pending' "
+                             f"AND idx NOT IN ({', '.join(str(int(i)) for i in exclude)})",
                              (state, batch_id)).rowcount
 
     def item_counts(self, batch_id: str) -> dict[str, int]:
