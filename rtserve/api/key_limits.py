@@ -1,8 +1,9 @@
 """Per-key request concurrency as pure ASGI middleware (inside the API-key check, so every key seen here
 is a valid one): at most `max_per_key` HTTP requests of one key in flight; one more gets 429
 (`rate_limit_error`, code `too_many_concurrent_requests`) with Retry-After at once, never a held
-connection. A streaming request holds its slot until its stream ends. Liveness, the UI's public pages and
-requests without a key are not counted (`rtserve serve` refuses the limit without --api-key). Keys are
+connection. A streaming request holds its slot until its stream ends. Liveness, the UI's public pages, the
+dashboard's stats stream (monitoring, open for as long as the page is) and requests without a key are
+not counted (`rtserve serve` refuses the limit without --api-key). Keys are
 held only as map keys in memory: they are never logged or echoed.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rtserve.api.errors import ApiError, error_body
 from rtserve.api.sse import dumps
 
 RETRY_AFTER_S = 1
+UNCOUNTED_PATHS = frozenset({"/stats/stream"})
 
 
 class KeyConcurrencyMiddleware:
@@ -25,7 +27,7 @@ class KeyConcurrencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = presented_key(scope.get("headers", [])) if scope["type"] == "http" else None
         if (key is None or self.max_per_key <= 0 or scope["path"] in PUBLIC_PATHS
-                or scope["path"].startswith(PUBLIC_PREFIXES)):
+                or scope["path"] in UNCOUNTED_PATHS or scope["path"].startswith(PUBLIC_PREFIXES)):
             await self.app(scope, receive, send)
             return
         if self.num_in_flight.get(key, 0) >= self.max_per_key:

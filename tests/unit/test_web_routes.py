@@ -79,3 +79,18 @@ async def test_realtime_key_as_subprotocol(server):
     assert exc.value.response.status_code == 401
     async with connect(url, additional_headers={"authorization": f"Bearer {KEY}"}) as ws:
         assert ws.subprotocol is None  # a client that offered no subprotocol gets none
+
+
+def test_stats_stream_holds_no_concurrency_slot_and_ends_on_drain():
+    app, _ = build_test_app(api_key=KEY, max_concurrent_per_key=1)
+    headers = {"authorization": f"Bearer {KEY}"}
+    with LiveServer(app) as server, httpx.stream("GET", server.url + "/stats/stream?interval_ms=100",
+                                                 headers=headers, timeout=10) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        r = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=10,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200  # the open dashboard stream does not use up the key's one slot
+        app.state.rtserve.drain.is_draining = True
+        for _ in lines:  # the stream ends by itself
+            pass

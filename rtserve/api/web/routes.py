@@ -81,9 +81,12 @@ def parse_interval_ms(raw: str | None) -> int:
 
 @router.get("/stats/stream")
 async def stats_stream(request: Request) -> Response:
-    """Server-sent stats: the kept recent points at once, then one point every `interval_ms` (default 1000)."""
+    """Server-sent stats: the kept recent points at once, then one point every `interval_ms` (default 1000).
+
+    Not counted against a key's concurrency limit (rtserve/api/key_limits.py); ends when the server drains.
+    """
     interval_s = parse_interval_ms(request.query_params.get("interval_ms")) / 1000.0
-    stats = live_stats(request)
+    stats, drain = live_stats(request), app_state(request).drain
 
     async def events() -> AsyncIterator[bytes]:
         yield sse_comment("rtserve stats")
@@ -91,7 +94,7 @@ async def stats_stream(request: Request) -> Response:
         for point in kept:
             yield sse_data(point)
         last = kept[-1] if kept else None
-        while True:
+        while not drain.is_draining:  # a shutdown ends the stream (the page reconnects to the next server)
             point = stats.latest()
             if point is not last:  # another viewer's sample may still be the newest one
                 yield sse_data(point)
