@@ -123,9 +123,26 @@ def run_engine_process(config, in_q: Any, out_q: Any) -> None:
     import torch
 
     parent_pid = os.getppid()
+    _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     from rtserve.engine.startup import start_engine_core
     run_engine_loop(lambda: start_engine_core(config), in_q, out_q,
                     is_orphaned=lambda: os.getppid() != parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this process when the API process dies, even by SIGKILL (where the
+    orphan check in `_drain` would only see it once idle). Elsewhere the orphan check alone remains."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)

@@ -172,7 +172,7 @@ def test_engine_sigkill_fails_every_client_and_exits_nonzero():
     assert_all_gone(children)
 
 
-def test_engine_restart_replaces_a_killed_engine():
+def test_engine_restart_replaces_a_killed_engine_which_dies_with_the_server():
     with ServerProcess(*FAST_START, "--engine-restart") as server:
         children = descendants(server)
         first_engine = engine_process(server)
@@ -194,6 +194,12 @@ def test_engine_restart_replaces_a_killed_engine():
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
         assert 'rtserve:engine_restarts_total{model_name="SmolLM2-135M-Instruct"} 1' in metrics
         children += descendants(server)
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(60) == 0
+        busy = Stream(server.url, 2000)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(busy)
+            wait_for(lambda: busy.first_s, 120, "a long stream in the new engine")
+            server.proc.kill()  # the API process dies without a word mid-stream: its engine must not outlive it
+            server.proc.wait(10)
+            with pytest.raises(httpx.HTTPError):
+                future.result(timeout=30)
     assert_all_gone(children)
