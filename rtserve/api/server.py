@@ -12,6 +12,7 @@ import os
 import sys
 
 from rtserve.api.app import ServerSettings, build_app
+from rtserve.api.batches.settings import BatchSettings, default_data_dir
 from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
 from rtserve.api.shutdown import GracefulServer
@@ -107,11 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     lim.add_argument("--max-concurrent-per-key", type=int, default=0,
                      help="HTTP requests one API key may have in flight; more get 429 (needs --api-key; 0: no limit)")
+    b = p.add_argument_group("batch API (OpenAI /v1/files + /v1/batches, Anthropic /v1/messages/batches)")
+    b.add_argument("--data-dir", default=None,
+                   help="where batches and files are kept (SQLite + file bodies; default $RTSERVE_DATA_DIR, "
+                        "else $XDG_DATA_HOME/rtserve or ~/.local/share/rtserve)")
+    b.add_argument("--no-batch-api", action="store_true", help="serve no batch or file routes, keep no data dir")
+    b.add_argument("--max-file-bytes", type=int, default=None,
+                   help=f"larger uploads get 413 ({BatchSettings.max_file_bytes})")
+    b.add_argument("--max-batch-requests", type=int, default=None,
+                   help=f"more requests in one batch get 400 ({BatchSettings.max_batch_requests})")
+    b.add_argument("--batch-max-in-flight", type=int, default=None,
+                   help=f"batch items submitted to the engine at once ({BatchSettings.max_in_flight})")
+    b.add_argument("--batch-retention-s", type=float, default=None,
+                   help=f"files and finished batches' results are deleted after this long "
+                        f"({BatchSettings.retention_s:.0f})")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1")
     h.add_argument("--port", type=int, default=8000)
-    h.add_argument("--api-key", default=os.environ.get("RTSERVE_API_KEY"),
-                   help="require this key (Bearer or x-api-key) on every route but /health; default $RTSERVE_API_KEY")
+    h.add_argument("--api-key", action="append", default=None,
+                   help="require this key (Bearer or x-api-key) on every route but /health; repeat to accept "
+                        "several (each sees only its own batches and files); default $RTSERVE_API_KEY")
     h.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive timeout, seconds")
     h.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn connection cap (plain 503 beyond)")
     h.add_argument("--backlog", type=int, default=2048)
@@ -181,8 +197,19 @@ def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
                           else args.rt_soft_overload_bound_ms / 1000.0)
 
 
+def batch_settings_from_args(args: argparse.Namespace) -> BatchSettings | None:
+    if args.no_batch_api:
+        return None
+    return _replace_given(BatchSettings(args.data_dir or default_data_dir()), max_file_bytes=args.max_file_bytes,
+                          max_batch_requests=args.max_batch_requests, max_in_flight=args.batch_max_in_flight,
+                          retention_s=args.batch_retention_s)
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(served_model_names=tuple(args.served_model_name or ()), api_key=args.api_key or None,
+    keys = [k for k in (args.api_key or [os.environ.get("RTSERVE_API_KEY")]) if k]
+    return ServerSettings(served_model_names=tuple(args.served_model_name or ()),
+                          api_key=keys[0] if keys else None, api_keys=tuple(keys[1:]),
+                          batches=batch_settings_from_args(args),
                           max_body_bytes=args.max_body_bytes, ping_interval_s=args.ping_interval_s,
                           send_timeout_s=args.send_timeout_s, ready_timeout_s=args.ready_timeout_s,
                           max_concurrent_per_key=args.max_concurrent_per_key)
@@ -206,7 +233,13 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"rtserve serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(engine, settings)
+    try:
+        app = build_app(engine, settings)
+    except RuntimeError as exc:  # e.g. the batch data directory is held by another server
+        print(f"rtserve serve: {exc}", file=sys.stderr)
+        return 2
+    if settings.batches is not None:
+        print(f"rtserve serve: batch API data directory {settings.batches.data_dir}", file=sys.stderr)
     http = guarded_httptools(args.max_header_bytes, args.header_timeout_s) if args.http == "httptools" else args.http
     uvicorn_config = uvicorn.Config(
         app, host=args.host, port=args.port, loop=args.loop, http=http, ws="websockets-sansio",

@@ -234,6 +234,10 @@ class ServerProcess:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        self.own_data_dir = None
+        if "--data-dir" not in args and "--no-batch-api" not in args:  # never the user's own data dir
+            self.own_data_dir = tempfile.mkdtemp(prefix="rtserve-data-")
+            args = (*args, "--data-dir", self.own_data_dir)
         self.cmd = [sys.executable, "-m", "rtserve", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="rtserve-serve-", suffix=".log", delete=False)
         self.startup_timeout_s = startup_timeout_s
@@ -285,3 +289,6 @@ class ServerProcess:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(5)
+        if self.own_data_dir is not None and (self.proc is None or self.proc.poll() is not None):
+            import shutil
+            shutil.rmtree(self.own_data_dir, ignore_errors=True)

@@ -350,3 +350,26 @@ async def test_message_batch_list_pagination(make_client):
     assert [b["id"] for b in rest["data"]] == [ids[0]] and not rest["has_more"]
     newer = (await c.get("/v1/messages/batches", params={"before_id": ids[0]})).json()
     assert [b["id"] for b in newer["data"]] == [ids[2], ids[1]]
+
+
+def test_serve_flags_build_the_batch_settings_and_keys(tmp_path):
+    from rtserve.api.server import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["--api-key", "a", "--api-key", "b", "--data-dir", str(tmp_path),
+                                      "--max-file-bytes", "10", "--max-batch-requests", "5",
+                                      "--batch-max-in-flight", "3", "--batch-retention-s", "60"])
+    s = settings_from_args(args)
+    assert (s.api_key, s.api_keys, s.all_api_keys) == ("a", ("b",), ("a", "b"))
+    assert s.batches == BatchSettings(str(tmp_path), max_file_bytes=10, max_batch_requests=5, max_in_flight=3,
+                                      retention_s=60)
+    assert settings_from_args(build_parser().parse_args(["--no-batch-api"])).batches is None
+
+
+def test_a_data_dir_serves_one_process_at_a_time(tmp_path):
+    from rtserve.api.batches.store import BatchStore
+
+    first = BatchStore(str(tmp_path / "db"), str(tmp_path / "files"))
+    with pytest.raises(RuntimeError, match="in use by another rtserve process"):
+        BatchStore(str(tmp_path / "db"), str(tmp_path / "files"))
+    first.close()
+    BatchStore(str(tmp_path / "db"), str(tmp_path / "files")).close()

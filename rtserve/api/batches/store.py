@@ -14,13 +14,14 @@ is on disk. Methods are synchronous and serialised by a lock; the routes and the
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 ENDED_STATUSES = ("completed", "failed", "expired", "cancelled")
@@ -49,12 +50,26 @@ CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status, seq);
 """
 
 
+def _exclusive_lock(path: str) -> IO[bytes]:
+    """Hold an advisory lock for this process's lifetime: two servers on one data directory would both
+    run its batches. The kernel drops the lock when the process dies, SIGKILL included."""
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"the batch data directory of {path[:-len('.lock')]} is in use by another "
+                           "rtserve process (give each server its own --data-dir)") from None
+    return f
+
+
 class BatchStore:
     """The SQLite database and the file directory; see the module docstring for the tables."""
 
     def __init__(self, db_path: str, files_dir: str) -> None:
         os.makedirs(files_dir, exist_ok=True)
         self.files_dir = files_dir
+        self._lock_file = _exclusive_lock(db_path + ".lock")
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
@@ -66,6 +81,7 @@ class BatchStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        self._lock_file.close()  # releases the process lock
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
