@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.integration.fake_engine import FakeEngine, asgi_client, build_test_app
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.integration.fake_engine import FakeEngine, LiveServer, asgi_client, build_test_app
 
 
 async def test_draining_refuses_new_requests_but_not_liveness():
@@ -37,3 +41,18 @@ async def test_requests_in_flight_are_counted():
         gate.set()
         assert (await task).status_code == 200
     assert drain.num_in_flight == 0
+
+
+async def test_draining_refuses_websocket_upgrades():
+    app, _ = build_test_app()
+    drain = app.state.rtserve.drain
+    with LiveServer(app) as server:
+        url = server.url.replace("http://", "ws://") + "/v1/realtime?model=fake-model"
+        async with connect(url) as ws:  # before the drain: accepted
+            await ws.recv()
+        drain.is_draining, drain.drain_deadline_s = True, time.monotonic() + 5
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["retry-after"] in ("4", "5")
