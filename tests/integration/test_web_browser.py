@@ -203,6 +203,13 @@ def test_429_counts_down_and_firm_drop_is_explained(page):
         assert last_answer(page).locator(".body").inner_text() == "abc"
         assert "Cut short by its deadline" in last_answer(page).locator(".notice.warn").inner_text()
 
+    with serve(FakeEngine(reply="abcdef", error_after=3)) as server:  # fails after three tokens
+        open_chat(page, server.url)
+        send(page, "hello")
+        page.wait_for_selector(".msg.assistant[data-state='error']")
+        assert last_answer(page).locator(".body").inner_text() == "abc"
+        assert "Error" in last_answer(page).locator(".notice.error").inner_text()
+
 
 def test_dashboard_plots_update_under_load(page, artifacts):
     engine = FakeEngine(reply="x" * 40, step_s=0.01)

@@ -61,6 +61,8 @@
       this.notice = RT.el("div", "notice");
       this.notice.hidden = true;
       this.box.append(this.meta, this.strip, this.notice);
+      this.history = state.history;  // the conversation this turn belongs to (a reset starts a new one)
+      this.failed = false;
       this.text = "";
       this.t0 = performance.now();
       this.firstAt = null;
@@ -134,13 +136,13 @@
       }
       if (how === "stopped") this.say("Stopped by you.", "info");
       RT.drawGaps(this.strip, this.gaps, this.itlBudget());
-      if (this.text) state.history.push({role: "assistant", content: this.text});
+      if (this.text) this.history.push({role: "assistant", content: this.text});
       endTurn();
     }
 
     // A request that failed before any token; `retryMs` counts down before "Retry" is offered.
     refuse(status, error, retryMs, userText) {
-      state.history.pop();  // the question goes back to the composer's retry, not into the history
+      this.history.pop();  // the question goes back to the composer's retry, not into the history
       const code = error.code || "";
       if (status === 429 || status === 529 || retryMs) {
         const why = REASONS[code] || error.message || "it is overloaded";

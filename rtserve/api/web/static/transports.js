@@ -29,14 +29,14 @@
       await RT.readSSE(r, (data) => {
         if (data === "[DONE]") return;
         const obj = JSON.parse(data);
-        if (obj.error) return turn.say("Error: " + obj.error.message, "error");
+        if (obj.error) { turn.failed = true; return turn.say("Error: " + obj.error.message, "error"); }
         const choice = obj.choices && obj.choices[0];
         if (choice && choice.delta && choice.delta.content) turn.token(choice.delta.content);
         if (choice && choice.finish_reason) turn.finishReason = choice.finish_reason;
         if (obj.usage) turn.cached = (obj.usage.prompt_tokens_details || {}).cached_tokens || 0;
         if (obj.rt) turn.rt = obj.rt;
       });
-      turn.finish("done");
+      turn.finish(turn.failed ? "error" : "done");
     } catch (e) {
       if (ctrl.signal.aborted) return turn.finish("stopped");
       if (turn.numTokens) { turn.say("Connection lost: " + e.message, "error"); return turn.finish("error"); }
