@@ -158,6 +158,10 @@ def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served):
         wait_until(lambda: engine.finished, "the second answer completed")
         history = engine.prompts[engine.finished[-1]]
         assert "Where is Paris?" in bytes(i - 1 for i in history).decode()  # the conversation went on
+        child.send("one\x1b\rtwo\r")          # Esc Enter: a new line inside one message
+        wait_until(lambda: len(engine.finished) == 2, "the two-line message was answered")
+        assert "one\ntwo" in bytes(i - 1 for i in engine.prompts[engine.finished[-1]]).decode()
+        child.expect("you>")
         child.sendline("/class default")
         child.expect("class default")
         child.sendline("/quit")
