@@ -37,6 +37,8 @@ logger = logging.getLogger("rtserve.api")
 ENGINE_DEAD_EXIT_STATUS = 3
 FORCED_EXIT_STATUS = 1
 LIVENESS_PATH = "/health"
+# Endless observer streams (the dashboard's stats) are not requests the drain waits for.
+UNCOUNTED_PATHS = frozenset({"/stats/stream"})
 _POLL_S = 0.05
 _ERROR_FLUSH_S = 1.0      # after the engine died: time for the error events to reach their clients
 _ABORT_SETTLE_S = 5.0     # after aborting: time for the aborted responses to send their final event
@@ -68,8 +70,8 @@ class DrainMiddleware:
         if self.drain.is_draining and scope["path"] != LIVENESS_PATH:
             await self._refuse(scope, receive, send)
             return
-        if scope["type"] == "websocket":  # a session is not a request: the drain waits on its responses
-            await self.app(scope, receive, send)
+        if scope["type"] == "websocket" or scope["path"] in UNCOUNTED_PATHS:
+            await self.app(scope, receive, send)  # a session is not a request: the drain waits on its responses
             return
         self.drain.num_in_flight += 1
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -56,3 +57,14 @@ async def test_draining_refuses_websocket_upgrades():
                 pass
         assert refused.value.response.status_code == 503
         assert refused.value.response.headers["retry-after"] in ("4", "5")
+
+
+async def test_the_stats_stream_does_not_hold_the_drain():
+    app, _ = build_test_app()
+    drain = app.state.rtserve.drain
+    with LiveServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            async with client.stream("GET", "/stats/stream") as r:
+                assert r.status_code == 200
+                await r.aiter_lines().__anext__()
+                assert drain.num_in_flight == 0
