@@ -49,3 +49,19 @@ async def test_one_key_over_its_limit_is_refused_others_are_not():
         assert (await held).status_code == 200 and (await other).status_code == 200
         assert (await client.post("/v1/completions", json=BODY, headers=auth("key-alpha"))).status_code == 200
         assert (await client.post("/v1/completions", json=BODY, headers=auth("wrong"))).status_code == 401
+
+
+async def test_keys_are_never_logged_or_echoed(caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    app, _ = build_test_app(FakeEngine(), max_concurrent_per_key=1, **two_keys())
+    async with asgi_client(app) as client:
+        ok = await client.post("/v1/completions", json=BODY, headers=auth("key-alpha"))
+        bad = await client.post("/v1/completions", json=BODY, headers=auth("key-gamma-wrong"))
+        anthropic = await client.post("/v1/messages", json={}, headers={"x-api-key": "key-beta"})
+    assert (ok.status_code, bad.status_code, anthropic.status_code) == (200, 401, 400)
+    for r in (ok, bad, anthropic):
+        assert not any(k in r.text or k in str(r.headers) for k in ("key-alpha", "key-beta", "key-gamma"))
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "rtserve.access" in {rec.name for rec in caplog.records}
+    assert not any(k in logged for k in ("key-alpha", "key-beta", "key-gamma"))
