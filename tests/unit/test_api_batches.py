@@ -39,10 +39,11 @@ async def make_client(tmp_path):
     """make_client(engine=None, keys=(), **batch_settings) -> an httpx client on a running app."""
     stack = []
 
-    async def make(engine: FakeEngine | None = None, keys: tuple[str, ...] = (), **fields):
+    async def make(engine: FakeEngine | None = None, keys: tuple[str, ...] = (), server: dict | None = None,
+                   **fields):
         fields.setdefault("sweep_interval_s", 0.05)
         settings = BatchSettings(str(tmp_path / "data"), **fields)
-        app, engine = build_test_app(engine, batches=settings, api_keys=keys)
+        app, engine = build_test_app(engine, batches=settings, api_keys=keys, **(server or {}))
         app.state.batches.runner.clock = Clock()
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
@@ -278,6 +279,16 @@ async def test_api_keys_on_every_route_and_owner_scoping(make_client):
                          ("POST", "/v1/messages/batches")]:
         r = await c.request(method, path, headers={"authorization": "Bearer wrong"})
         assert r.status_code == 401, (method, path)
+
+
+async def test_items_do_not_take_the_keys_concurrency_slots(make_client):
+    engine = FakeEngine(gate=asyncio.Event())
+    c = await make_client(engine, keys=("k",), server={"max_concurrent_per_key": 1}, max_in_flight=2)
+    created = await create_batch(c, [chat_line(f"r{i}") for i in range(3)])
+    await wait_started(engine, 2)  # two items in flight under key k's one slot
+    assert (await c.get(f"/v1/batches/{created['id']}")).status_code == 200  # k still has its slot
+    engine.gate.set()
+    assert (await wait_status(c, created["id"]))["request_counts"]["completed"] == 3
 
 
 # ---- Anthropic Message Batches -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from starlette.requests import HTTPConnection
+from starlette.types import Receive, Scope, Send
 
 from rtserve.api.auth import presented_key
 from rtserve.api.batches.runner import BatchRunner, Dispatch
@@ -21,6 +22,7 @@ from rtserve.api.batches.settings import BatchSettings
 from rtserve.api.batches.store import BatchStore
 from rtserve.api.batches.validate import check_openai_body
 from rtserve.api.errors import ApiError
+from rtserve.api.key_limits import INTERNAL_SCOPE_KEY
 
 logger = logging.getLogger("rtserve.api.batches")
 
@@ -28,7 +30,12 @@ logger = logging.getLogger("rtserve.api.batches")
 def asgi_dispatch(app: FastAPI, api_key: str | None) -> tuple[Dispatch, httpx.AsyncClient]:
     """POST an item to the app's own endpoint in process (through its middleware, like any client)."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://batch.internal",
+
+    async def internal(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[INTERNAL_SCOPE_KEY] = "batch"  # not counted against the key's concurrency (key_limits.py)
+        await app(scope, receive, send)
+
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=internal), base_url="http://batch.internal",
                                headers=headers, timeout=None)
 
     async def dispatch(api: str, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
