@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", action="append", default=None,
                    help="require this key (Bearer or x-api-key) on every route but /health; repeat to accept "
                         "several (each sees only its own batches and files); default $RTSERVE_API_KEY")
+    h.add_argument("--api-key-file", default=None,
+                   help="more accepted keys, one per line (# comments); with --api-key or alone")
     h.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive timeout, seconds")
     h.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn connection cap (plain 503 beyond)")
     h.add_argument("--backlog", type=int, default=2048)
@@ -205,8 +207,21 @@ def batch_settings_from_args(args: argparse.Namespace) -> BatchSettings | None:
                           retention_s=args.batch_retention_s)
 
 
+def read_api_key_file(path: str) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped (ValueError if unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            keys = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--api-key-file: cannot read {path}: {type(exc).__name__}") from exc
+    if not keys:
+        raise ValueError(f"--api-key-file: {path} holds no key")
+    return keys
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     keys = [k for k in (args.api_key or [os.environ.get("RTSERVE_API_KEY")]) if k]
+    keys += read_api_key_file(args.api_key_file) if args.api_key_file else []
     return ServerSettings(served_model_names=tuple(args.served_model_name or ()),
                           api_key=keys[0] if keys else None, api_keys=tuple(keys[1:]),
                           batches=batch_settings_from_args(args),
