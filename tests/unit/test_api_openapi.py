@@ -11,6 +11,7 @@ import sys
 import httpx
 import pytest
 
+from rtserve.api.batches.settings import BatchSettings
 from rtserve.client.tokenizer import Tokenizer
 from tests.integration.fake_engine import FakeEngine, LiveServer, build_test_app
 
@@ -21,10 +22,10 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     engine = FakeEngine(reply="Paris.")
     engine.tokenizer = Tokenizer.load("")
-    app, _ = build_test_app(engine, api_key=KEY)
+    app, _ = build_test_app(engine, api_key=KEY, batches=BatchSettings(str(tmp_path_factory.mktemp("data"))))
     with LiveServer(app) as live:
         live.engine = engine
         yield live
