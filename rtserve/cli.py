@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: rtserve {serve,bench,generate,chat} [options]
+USAGE = """usage: rtserve {serve,bench,generate,chat,batch} [options]
 
   serve      start the OpenAI/Anthropic-compatible server
   bench      SLO load generator against any OpenAI-compatible server
   generate   one-shot offline generation on the local model
   chat       terminal chat with a running server (any OpenAI-compatible one)
+  batch      submit and follow batches (/v1/files + /v1/batches) on a running server
 """
 
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "chat":
         from rtserve.chat.cli import main as chat_main
         return chat_main(rest)
+    if command == "batch":
+        from rtserve.api.batches.cli import main as batch_main
+        return batch_main(rest)
     print(f"rtserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -138,3 +138,25 @@ def test_anthropic_sdk_message_batches(sdk_server):
     with pytest.raises(anthropic.NotFoundError):
         client.messages.batches.retrieve("msgbatch_unknown")
     assert client.messages.batches.delete(batch.id).type == "message_batch_deleted"
+
+
+def test_rtserve_batch_cli(sdk_server, tmp_path, capsys):
+    from rtserve.cli import main
+
+    source, out, err = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    source.write_bytes(lines_file(3))
+    common = ["batch", "--base-url", sdk_server.url, "--api-key", KEY, "--poll-s", "0.05"]
+    assert main([*common, "submit", str(source), "--wait", "--output", str(out), "--errors", str(err)]) == 0
+    batch_id = capsys.readouterr().out.strip().splitlines()[0]
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["item-0", "item-1", "item-2"]
+    assert not err.exists()  # no error file: every item answered 200
+    assert main([*common, "status", batch_id]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "completed"
+    assert main([*common, "list", "--limit", "50"]) == 0
+    assert batch_id in capsys.readouterr().out
+    assert main([*common, "results", batch_id]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    with pytest.raises(SystemExit, match="HTTP 409"):
+        main([*common, "cancel", batch_id])
+    with pytest.raises(SystemExit, match="HTTP 401"):
+        main(["batch", "--base-url", sdk_server.url, "--api-key", "wrong", "list"])
