@@ -37,6 +37,9 @@ from rtserve.sampling_params import SamplingParams
 logger = logging.getLogger("rtserve.client")
 
 
+_RESERVATION_TTL_S = 2.0  # an admitted request not sent within this long is no longer counted as waiting
+
+
 class EngineDeadError(RuntimeError):
     """The engine core process is gone; no request can be served."""
 
@@ -100,6 +103,7 @@ class AsyncLLM:
         self.rt_config = config.rt
         self._num_sent = 0  # EngineCoreRequests sent; compared with QueueSnapshot.num_requests_added
         self._pending: deque[PendingRequest] = deque()  # sent, not yet reflected in a snapshot
+        self._reserved: deque[tuple[float, PendingRequest]] = deque()  # (expiry_s, entry): admitted, not sent
         self._trackers: dict[str, RTTracker] = {}
         self._paused: dict[str, asyncio.TimerHandle] = {}  # slow readers -> their abort timer
         # Optional observer (the API's per-class metrics): on_rejected(rt_class, reason), on_finished(report)
@@ -134,6 +138,7 @@ class AsyncLLM:
             timer.cancel()
         self._paused.clear()
         self._pending.clear()
+        self._reserved.clear()
         self._num_sent = 0  # the new engine counts the requests it is sent from zero
         self.stats = EngineStats()
         await self.start(timeout_s)
@@ -170,8 +175,11 @@ class AsyncLLM:
         if snap is not None:
             while self._pending and self._pending[0].seq <= snap.num_requests_added:
                 self._pending.popleft()
-        return decide(self.rt_config, snap, list(self._pending), rt, arrival_s, num_prompt_tokens,
-                      time.monotonic())
+        now = time.monotonic()
+        while self._reserved and self._reserved[0][0] < now:  # admitted but never sent (the client left)
+            self._reserved.popleft()
+        return decide(self.rt_config, snap, [*self._pending, *(entry for _, entry in self._reserved)], rt,
+                      arrival_s, num_prompt_tokens, now)
 
     def check_admission(self, num_prompt_tokens: int, rt: RTParams | None = None,
                         arrival_s: float | None = None) -> RTParams:
@@ -187,7 +195,14 @@ class AsyncLLM:
             if self.rt_listener is not None:
                 self.rt_listener.on_rejected(rt.rt_class, decision.reason)
             raise AdmissionRejected(decision, rt.rt_class)
+        # Counted as waiting from now on: requests admitted in one burst, before any of them reached
+        # generate(), must see each other or the bounded queue would not bound them.
+        entry = PendingRequest(-1, order_key(self._policy(), rt, arrival_s, self.rt_config), num_prompt_tokens)
+        self._reserved.append((time.monotonic() + _RESERVATION_TTL_S, entry))
         return rt
+
+    def _policy(self) -> str:
+        return self.stats.queue.policy if self.stats.queue is not None else self.rt_config.policy
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        rt: RTParams | None = None, arrival_s: float | None = None, admitted: bool = False,
@@ -207,13 +222,14 @@ class AsyncLLM:
             rt = resolve_rt(rt, self.rt_config)  # idempotent on resolved budgets
         else:
             rt = self.check_admission(len(prompt_token_ids), rt, arrival_s)
+        if self._reserved:  # from here on it is counted as pending (sent) instead
+            self._reserved.popleft()
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         self._trackers[request_id] = RTTracker(rt, arrival_s)
         self._processor.add_request(request_id, prompt_token_ids, params)
         self._num_sent += 1
-        policy = self.stats.queue.policy if self.stats.queue is not None else self.rt_config.policy
-        self._pending.append(PendingRequest(self._num_sent, order_key(policy, rt, arrival_s, self.rt_config),
+        self._pending.append(PendingRequest(self._num_sent, order_key(self._policy(), rt, arrival_s, self.rt_config),
                                             len(prompt_token_ids)))
         self._transport.send(EngineCoreRequest(request_id, list(prompt_token_ids), params, arrival_s, rt=rt))
         finished = False
