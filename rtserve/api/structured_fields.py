@@ -205,9 +205,9 @@ def openai_tool_context(extra: dict[str, Any]) -> ToolContext:
     if grammar is not None and mode != "none":
         raise ApiError(400, "response_format / structured_outputs cannot be combined with tools unless tool_choice "
                        "is 'none'.", param="response_format" if fmt is not None else "structured_outputs")
-    if mode != "none":
-        grammar = tool_call_grammar(tools, mode, parallel is not False)
-    return ToolContext(grammar, tools, mode)
+    if mode == "none":  # tools not offered: the reply is a message
+        return ToolContext(grammar, [], mode)
+    return ToolContext(tool_call_grammar(tools, mode, parallel is not False), tools, mode)
 
 
 GRAMMAR_FIELDS = ("response_format", "structured_outputs", "tools")

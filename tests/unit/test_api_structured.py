@@ -189,3 +189,18 @@ async def test_anthropic_refusals_name_the_field(body, needle):
     r, engine = await post({"messages": USER, **body}, path=MESSAGES)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"] and not engine.started
+
+
+async def test_tool_choice_none_offers_no_tools_and_n_choices_parse_each():
+    r, engine = await post({"messages": USER, "tools": [WEATHER], "tool_choice": "none"}, reply=CALL_TEXT)
+    assert r.status_code == 200
+    (params,) = engine.params.values()
+    assert params.structured is None and "<tools>" not in engine.tokenizer.decode(next(iter(engine.prompts.values())))
+    assert r.json()["choices"][0]["message"]["content"] == CALL_TEXT  # not parsed: the model was not offered tools
+    r, _ = await post({"messages": USER, "tools": [WEATHER], "n": 2, "stream": True}, reply=CALL_TEXT)
+    chunks = sse(r.content)
+    for index in (0, 1):
+        calls = [tc for c in chunks for ch in c["choices"] if ch["index"] == index
+                 for tc in ch["delta"].get("tool_calls", [])]
+        assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
+        assert len({tc["id"] for tc in calls if "id" in tc}) == 1
