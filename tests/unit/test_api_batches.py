@@ -120,6 +120,15 @@ async def test_chat_batch_lifecycle_and_output_file(make_client):
     assert meta["purpose"] == "batch_output" and meta["object"] == "file"
 
 
+async def test_items_run_as_batch_whatever_class_they_ask_for(make_client):
+    c = await make_client()
+    lines = [chat_line("a", rt={"class": "firm", "ttft_ms": 100}), chat_line("b", service_tier="priority"),
+             chat_line("c", stream_options={"include_usage": True})]
+    done = await wait_status(c, (await create_batch(c, lines))["id"])
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+    assert [p.rt_class for p in c.engine.rt_params] == ["batch"] * 3
+
+
 async def test_validation_failure_lists_lines_and_runs_nothing(make_client):
     c = await make_client()
     lines = [chat_line("ok"), "not json", {"method": "POST", "url": CHAT, "body": {}}, chat_line("ok"),

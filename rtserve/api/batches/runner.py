@@ -23,7 +23,7 @@ from typing import Any
 from rtserve.api.batches import objects as O
 from rtserve.api.batches.settings import BatchSettings
 from rtserve.api.batches.store import BatchStore
-from rtserve.api.batches.validate import BodyCheck, validate_lines
+from rtserve.api.batches.validate import BodyCheck, batch_body, validate_lines
 
 logger = logging.getLogger("rtserve.api.batches")
 
@@ -31,12 +31,6 @@ RETRYABLE_STATUS = frozenset({429, 503, 529})  # queue full / engine not running
 
 # (api, endpoint, body) -> (status_code, response body, request id)
 Dispatch = Callable[[str, str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any], str | None]]]
-
-
-def batch_body(body: dict[str, Any]) -> dict[str, Any]:
-    """An item's body as submitted: the `batch` real-time class, never streamed."""
-    out = {k: v for k, v in body.items() if k not in ("service_tier", "rt", "stream", "stream_options")}
-    return {**out, "stream": False, "rt": {"class": "batch"}}
 
 
 class BatchRunner:

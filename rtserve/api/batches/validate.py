@@ -29,6 +29,12 @@ class ValidatedInput:
     model: str | None = None
 
 
+def batch_body(body: dict[str, Any]) -> dict[str, Any]:
+    """An item's body as submitted (and validated): the `batch` real-time class, never streamed."""
+    out = {k: v for k, v in body.items() if k not in ("service_tier", "rt", "stream", "stream_options")}
+    return {**out, "stream": False, "rt": {"class": "batch"}}
+
+
 def _error(line: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": param, "line": line}
 
@@ -76,7 +82,7 @@ def _check_line(n: int, raw: str, endpoint: str, seen: set[str],
     if body.get("stream"):
         return _error(n, "invalid_value", "stream is not supported in a batch.", "body.stream")
     try:
-        check_body(endpoint, body)
+        check_body(endpoint, batch_body(body))
     except ApiError as err:
         return _error(n, err.code or "invalid_value", err.message, f"body.{err.param}" if err.param else "body")
     return custom_id, body
