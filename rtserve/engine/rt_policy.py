@@ -35,9 +35,17 @@ one interface, chosen by `RTConfig.policy`:
   So the step may stretch to the soft streams' pace deadlines (never past a firm stream's ITL
   deadline, never beyond `rescue_step_fraction` of the interactive TTFT budget, so an arrival does
   not wait long for the step in flight); the stretched gaps are reported as ITL misses all the same.
-  Beside soft streams a prefill chunk must also be worth its fixed cost (`_chunk_overhead_s`:
-  on the CPU path a chunk beside decodes costs ~11 ms besides its tokens): the step stretches within
-  the streams' pace to hold one such chunk, or runs the decodes alone and banks pace for it.
+  Beside soft streams alone, their pace is what prompts are served with: a prompt on time may take
+  chunks up to the rescue step (within every stream's pace), and the chunk that ends a prompt (its
+  first token comes with the step) up to the TTFT budget, within their pace. When no prompt is on
+  time the late ones get that spare pace, so a late request's TTFT stays near what FCFS gives it.
+  A prefill chunk must also be worth its fixed cost (`_chunk_overhead_s`: on the CPU path a chunk
+  beside decodes costs ~11 ms besides its tokens); otherwise the decodes run alone and bank pace.
+
+  Triage (`_triage`): a soft prompt that would miss its TTFT even served in deadline order at the
+  fastest prefill the plan allows is ranked with the late at once, before any deadline passes, so
+  it does not push the prompts behind it past theirs (the domino effect of plain EDF). Prefill is
+  counted from a waiting prompt's prefix-cache hit (`Request.num_prefix_hit_tokens`).
   A request joins the running set only while a step with one more decode still fits the ITL budget
   (`can_admit`); late and batch work only below `background_slot_share` of that. A waiting on-time
   firm request that finds no slot or blocks may preempt batch work, then soft work with the most slack
@@ -86,6 +94,13 @@ class StepPlan:
     # A chunk whose tokens cost less than this (and is not its prompt's last) is not worth the fixed
     # cost of a chunk: it waits for a step with more room.
     min_chunk_work_s: float = 0.0
+    # Beside soft streams only (None otherwise): the predicted seconds a chunk of a prompt in
+    # `stretch_ids` may add, the step stretching within the streams' pace (`stretch_left_s`, also
+    # capped by the rescue step) and, for the chunk that ends its prompt (its first token comes with
+    # the step), within their pace alone (`finish_left_s`).
+    stretch_left_s: float | None = None
+    finish_left_s: float | None = None
+    stretch_ids: frozenset[str] = frozenset()
     _placed_chunk: bool = False
 
     def max_chunk_tokens(self, req: Request) -> int | None:
@@ -95,13 +110,25 @@ class StepPlan:
         """At most `num_tokens` of `req`'s prompt from position `start` that fit what is left of the plan."""
         if self.time_left_s is None or req.request_id in self.fixed_chunk:
             return num_tokens
-        fit = min(self.cost_model.max_chunk_tokens(self.time_left_s, start), max(self.trust_left, 0))
-        if 0 < fit < num_tokens and self.min_chunk_work_s > 0 and (
-                self.cost_model.prefill_chunk_s(fit, start) - self.cost_model.coeffs[5] < self.min_chunk_work_s):
-            fit = 0  # a chunk whose fixed cost outweighs its tokens waits for a step with room
+        trust = max(self.trust_left, 0)
+        time_left_s = self.time_left_s
+        if self.stretch_left_s is not None and req.request_id in self.stretch_ids:
+            time_left_s = max(time_left_s, self.stretch_left_s)
+            if (start + num_tokens >= req.num_tokens and num_tokens <= trust
+                    and self.cost_model.prefill_chunk_s(num_tokens, start) <= self.finish_left_s):
+                return num_tokens
+        fit = min(self.cost_model.max_chunk_tokens(time_left_s, start), trust)
+        if fit < num_tokens and self.min_chunk_work_s > 0:
+            fit = self._worth_chunk(start, fit)
         if fit < self.min_chunk and not self._placed_chunk and req.request_id not in self.no_min_chunk_ids:
             fit = self.min_chunk
         return min(num_tokens, fit)
+
+    def _worth_chunk(self, start: int, fit: int) -> int:
+        """`fit` tokens at `start` if they are worth a chunk's fixed cost; else nothing (the chunk
+        waits for a step with room; its prompt's last chunk never comes here)."""
+        work_s = self.cost_model.prefill_chunk_s(fit, start) - max(self.cost_model.coeffs[5], 0.0)
+        return fit if fit > 0 and work_s >= self.min_chunk_work_s else 0
 
     def spend(self, req: Request, start: int, num_tokens: int) -> None:
         """A prefill chunk was placed in the step: its predicted cost comes off the plan."""
@@ -109,7 +136,11 @@ class StepPlan:
             self._placed_chunk = True
         self.trust_left -= num_tokens
         if self.time_left_s is not None:
-            self.time_left_s -= self.cost_model.prefill_chunk_s(num_tokens, start)
+            cost_s = self.cost_model.prefill_chunk_s(num_tokens, start)
+            self.time_left_s -= cost_s
+            if self.stretch_left_s is not None:
+                self.stretch_left_s -= cost_s
+                self.finish_left_s -= cost_s
 
 
 class FCFSPolicy:
@@ -170,6 +201,7 @@ class DeadlinePolicy:
         self.config = config
         self.cost_model = cost_model
         self._starving_id: str | None = None  # refreshed by `order` each step
+        self._hopeless: set[str] = set()  # soft prompts predicted to miss their TTFT (`_triage`)
 
     def order_key(self, req: Request, now: float) -> OrderKey:
         if req.request_id == self._starving_id:
@@ -177,11 +209,12 @@ class DeadlinePolicy:
         due = req.next_token_deadline
         if due is None:
             return BACKGROUND, req.arrival_time
-        return (ON_TIME if due >= now else LATE), due
+        return (ON_TIME if due >= now and req.request_id not in self._hopeless else LATE), due
 
     def order(self, running: list[Request], waiting: deque[Request], now: float) -> None:
         """Running: decodes first (stall-free), then prefills by key. Waiting: by key."""
         self._starving_id = self._oldest_starving((*running, *waiting), now)
+        self._triage(running, waiting, now)
         running.sort(key=lambda r: (r.num_remaining_prefill_tokens > 0, self.order_key(r, now),
                                     r.arrival_time))
         ordered = sorted(waiting, key=lambda r: (self.order_key(r, now), r.arrival_time))
@@ -197,6 +230,37 @@ class DeadlinePolicy:
             return r.rt.rt_class == RTClass.BATCH or (r.rt.rt_class == RTClass.SOFT and r.first_token_time is None)
         starving = [r for r in requests if waits_too_long(r)]
         return min(starving, key=lambda r: r.arrival_time).request_id if starving else None
+
+    def _triage(self, running: list[Request], waiting: Iterable[Request], now: float) -> None:
+        """Mark the soft prompts that would miss their TTFT even if served in deadline order at the
+        fastest prefill the plan allows (steps of `_rescue_step_s` beside the running decodes): they
+        are late already, and ranked with the late (module doc) they no longer push the prompts
+        behind them past their TTFT too (the domino effect, before any deadline has passed). The
+        mark stays: a prompt predicted lost is not let back in front of those it would push out.
+        Firm prompts are never marked (admission refused those it could not serve) but take their
+        place in the order."""
+        self._hopeless &= {r.request_id for r in (*running, *waiting)}
+        step_s = self._rescue_step_s()
+        if not self.cost_model.is_calibrated or step_s <= 0:
+            return
+        prompts = sorted((r for r in (*running, *waiting) if not r.is_paused and r.first_token_time is None
+                          and r.ttft_deadline is not None and r.ttft_deadline >= now
+                          and r.request_id not in self._hopeless and not self.is_starving(r)),
+                         key=lambda r: r.ttft_deadline)
+        if not prompts:
+            return
+        active = [r for r in running if not r.is_paused]
+        decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
+        decode_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, _num_context(active)))
+        prefill_share = max(step_s - decode_s, 0.5 * step_s) / step_s
+        busy_s = 0.0
+        for req in prompts:
+            start, num_tokens = _prefill_left(req)
+            done_s = busy_s + self.cost_model.prefill_chunk_s(num_tokens, start) / prefill_share
+            if req.rt.rt_class == RTClass.SOFT and now + done_s > req.ttft_deadline:
+                self._hopeless.add(req.request_id)
+            else:
+                busy_s = done_s
 
     def is_starving(self, req: Request) -> bool:
         return req.request_id == self._starving_id
@@ -263,20 +327,36 @@ class DeadlinePolicy:
         rescue, step_s = stretched_s > step_s, stretched_s
         background = frozenset(r.request_id for r in (*active, *waiting)
                                if streams and self.order_key(r, now)[0] == BACKGROUND)
-        # Beside soft streams only, a chunk must be worth its fixed cost, and the step stretches to
-        # hold one such chunk when the streams' pace allows; otherwise a decode-only step banks pace
-        # for it. Beside firm work (every gap a deadline; a firm prompt admitted on a prediction of
-        # ITL-sized steps) prefill progresses by the minimum chunk.
-        min_chunk, min_work_s = self.config.min_prefill_chunk, 0.0
+        # Beside soft streams only, the streams' pace is spent on prompts: a step stretches to hold
+        # the chunks of prompts on time (`_stretch_ids`), and a chunk must be worth its fixed cost
+        # (otherwise a decode-only step banks pace for it). Beside firm work (every gap a deadline; a
+        # firm prompt admitted on a prediction of ITL-sized steps) prefill progresses by the minimum
+        # chunk.
+        min_chunk, min_work_s, stretch_s, finish_s = self.config.min_prefill_chunk, 0.0, None, None
         if streams and not any(r.is_firm for r in (*active, *waiting)):
             min_work_s = _EFFICIENT_CHUNK_FACTOR * self._chunk_overhead_s()
-        if min_work_s > 0:
-            min_chunk = 0
-            efficient_s = decode_step_s + self._chunk_overhead_s() + min_work_s
-            if step_s < efficient_s <= pace_s and _has_prompt(active, waiting):
-                step_s = efficient_s
+            min_chunk = 0 if min_work_s > 0 else min_chunk
+            stretch_s = max(min(pace_s, self._rescue_step_s()), step_s) - decode_step_s
+            finish_s = max(min(pace_s, self._ttft_budget_s()), step_s) - decode_step_s
         return StepPlan(token_budget, step_s - decode_step_s, trust, min_chunk,
-                        background, fixed, self.cost_model, rescue, min_chunk_work_s=min_work_s)
+                        background, fixed, self.cost_model, rescue, min_chunk_work_s=min_work_s,
+                        stretch_left_s=stretch_s, finish_left_s=finish_s,
+                        stretch_ids=self._stretch_ids(active, waiting, now))
+
+    def _stretch_ids(self, active: list[Request], waiting: list[Request], now: float) -> frozenset[str]:
+        """The prompts a step may stretch for: those on time; when none is, the late ones (the
+        streams' spare pace serves them rather than nothing, and their TTFT tail stays near FCFS's).
+
+        Every prompt on time, not only one short of slack (`_stretch_for_ttft`): in simulation
+        (tests/unit/rt_sim.py, host-fitted step costs) stretching only for prompts short of slack
+        lost 10-30% goodput on the chat and long-prompt workloads; a stream's pace refills while
+        its steps are short, and a prompt served early leaves the next arrivals their slack."""
+        prompts = [r for r in (*active, *waiting) if r.num_remaining_prefill_tokens > 0]
+        for tier in (ON_TIME, LATE):
+            ids = frozenset(r.request_id for r in prompts if self.order_key(r, now)[0] == tier)
+            if ids:
+                return ids
+        return frozenset()
 
     def _chunk_overhead_s(self) -> float:
         """What a prefill chunk costs besides its tokens (its own attention call and gather per layer,
@@ -300,8 +380,14 @@ class DeadlinePolicy:
     def _rescue_step_s(self) -> float:
         """The longest step a TTFT rescue may plan: a share of the interactive TTFT budget, so that a
         request arriving meanwhile still has most of its own budget left after the step in flight."""
+        return self.config.rescue_step_fraction * self._ttft_budget_s()
+
+    def _ttft_budget_s(self) -> float:
+        """The interactive classes' tightest TTFT budget (0 when neither has one). A step that ends a
+        prompt may last this long (within the streams' pace): longer, and a request arriving
+        meanwhile would miss its TTFT whatever comes next."""
         budgets = [b for b in (self.config.firm.ttft_s, self.config.soft.ttft_s) if b is not None]
-        return self.config.rescue_step_fraction * min(budgets) if budgets else 0.0
+        return min(budgets) if budgets else 0.0
 
     def _stretch_for_ttft(self, active: list[Request], waiting: list[Request], now: float, num_decodes: int,
                           step_s: float, longest_s: float) -> float:
@@ -319,13 +405,12 @@ class DeadlinePolicy:
             return step_s  # a firm prompt was admitted on a prediction of ITL-sized steps
         prompts = sorted((r for r in (*active, *waiting) if r.first_token_time is None
                           and r.num_remaining_prefill_tokens > 0 and r.ttft_deadline is not None
-                          and r.ttft_deadline > now and not self.is_starving(r)),
-                         key=lambda r: self.order_key(r, now))
+                          and self.order_key(r, now)[0] == ON_TIME), key=lambda r: self.order_key(r, now))
         num_context = _num_context(active)
         rates = [self._prefill_rate(s, num_decodes, num_context) for s in (step_s, longest_s)]
         num_ahead = 0
         for req in prompts:
-            num_ahead += req.num_remaining_prefill_tokens
+            num_ahead += _prefill_left(req)[1]
             slack_s = req.ttft_deadline - now
             short_s, long_s = (num_ahead / rate if rate > 0 else math.inf for rate in rates)
             if short_s > RESCUE_SLACK_SHARE * slack_s and long_s <= slack_s:
@@ -462,6 +547,13 @@ _MAX_FIRM_OVERRUN = 4.0
 def _streams(decodes: Iterable[Request]) -> list[Request]:
     """Decoding requests that have sent a token and have an ITL budget (a next-token deadline)."""
     return [r for r in decodes if r.last_token_time is not None and r.rt.itl_s is not None]
+
+
+def _prefill_left(req: Request) -> tuple[int, int]:
+    """(position, tokens) of the prefill `req` still needs: a waiting prompt starts after the part
+    the prefix cache holds (`Request.num_prefix_hit_tokens`)."""
+    start = max(req.num_computed_tokens, req.num_prefix_hit_tokens)
+    return start, max(req.num_tokens - start, 0)
 
 
 def _has_prompt(active: list[Request], waiting: list[Request]) -> bool:

@@ -55,6 +55,8 @@ class Scheduler:
         now = self.clock()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        for req in self.waiting:
+            req.num_prefix_hit_tokens = self.kv.get_computed_blocks(req)[1]
         self.policy.order(self.running, self.waiting, now)
         # Prefill chunks share the token budget with decodes and are further capped by the policy's plan.
         plan = self.policy.plan_step(self.running, self.waiting, now, budget)
@@ -173,14 +175,17 @@ class Scheduler:
         """Admit waiting requests in the policy's order while slots, blocks and budget allow.
 
         A request that does not fit may have the policy's victims preempted to make room for it (never
-        one admitted this step); otherwise admission stops there, so the order is kept. Returns the
+        one admitted this step); otherwise only requests that may make room for themselves (the
+        policy names victims for them: on-time firm ones) pass it, so the order is otherwise kept and
+        a starving batch request that cannot fit does not hold a firm arrival back. Returns the
         (token, prefill token) budget left.
         """
         admitted: list[Request] = []
+        blocked = False
         for req in list(self.waiting):
             if budget <= 0:
                 break
-            if req.is_paused:
+            if req.is_paused or (blocked and not self.policy.victims_for(req, self.running, now)):
                 continue
             hit_blocks, num_cached = self.kv.get_computed_blocks(req)
             num_new = self._chunk(plan, req, req.num_tokens - num_cached, budget, prefill_budget)
@@ -189,7 +194,8 @@ class Scheduler:
             if not self._fits(req, num_new, hit_blocks, self.running, now):
                 refund = self._make_room(req, num_new, hit_blocks, admitted, out, now)
                 if refund is None:
-                    break
+                    blocked = True  # only a request that may make room (an on-time firm one) passes it
+                    continue
                 budget, prefill_budget = budget + refund[0], prefill_budget + refund[1]
                 hit_blocks, num_cached = self.kv.get_computed_blocks(req)
                 num_new = self._chunk(plan, req, req.num_tokens - num_cached, budget, prefill_budget)

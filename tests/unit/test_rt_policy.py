@@ -3,6 +3,7 @@ rt resolution."""
 import pytest
 
 from rtserve.config import RTClassDefaults, RTConfig
+from rtserve.engine.rt_params import LATE
 from rtserve.engine.rt_policy import HARD_CLASS_MESSAGE, resolve_rt
 from rtserve.engine.validation import InvalidRequest
 from rtserve.protocol import RTParams
@@ -76,7 +77,8 @@ def test_exhausted_slack_still_gives_a_minimum_prefill_chunk():
     sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.020))
     step(sched, clock)
     clock.advance(0.1)  # the stream is late: half its ITL budget, 10 ms, is less than its decode alone
-    sched.add_request(rt_req("long", 2000, clock.now, ttft_s=10.0))  # not short of TTFT slack
+    sched.requests["stream"].first_token_time = clock.now - 1.0  # ... and far behind its pace
+    sched.add_request(rt_req("long", 2000, clock.now, ttft_s=10.0))
     assert dict(ids(step(sched, clock)))["long"] == 16
 
 
@@ -136,6 +138,7 @@ def test_an_urgent_prompt_does_not_stretch_a_step_past_the_streams_slack():
     sched, _, clock, _ = make_sched("deadline", budget=1024)
     sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
     step(sched, clock, 0.01)
+    sched.requests["stream"].first_token_time = clock.now - 1.0  # no pace to spend either
     sched.add_request(rt_req("urgent", 2000, clock.now - 1.0, ttft_s=1.02))
     assert 385 <= dict(ids(step(sched, clock)))["urgent"] <= 390
 
@@ -144,6 +147,7 @@ def test_a_prompt_already_past_its_deadline_does_not_override_the_itl_cap():
     sched, _, clock, _ = make_sched("deadline", budget=1024)
     sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050))
     step(sched, clock, 0.01)
+    sched.requests["stream"].first_token_time = clock.now - 1.0  # no pace to spend either
     sched.add_request(rt_req("late", 2000, clock.now - 2.0, ttft_s=1.0))  # missed 1 s ago
     assert 385 <= dict(ids(step(sched, clock)))["late"] <= 390
 
@@ -373,9 +377,15 @@ def test_a_prompt_running_out_of_ttft_slack_stretches_the_step_beside_a_soft_str
     # 2,000 tokens at ITL-sized steps (390 tokens per 50 ms) take 0.26 s, over 40% of the 0.5 s TTFT:
     # the step may stretch (here to a quarter of the TTFT budget, 125 ms: (125 - 11) / 0.1 = 1,140
     # tokens), since the soft stream repays the longer gap within its pace horizon.
-    sched, clock = _stream_and_prompt("soft", 2000, rescue_step_fraction=0.25)
+    sched, clock = _stream_and_prompt("soft", 2400, rescue_step_fraction=0.25)
+    plan = sched.policy.plan_step(sched.running, sched.waiting, clock.now, 2048)
+    assert plan.rescue and plan.time_left_s == pytest.approx(0.125 - 0.011)
     got = dict(ids(step(sched, clock, 0.125)))
     assert got["stream"] == 1 and 1135 <= got["prompt"] <= 1140
+    # The chunk that ends a prompt may take the streams' pace up to the TTFT budget (500 ms):
+    # 2,000 tokens (200 ms) in one step, its first token with it.
+    sched, clock = _stream_and_prompt("soft", 2000, rescue_step_fraction=0.25)
+    assert dict(ids(step(sched, clock, 0.21)))["prompt"] == 2000
     # A short prompt makes its TTFT at ITL-sized steps: no stretch, the stream's gap stays in budget.
     sched, clock = _stream_and_prompt("soft", 300)
     plan = sched.policy.plan_step(sched.running, sched.waiting, clock.now, 2048)
@@ -388,24 +398,28 @@ def test_a_firm_stream_is_never_stretched_for_a_prompt():
     assert got["stream"] == 1 and 385 <= got["prompt"] <= 390  # (50 ms - 11 ms) / 0.1 ms
 
 
-def _with_chunk_cost(rt_class):
+def _with_chunk_cost(rt_class, prompt_class="soft"):
     """A soft or firm 20 ms stream beside a 1,000-token prompt with a lax TTFT (no rescue), on a model
     where a chunk costs 5 ms besides its tokens: an efficient chunk is 4 x 5 ms / 0.1 ms = 200 tokens."""
     sched, _, clock, _ = make_sched("deadline", budget=2048)
     sched.policy.cost_model.theta = list(FAKE_COEFFS) + [0.0, 0.005]
     sched.add_request(rt_req("stream", 8, clock.now, rt_class, max_tokens=500, itl_s=0.020))
     step(sched, clock, 0.011)
-    sched.add_request(rt_req("prompt", 1000, clock.now, ttft_s=10.0, first_token=5000))
+    rt = {} if prompt_class == "batch" else {"ttft_s": 10.0}
+    sched.add_request(rt_req("prompt", 1000, clock.now, prompt_class, first_token=5000, **rt))
     return sched, clock
 
 
 def test_beside_soft_streams_a_prefill_chunk_is_worth_its_fixed_cost_or_waits():
-    # The 20 ms gap leaves 9 ms: 40 tokens, mostly overhead. The stream is ahead of its pace, so
-    # the step stretches to hold one efficient chunk (11 + 5 + 20 ms).
-    sched, clock = _with_chunk_cost("soft")
+    # The 20 ms gap leaves 9 ms: 40 tokens, mostly overhead. A batch prompt (no stretch for it)
+    # waits for a step with room for an efficient chunk (4 x 5 ms / 0.1 ms = 200 tokens).
+    sched, clock = _with_chunk_cost("soft", "batch")
     assert sched.policy._chunk_overhead_s() == 0.005
-    got = dict(ids(step(sched, clock, 0.036)))
-    assert got == {"stream": 1, "prompt": 200}
+    assert ids(step(sched, clock, 0.011)) == [("stream", 1)]
+    # A soft prompt on time: the step stretches within the stream's pace to hold it, here all of it
+    # (the chunk that ends a prompt: 5 + 100 ms beside the 11 ms decode).
+    sched, clock = _with_chunk_cost("soft")
+    assert dict(ids(step(sched, clock, 0.116))) == {"stream": 1, "prompt": 1000}
     # A stream with no pace left: the decodes run alone (no 8-token chunk), banking pace.
     sched, clock = _with_chunk_cost("soft")
     sched.requests["stream"].first_token_time = clock.now - 1.0
@@ -413,3 +427,50 @@ def test_beside_soft_streams_a_prefill_chunk_is_worth_its_fixed_cost_or_waits():
     # Beside a firm stream every gap is a deadline: what fits the gap ((20 - 11 - 5 ms) / 0.1 ms).
     sched, clock = _with_chunk_cost("firm")
     assert 39 <= dict(ids(step(sched, clock, 0.020)))["prompt"] <= 40
+
+
+def test_a_soft_prompt_that_cannot_make_its_ttft_gives_way_before_its_deadline_passes():
+    # 4,000 tokens take 400 ms at the fastest plan (0.1 ms a token), and its TTFT is due in 200 ms:
+    # it is lost whatever the plan, and served first (deadline order) it would push the 300-token
+    # prompt due in 500 ms past its TTFT too. Triage ranks it with the late, before either deadline.
+    sched, _, clock, _ = make_sched("deadline", budget=8192, max_seqs=1)
+    sched.add_request(rt_req("doomed", 4000, clock.now - 0.3, ttft_s=0.5, first_token=1))
+    sched.add_request(rt_req("fresh", 300, clock.now, ttft_s=0.5, first_token=9000))
+    assert [r for r, _ in ids(sched.schedule())] == ["fresh"]
+    assert sched.policy.order_key(sched.requests["doomed"], clock.now)[0] == LATE
+    # A firm prompt is never marked (its admission refused what it could not serve).
+    firm, _, clock2, _ = make_sched("deadline", budget=8192, max_seqs=1)
+    firm.add_request(rt_req("doomed", 4000, clock2.now - 0.3, "firm", ttft_s=0.5, first_token=1))
+    firm.add_request(rt_req("fresh", 300, clock2.now, ttft_s=0.5, first_token=9000))
+    assert [r for r, _ in ids(firm.schedule())] == ["doomed"]
+
+
+def test_triage_counts_only_the_prefill_a_waiting_prompt_needs_beyond_its_cached_prefix():
+    # 2,064 tokens would take 206 ms against a 100 ms TTFT; 2,048 of them are in the prefix cache.
+    sched, _, clock, _ = make_sched("deadline", budget=4096, num_blocks=512)
+    sched.add_request(rt_req("first", 2048, clock.now, ttft_s=10.0, max_tokens=1))
+    while sched.has_unfinished:
+        step(sched, clock, 0.01)
+    sched.add_request(rt_req("again", 2064, clock.now, ttft_s=0.1, max_tokens=4))
+    out = step(sched, clock, 0.01)
+    assert sched.requests["again"].num_prefix_hit_tokens == 2048
+    assert ids(out) == [("again", 16)]
+    assert sched.policy.order_key(sched.requests["again"], clock.now)[0] != LATE
+
+
+def test_late_prompts_spend_the_streams_spare_pace_when_no_prompt_is_on_time():
+    # Beside a soft stream ahead of its pace, a prompt that missed its TTFT gets what the pace allows
+    # (the ITL-sized step would give it 390 tokens), so its TTFT tail stays near FCFS's.
+    sched, _, clock, _ = make_sched("deadline", budget=1024)
+    sched.add_request(rt_req("stream", 8, clock.now, itl_s=0.050, max_tokens=500))
+    step(sched, clock, 0.01)
+    sched.add_request(rt_req("late", 2000, clock.now - 2.0, ttft_s=1.0, first_token=5000))
+    assert dict(ids(step(sched, clock)))["late"] > 390
+    # An on-time prompt waiting takes the stretch instead; the late one gets what the step has left.
+    sched2, _, clock2, _ = make_sched("deadline", budget=4096)
+    sched2.add_request(rt_req("stream", 8, clock2.now, itl_s=0.050, max_tokens=500))
+    step(sched2, clock2, 0.01)
+    sched2.add_request(rt_req("late", 2000, clock2.now - 2.0, ttft_s=1.0, first_token=5000))
+    sched2.add_request(rt_req("fresh", 1000, clock2.now, ttft_s=0.5, first_token=9000))
+    got = dict(ids(step(sched2, clock2)))
+    assert got["fresh"] == 1000 and "late" not in got
