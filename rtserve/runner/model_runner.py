@@ -4,6 +4,8 @@ It reads block ids from the scheduler output and never decides anything about bl
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from rtserve import kernels
@@ -17,7 +19,7 @@ from rtserve.runner.input_batch import ModelInputs, prepare_inputs
 from rtserve.sample.logits_processors import LogitsAdjustments
 from rtserve.sample.rejection import verify
 from rtserve.sample.sampler import SamplingBatch, compute_logprobs, make_generator, sample
-from rtserve.structured.matcher import apply_masks
+from rtserve.structured.matcher import BatchMask, apply_masks, fill_masks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,23 +65,32 @@ class ModelRunner:
         slots = (-1, model_config.num_kv_heads, model_config.head_dim)
         # The fast path takes per-layer (K, V) views [num_slots, KVH, hd] of the same storage.
         self._kv_slots = [(c[0].view(slots), c[1].view(slots)) for c in self.kv_caches]
+        self.vocab_size = model_config.vocab_size
+        # Fills grammar bitmasks while the forward runs (xgrammar and torch both release the GIL).
+        self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtserve-mask")
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         inputs = prepare_inputs(sched, self.block_size, self.device)
         kv = self._kv_slots if self.is_fast_path else self.kv_caches
+        masks = None
+        if any(s.request.grammar is not None for s in inputs.sample_seqs):
+            masks = self._mask_worker.submit(fill_masks, inputs.sample_seqs, self.vocab_size)
         logits = self.model(inputs.input_ids, inputs.positions, kv, inputs.meta,
                             inputs.logit_indices)  # [S, V] fp32
+        mask = masks.result() if masks is not None else BatchMask(None, [], set())
         if not inputs.sample_seqs:
             return RunnerOutput()
-        return self._sample(logits, inputs)
+        return self._sample(logits, inputs, mask)
 
-    def _sample(self, logits: torch.Tensor, inputs: ModelInputs) -> RunnerOutput:
+    def _sample(self, logits: torch.Tensor, inputs: ModelInputs, mask: BatchMask) -> RunnerOutput:
         reqs = [s.request for s in inputs.sample_seqs]
         is_verify = any(s.spec_token_ids for s in inputs.sample_seqs)
         if not is_verify:  # a verify step's rows are per draft: `_verify` masks them itself
             self._mask_early_stops(logits, reqs)
-        failed = self._process_logits(logits, inputs.sample_seqs)
+        self._adjust_logits(logits, inputs.sample_seqs)
+        apply_masks(logits, mask)
+        failed = mask.failed
         for req in reqs:
             if req.generator is None and req.sampling_params.seed is not None:
                 req.generator = make_generator(req.sampling_params.seed, self.device)
@@ -116,20 +127,15 @@ class ModelRunner:
             out.logprobs = _emitted_logprobs(logits, seqs, emitted, batch.max_num_logprobs)
         return out
 
-    def _process_logits(self, logits: torch.Tensor, seqs) -> set[str]:
-        """Penalties, logit bias and grammar masks (modifies logits). A sequence's row j predicts the
-        token after its drafts[:j], so row j counts those drafts as generated and its grammar mask is
-        the one after them. Returns the requests whose grammar failed to compile: they emit nothing
-        this step, and the engine fails them before the next."""
-        rows, params, outputs, prompts, grammars, failed = [], [], [], [], [], set()
+    def _adjust_logits(self, logits: torch.Tensor, seqs) -> None:
+        """Penalties and logit bias (modifies logits). A sequence's row j predicts the token after its
+        drafts[:j], so row j counts those drafts as generated (its grammar mask, likewise, is the one
+        after them). A request whose grammar failed to compile (`BatchMask.failed`) emits nothing
+        this step, and the engine fails it before the next."""
+        rows, params, outputs, prompts = [], [], [], []
         row = 0
         for seq in seqs:
             req, drafts = seq.request, list(seq.spec_token_ids)
-            if req.grammar is not None:
-                if req.grammar.wait():
-                    grammars.append((row, req.grammar, drafts))
-                else:
-                    failed.add(req.request_id)
             p = req.sampling_params
             if p.has_penalties or p.logit_bias:
                 for j in range(len(drafts) + 1):
@@ -140,8 +146,6 @@ class ModelRunner:
             row += len(drafts) + 1
         if rows:
             LogitsAdjustments.build(rows, params, outputs, prompts, logits.shape[-1], self.device).apply(logits)
-        apply_masks(logits, grammars)
-        return failed
 
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, reqs, offsets=None) -> None:

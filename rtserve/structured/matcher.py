@@ -5,10 +5,13 @@ fills one bitmask row per constrained logits row and sets every token the gramma
 unconstrained rows are never touched. For a verify step, a request's rows predict its next token
 and then the token after each draft: the matcher is advanced through the drafts to fill those rows
 and rolled back afterwards, so a draft the grammar forbids is rejected like any other mismatch.
+The runner fills the batch's bitmask on a worker thread while the forward pass runs (`fill_masks`;
+the matchers are not touched by anything else until it is joined) and applies it after.
 """
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,19 +95,47 @@ class RequestGrammar:
             matcher.rollback(num_accepted)
 
 
-def apply_masks(logits: Tensor, grammars: list[tuple[int, RequestGrammar, list[int]]]) -> None:
-    """`grammars`: (first row, grammar, draft ids) per constrained request. Modifies `logits` [R, V]."""
+@dataclass
+class BatchMask:
+    """The step's grammar bitmask: filled before (or while) the forward runs, applied to its logits."""
+
+    bitmask: Tensor | None  # [R, ceil(V / 32)] int32 on the CPU; None: no constrained row
+    rows: list[int]  # the constrained logits rows
+    failed: set[str]  # requests whose grammar failed to compile (no rows)
+
+
+def fill_masks(seqs: list[Any], vocab_size: int) -> BatchMask:
+    """One bitmask row per logits row of a constrained sequence. `seqs` are the step's sampled
+    sequences in logits-row order; each has 1 + len(spec_token_ids) rows (waits for compiles)."""
+    grammars, failed, row = [], set(), 0
+    for seq in seqs:
+        grammar = seq.request.grammar
+        if grammar is not None:
+            if grammar.wait():
+                grammars.append((row, grammar, list(seq.spec_token_ids)))
+            else:
+                failed.add(seq.request.request_id)
+        row += len(seq.spec_token_ids) + 1
     if not grammars:
-        return
+        return BatchMask(None, [], failed)
     import xgrammar as xgr
-    num_rows, vocab_size = logits.shape
-    bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)  # [R, ceil(V / 32)] int32, all allowed
+    bitmask = xgr.allocate_token_bitmask(row, vocab_size)  # all allowed
     rows: list[int] = []
     for first_row, grammar, drafts in grammars:
         grammar.fill(bitmask, first_row, drafts)
         rows.extend(range(first_row, first_row + len(drafts) + 1))
+    return BatchMask(bitmask, rows, failed)
+
+
+def apply_masks(logits: Tensor, mask: BatchMask) -> None:
+    """Forbidden tokens of the constrained rows to -inf (modifies `logits` [R, V])."""
+    if mask.bitmask is None:
+        return
+    import xgrammar as xgr
+    vocab_size = logits.shape[-1]
     if logits.device.type == "cpu":
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=rows, backend="cpu")
+        xgr.apply_token_bitmask_inplace(logits, mask.bitmask, vocab_size=vocab_size, indices=mask.rows,
+                                        backend="cpu")
     else:  # xgrammar's default GPU kernel needs triton, which rtserve does not install: plain torch ops
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                        vocab_size=vocab_size, indices=rows, backend="torch_native")
+        xgr.apply_token_bitmask_inplace(logits, mask.bitmask.to(logits.device, non_blocking=True),
+                                        vocab_size=vocab_size, indices=mask.rows, backend="torch_native")
