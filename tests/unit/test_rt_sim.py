@@ -101,17 +101,19 @@ def test_under_overload_late_soft_requests_are_still_served_or_refused_with_a_re
 CPU_CHUNK_COST_COEFFS = (0.012306, 0.000598, 0.000662, 0.0, 2.674101, 0.011252)
 
 
-def test_with_a_fixed_cost_per_prefill_chunk_deadline_still_keeps_up_with_fcfs():
-    """Where a chunk costs 11 ms besides its tokens, ITL-sized 8-token chunks would spend most of
-    every step on overhead and fall behind the arriving prompts: the policy prefills in chunks worth
-    their cost. FCFS sustains about 1 req/s of synthetic 256/128 here."""
-    for rate in (1.0, 2.0):
+@pytest.mark.parametrize("workload", ["synthetic", "chat", "long-prompt-interference", "realtime-mix"])
+def test_on_the_host_fitted_step_costs_deadline_keeps_up_with_fcfs_on_every_workload(workload):
+    """Where a chunk costs 11 ms besides its tokens and prefill attention deep in a prompt is dear
+    (the chat workload's prompts start 400-700 tokens in, after their cached history), at 20% step
+    noise. FCFS sustains about 1 req/s of synthetic 256/128 here: from half to twice that, never below
+    FCFS (within the noise); at twice it, on synthetic, well above."""
+    for rate in (0.5, 1.0, 2.0):
         fcfs = deadline = 0.0
         for seed in (0, 1):
-            cfg = dict(workload="synthetic", rate_per_s=rate, seed=seed, coeffs=CPU_CHUNK_COST_COEFFS,
+            cfg = dict(workload=workload, rate_per_s=rate, seed=seed, coeffs=CPU_CHUNK_COST_COEFFS,
                        step_noise=0.2)
             fcfs += simulate(SimConfig(policy="fcfs", **cfg)).goodput_req_per_s / 2
             deadline += simulate(SimConfig(policy="deadline", **cfg)).goodput_req_per_s / 2
         assert deadline >= (1 - NOISE) * fcfs, (rate, fcfs, deadline)
-        if rate == 2.0:
-            assert deadline >= 2 * fcfs, (fcfs, deadline)
+        if rate == 2.0 and workload == "synthetic":
+            assert deadline >= 1.2 * fcfs, (fcfs, deadline)
