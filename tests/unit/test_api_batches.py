@@ -393,3 +393,46 @@ def test_a_data_dir_serves_one_process_at_a_time(tmp_path):
         BatchStore(str(tmp_path / "db"), str(tmp_path / "files"))
     first.close()
     BatchStore(str(tmp_path / "db"), str(tmp_path / "files")).close()
+
+
+class HoldingEngine(FakeEngine):
+    """Answers prompts containing "run 0" at once and holds every other request until the app stops."""
+
+    async def generate(self, prompt_ids, params, request_id, **kwargs):
+        if "run 0" not in self.tokenizer.decode(prompt_ids):
+            await asyncio.Event().wait()
+        async for out in super().generate(prompt_ids, params, request_id, **kwargs):
+            yield out
+
+
+async def test_graceful_restart_resumes_in_progress_and_cancelling_batches(tmp_path):
+    data = str(tmp_path / "data")
+
+    async def run_app(engine: FakeEngine, work) -> None:
+        app, _ = build_test_app(engine, batches=BatchSettings(data, max_in_flight=2, sweep_interval_s=0.05))
+        async with app.router.lifespan_context(app), asgi_client(app) as c:
+            await work(c)
+
+    ids = {}
+
+    async def first_life(c) -> None:
+        ids["cancel"] = (await create_batch(c, [chat_line("c0")]))["id"]  # c0 takes one slot and is held
+        ids["run"] = (await create_batch(c, [chat_line(f"r{i}", f"run {i}") for i in range(3)]))["id"]
+        while (await c.get(f"/v1/batches/{ids['run']}")).json()["request_counts"]["completed"] < 1:
+            await asyncio.sleep(0.01)  # r0 answered; r1 now holds the other slot
+        assert (await c.post(f"/v1/batches/{ids['cancel']}/cancel")).json()["status"] == "cancelling"
+
+    await run_app(HoldingEngine(), first_life)  # stops with c0 and r1 in flight: both stay pending
+    second = FakeEngine()
+
+    async def second_life(c) -> None:
+        done = await wait_status(c, ids["run"])
+        assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+        assert [x["custom_id"] for x in await read_jsonl(c, done["output_file_id"])] == ["r0", "r1", "r2"]
+        cancelled = await wait_status(c, ids["cancel"])
+        assert cancelled["status"] == "cancelled" and cancelled["output_file_id"] is None
+        assert [e["custom_id"] for e in await read_jsonl(c, cancelled["error_file_id"])] == ["c0"]
+
+    await run_app(second, second_life)
+    ran = sorted(second.tokenizer.decode(second.prompts[r]) for r in second.started)
+    assert len(ran) == 2 and "run 1" in ran[0] and "run 2" in ran[1]  # r0 was not run again, c0 not at all

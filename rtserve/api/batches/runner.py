@@ -127,17 +127,18 @@ class BatchRunner:
                             finalizing_at=self.now())
             return await self._finish_when_idle({**batch, "status": "finalizing"})
         free = self.settings.max_in_flight - len(self._in_flight)
-        if free > 0:
-            items = await self.call(self.store.pending_items, batch["id"], free, busy)
-            for item in items:
-                key = (batch["id"], item["idx"])
-                self._in_flight[key] = asyncio.create_task(self._run_item(batch, item), name=f"batch-item-{key}")
-            if items or busy:
-                return
-        if not any(bid == batch["id"] for bid, _ in self._in_flight):
-            if await self.call(self.store.update_batch, batch["id"], ("in_progress",), status="finalizing",
-                               finalizing_at=self.now()):
-                await self._finish_when_idle({**batch, "status": "finalizing"})
+        if free <= 0:  # no slot (other batches may hold them all): this one waits, whatever it has left
+            return
+        items = await self.call(self.store.pending_items, batch["id"], free, busy)
+        for item in items:
+            key = (batch["id"], item["idx"])
+            self._in_flight[key] = asyncio.create_task(self._run_item(batch, item), name=f"batch-item-{key}")
+        if items or busy:
+            return
+        # nothing pending and nothing in flight: every item has its result
+        if await self.call(self.store.update_batch, batch["id"], ("in_progress",), status="finalizing",
+                           finalizing_at=self.now()):
+            await self._finish_when_idle({**batch, "status": "finalizing"})
 
     async def _run_item(self, batch: dict[str, Any], item: dict[str, Any]) -> None:
         key = (batch["id"], item["idx"])
