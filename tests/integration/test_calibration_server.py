@@ -7,6 +7,7 @@ The cache is a temporary directory (`--rt-calibration-cache-dir`), so nothing to
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import time
@@ -41,6 +42,40 @@ def first_request(server, step_log) -> list[dict]:
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 512
     with open(step_log) as f:
         return [json.loads(line) for line in f]
+
+
+def test_deadline_policy_calibrated_with_several_sequences_answers_as_alone(tmp_path, monkeypatch):
+    """The deadline policy end to end with a calibrated model and several sequences: greedy answers
+    to prompts sent together (soft streams, one prompt long enough to be prefilled beside the others'
+    decodes) equal those to the same prompts sent one at a time. The fp32 reference path, whose
+    batched and single-row arithmetic agree (the quantized fast path may part at a near tie)."""
+    step_log = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("RTSERVE_STEP_LOG", str(step_log))
+    with ServerProcess("--quantization", "none", "--rt-calibration-cache-dir", str(tmp_path / "calibration"),
+                       "--rt-calibration-budget-s", "8") as server:
+        assert cost_model_gauges(server)["calibrated"] == 1.0
+        _concurrent_equals_alone(server, step_log)
+
+
+def _concurrent_equals_alone(server, step_log) -> None:
+    model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    prompts = ["Name three colours.", "Count from one to five.", "What is the capital of France?",
+               "Summarize: " + "Rivers carry water from the hills to the sea. " * 40]
+
+    def ask(client, prompt):
+        return client.post(server.url + "/v1/completions", timeout=180, json={
+            "model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "rt": {"class": "soft"}})
+
+    with httpx.Client() as client:
+        alone = [ask(client, p).json()["choices"][0]["text"] for p in prompts]
+    open(step_log, "w").close()
+    with httpx.Client() as client, concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = [r.json()["choices"][0]["text"] for r in pool.map(lambda p: ask(client, p), prompts)]
+    assert together == alone
+    with open(step_log) as f:
+        steps = [json.loads(line) for line in f]
+    assert max(s["decodes"] + (s["prefill_tokens"] > 0) for s in steps) > 1  # sequences shared steps
 
 
 def test_second_start_loads_the_calibrated_model_from_cache(tmp_path, monkeypatch):
