@@ -99,7 +99,8 @@ async def read_jsonl(c, file_id: str) -> list[dict]:
 
 async def test_chat_batch_lifecycle_and_output_file(make_client):
     c = await make_client()
-    created = await create_batch(c, [chat_line(f"r{i}", f"question {i}") for i in range(3)], metadata={"k": "v"})
+    created = await create_batch(c, [chat_line(f"r{i}", f"question {i}") for i in range(3)], metadata={"k": "v"},
+                                 output_expires_after={"anchor": "created_at", "seconds": 7200})
     assert created["object"] == "batch" and created["status"] == "validating"
     assert created["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert created["metadata"] == {"k": "v"} and created["expires_at"] - created["created_at"] == 24 * 3600
@@ -118,6 +119,7 @@ async def test_chat_batch_lifecycle_and_output_file(make_client):
     assert [p.rt_class for p in c.engine.rt_params[:3]] == ["batch"] * 3  # items ran as batch class
     meta = (await c.get(f"/v1/files/{done['output_file_id']}")).json()
     assert meta["purpose"] == "batch_output" and meta["object"] == "file"
+    assert meta["expires_at"] - meta["created_at"] == 7200  # output_expires_after
 
 
 async def test_items_run_as_batch_whatever_class_they_ask_for(make_client):
@@ -235,6 +237,12 @@ async def test_files_routes(make_client):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "file"
     not_multipart = await c.post("/v1/files", json={"purpose": "batch"})
     assert not_multipart.status_code == 400
+    expiring = await c.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={
+        "purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"})
+    assert expiring.json()["expires_at"] - expiring.json()["created_at"] == 3600
+    too_soon = await c.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={
+        "purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "5"})
+    assert too_soon.status_code == 400 and too_soon.json()["error"]["param"] == "expires_after.seconds"
 
 
 async def test_upload_over_the_body_limit_is_413_before_parsing(make_client):
@@ -252,6 +260,10 @@ async def test_create_batch_bad_fields(make_client):
              ({**base, "input_file_id": "file-nope"}, 404, "id"),
              (base, 400, "input_file_id"),  # 3 requests over the cap of 2
              ({**base, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
+             ({**base, "output_expires_after": {"anchor": "created_at", "seconds": 60}}, 400,
+              "output_expires_after.seconds"),
+             ({**base, "output_expires_after": {"anchor": "now", "seconds": 7200}}, 400,
+              "output_expires_after.anchor"),
              ({"endpoint": CHAT, "completion_window": "24h"}, 400, "input_file_id")]
     for body, status, param in cases:
         r = await c.post("/v1/batches", json=body)
@@ -320,7 +332,8 @@ async def test_message_batch_lifecycle_and_results(make_client):
     done = await wait_status(c, created["id"], ("ended",), path="/v1/messages/batches")
     assert done["request_counts"] == {"processing": 0, "succeeded": 1, "errored": 1, "canceled": 0, "expired": 0}
     assert done["ended_at"].endswith("Z") and done["results_url"].endswith(f"/{created['id']}/results")
-    results = [json.loads(line) for line in (await c.get(f"/v1/messages/batches/{created['id']}/results")).text.splitlines()]
+    raw = (await c.get(f"/v1/messages/batches/{created['id']}/results")).text
+    results = [json.loads(line) for line in raw.splitlines()]
     assert [x["custom_id"] for x in results] == ["a", "b"]
     online = (await c.post("/v1/messages", json=message_request("a")["params"])).json()
     assert results[0]["result"]["type"] == "succeeded"

@@ -20,7 +20,7 @@ ERROR_LINE = {  # OpenAI error-file `error` objects for items that never ran
 NEW_BATCH_DEFAULTS = dict.fromkeys(
     ("model", "metadata", "errors", "output_file_id", "error_file_id", "input_file_id", "in_progress_at",
      "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "ended_at",
-     "archived_at"))
+     "archived_at", "output_expires_s"))
 NO_ITEMS = {"pending": 0, "succeeded": 0, "errored": 0, "cancelled": 0, "expired": 0}
 NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
 

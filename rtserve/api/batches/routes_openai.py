@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
 from rtserve.api.batches import objects as O
-from rtserve.api.batches.routes_files import get_owned_file, json_ok, page_limit
+from rtserve.api.batches.routes_files import MAX_EXPIRY_S, MIN_EXPIRY_S, get_owned_file, json_ok, page_limit
 from rtserve.api.batches.service import BatchService, service_of
 from rtserve.api.errors import ApiError
 from rtserve.api.limits import read_json_body
@@ -26,13 +26,19 @@ COMPLETION_WINDOW = "24h"
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
+class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    anchor: str
+    seconds: int
+
+
 class CreateBatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
-    output_expires_after: dict[str, Any] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:
@@ -45,6 +51,19 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
         if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
             raise ApiError(400, f"metadata keys are at most {MAX_METADATA_KEY} characters and values at most "
                            f"{MAX_METADATA_VALUE}.", param="metadata", code="invalid_value")
+
+
+def _output_expiry(expires: ExpiresAfter | None) -> int | None:
+    """`output_expires_after` -> seconds the output/error files are kept (None: the server's retention)."""
+    if expires is None:
+        return None
+    if expires.anchor != "created_at":
+        raise ApiError(400, "output_expires_after.anchor must be 'created_at'.", param="output_expires_after.anchor",
+                       code="invalid_value")
+    if not MIN_EXPIRY_S <= expires.seconds <= MAX_EXPIRY_S:
+        raise ApiError(400, f"output_expires_after.seconds must be from {MIN_EXPIRY_S} to {MAX_EXPIRY_S}.",
+                       param="output_expires_after.seconds", code="invalid_value")
+    return expires.seconds
 
 
 def _count_lines(path: str) -> int:
@@ -76,6 +95,7 @@ async def create_batch(request: Request) -> Response:
         raise ApiError(400, f"completion_window must be '{COMPLETION_WINDOW}'.", param="completion_window",
                        code="invalid_value")
     _check_metadata(req.metadata)
+    output_expires_s = _output_expiry(req.output_expires_after)
     input_file = get_owned_file(service, request, req.input_file_id)
     if input_file["purpose"] != "batch":
         raise ApiError(400, "The input file must have purpose 'batch'.", param="input_file_id", code="invalid_value")
@@ -88,7 +108,8 @@ async def create_batch(request: Request) -> Response:
     row = {"id": f"batch_{uuid.uuid4().hex}", "owner": service.owner_of(request), "api": "openai",
            "endpoint": req.endpoint, "input_file_id": input_file["id"], "completion_window": COMPLETION_WINDOW,
            "status": "validating", "metadata": None if req.metadata is None else O.json_text(req.metadata),
-           "created_at": now, "expires_at": now + int(service.settings.completion_window_s)}
+           "created_at": now, "expires_at": now + int(service.settings.completion_window_s),
+           "output_expires_s": output_expires_s}
     await service.runner.call(service.store.add_batch, row)
     service.runner.wake()
     return json_ok(O.batch_object({**O.NEW_BATCH_DEFAULTS, **row}, O.NO_ITEMS, O.NO_USAGE))  # as created

@@ -194,7 +194,7 @@ class BatchRunner:
                 continue
             written[kind] = {"id": file_id, "owner": batch["owner"], "purpose": "batch_output",
                              "filename": f"{batch['id']}_{kind}.jsonl", "bytes": num_bytes, "created_at": now,
-                             "expires_at": now + int(self.settings.retention_s)}
+                             "expires_at": now + int(batch["output_expires_s"] or self.settings.retention_s)}
         return written
 
     async def sweep(self) -> None:

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS batches (
     model TEXT, metadata TEXT, errors TEXT, output_file_id TEXT, error_file_id TEXT,
     created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, in_progress_at INTEGER, finalizing_at INTEGER,
     completed_at INTEGER, failed_at INTEGER, expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
-    ended_at INTEGER, archived_at INTEGER);
+    ended_at INTEGER, archived_at INTEGER, output_expires_s INTEGER);
 CREATE TABLE IF NOT EXISTS items (
     batch_id TEXT NOT NULL, idx INTEGER NOT NULL, custom_id TEXT NOT NULL, body TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending', status_code INTEGER, request_id TEXT, result TEXT,
