@@ -32,7 +32,13 @@ REQUEST_MODELS: dict[tuple[str, str], str] = {
 STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
 # Successful responses that are not JSON (None: no body).
 OTHER_MEDIA = {"/health": None, "/metrics": "text/plain", "/": "text/html", "/dashboard": "text/html",
-               "/ui/{name}": "*/*", "/stats/stream": "text/event-stream"}
+               "/ui/{name}": "*/*", "/stats/stream": "text/event-stream",
+               "/v1/files/{file_id}/content": "application/jsonl",
+               "/v1/messages/batches/{batch_id}/results": "application/binary"}  # JSONL, as Anthropic sends it
+# Bodies that are not JSON: an upload's form fields.
+FORM_BODIES = {("post", "/v1/files"): {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string"}}}}}}
 
 OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"], "additionalProperties": False,
@@ -80,6 +86,8 @@ def build_schema(app: FastAPI) -> dict[str, Any]:
         if model is not None:
             op["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(model, "validation")]}}}
+        elif (method, path) in FORM_BODIES:
+            op["requestBody"] = {"required": True, "content": FORM_BODIES[(method, path)]}
         _describe_responses(path, op)
     return schema
 

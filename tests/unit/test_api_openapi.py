@@ -16,7 +16,7 @@ from rtserve.client.tokenizer import Tokenizer
 from tests.integration.fake_engine import FakeEngine, LiveServer, build_test_app
 
 KEY = "fuzz-key"
-JSON_BODY_EXEMPT = {"/v1/files"}  # multipart upload
+JSON_BODY_EXEMPT = {"/v1/files"}  # a multipart upload (documented as a form)
 NOT_FUZZED = ["/stats/stream"]    # an endless event stream: its answer never ends by design
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
@@ -60,6 +60,8 @@ def test_every_json_route_has_its_request_model_and_error_shape(server):
     assert "messages" in chat["required"]
     assert components["ChatMessage"]["properties"]["role"]["enum"][0] == "system"
     assert "max_tokens" in components["MessagesRequest"]["required"]
+    upload = schema["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["required"] == ["file", "purpose"]
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
