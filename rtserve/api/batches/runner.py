@@ -39,6 +39,7 @@ class BatchRunner:
         self.store, self.settings, self.dispatch, self.check_body = store, settings, dispatch, check_body
         self.clock = clock
         self._in_flight: dict[tuple[str, int], asyncio.Task] = {}
+        self._validating: dict[str, asyncio.Task] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_sweep_s = float("-inf")
@@ -63,7 +64,7 @@ class BatchRunner:
     async def stop(self) -> None:
         """Stop submitting; items in flight are abandoned (still pending, so they run after a restart)."""
         self._stopping = True
-        tasks = [t for t in (self._task, *self._in_flight.values()) if t is not None]
+        tasks = [t for t in (self._task, *self._in_flight.values(), *self._validating.values()) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -90,8 +91,9 @@ class BatchRunner:
         """One pass over every active batch (oldest first), then retention when it is due."""
         for batch_id in await self.call(self.store.active_batch_ids):
             batch = await self.call(self.store.get_batch, batch_id)
-            if batch["status"] == "validating":
-                await self._validate(batch)
+            if batch["status"] == "validating":  # on its own task: a large file must not stall other batches
+                if batch_id not in self._validating:
+                    self._validating[batch_id] = asyncio.create_task(self._validate(batch), name="batch-validate")
             elif batch["status"] == "in_progress":
                 await self._advance(batch)
             else:  # cancelling or finalizing: wait for the items in flight, then write the results
@@ -101,23 +103,29 @@ class BatchRunner:
             await self.sweep()
 
     async def _validate(self, batch: dict[str, Any]) -> None:
+        """validating -> in_progress with its items, or failed with the errors; nothing if cancelled meanwhile."""
         path = self.store.file_path(batch["input_file_id"])
 
         def read_and_check() -> Any:
             with open(path, "rb") as f:
                 return validate_lines(f, batch["endpoint"], self.check_body)
         try:
-            checked = await self.call(read_and_check)
-        except FileNotFoundError:
-            checked = None
-        now = self.now()
-        if checked is None or checked.errors:
-            errors = checked.errors if checked else [{"code": "file_not_found", "line": None, "param": "input_file_id",
-                                                      "message": "The input file was deleted before validation."}]
-            await self.call(self.store.finalize, batch["id"], "failed", [], now, errors=json.dumps(errors))
-            return
-        await self.call(self.store.start_batch, batch["id"], checked.items, checked.model, now)
-        self.wake()
+            try:
+                checked = await self.call(read_and_check)
+            except FileNotFoundError:
+                checked = None
+            now = self.now()
+            if checked is None or checked.errors:
+                errors = checked.errors if checked else [{
+                    "code": "file_not_found", "line": None, "param": "input_file_id",
+                    "message": "The input file was deleted before validation."}]
+                await self.call(self.store.update_batch, batch["id"], ("validating",), status="failed",
+                                failed_at=now, ended_at=now, errors=errors)
+            else:
+                await self.call(self.store.start_batch, batch["id"], checked.items, checked.model, now)
+        finally:
+            self._validating.pop(batch["id"], None)
+            self.wake()
 
     async def _advance(self, batch: dict[str, Any]) -> None:
         busy = {idx for (bid, idx) in self._in_flight if bid == batch["id"]}
