@@ -35,10 +35,6 @@ def log_fields(conn: HTTPConnection, **fields: Any) -> None:
     conn.scope.setdefault("state", {}).setdefault("access_log", {}).update(fields)
 
 
-def request_id_of(conn: HTTPConnection) -> str:
-    return conn.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
-
-
 def _sanitize(value: bytes) -> str | None:
     text = value.decode("latin-1")[:MAX_REQUEST_ID_LEN]
     return text if text and text.isprintable() else None

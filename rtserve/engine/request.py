@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from rtserve.kv.hashing import BlockHash
-from rtserve.protocol import RTClass, RTParams, TokenLogprob
+from rtserve.protocol import RTClass, RTParams
 from rtserve.sampling_params import SamplingParams
 
 
@@ -38,7 +38,6 @@ class Request:
     generator: torch.Generator | None = None  # seeded requests only; made by the runner on its device
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
     rt: RTParams = field(default_factory=RTParams)  # resolved budgets (rt_policy.resolve_rt)
     # Deadlines are this much earlier than the budgets say (firm: the time from sampling a token to
     # the client receiving it; RTConfig.firm_delivery_margin_s), so on time here is on time there.

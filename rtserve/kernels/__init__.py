@@ -11,10 +11,10 @@ slower (and the oracle the kernel tests compare against). Callers (including Tor
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,11 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import fcntl  # POSIX: builds serialized across processes
+except ImportError:  # not POSIX (Windows): no lock; a build is still published by atomic rename
+    fcntl = None
 
 from rtserve.model.gguf import default_cache_dir
 
@@ -162,15 +167,24 @@ def _compiler() -> str:
     return cxx
 
 
-def _cpu_flags() -> str:
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What identifies the CPU a `-march=native` build is for, in the kernel cache key: the machine,
+    torch's own ISA check, and the first processor's feature lines (x86 `flags`; aarch64 `Features`,
+    `CPU implementer`, `CPU part`, whose lines carry no `flags`), so one CPU never loads another's
+    build from a shared cache."""
+    parts = [platform.machine(), sys.platform, torch.backends.cpu.get_cpu_capability()]
+    keys = ("flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "model name")
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
+            seen = set()
             for line in f:
-                if line.startswith("flags"):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in keys and key not in seen:
+                    seen.add(key)
+                    parts.append(line.strip())
     except OSError:
         pass
-    return sys.platform
+    return "\n".join(parts)
 
 
 def _run_all(commands: list[list[str]]) -> None:
@@ -203,7 +217,8 @@ def build(cache_dir: str = "") -> str:
     if os.path.isfile(target):
         return target
     with open(target + ".lock", "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)  # one build at a time; later waiters find it built
+        if fcntl is not None:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)  # one build at a time; later waiters find it built
         if os.path.isfile(target):
             return target
         torch_lib = os.path.join(torch_dir, "lib")

@@ -36,7 +36,7 @@ class FastLayer:
 
     def __init__(self, tensors: dict[str, torch.Tensor], i: int) -> None:
         p = f"layers.{i}."
-        sqrt_h = tensors[p + "input_layernorm"].shape[0] ** 0.5  # RMSNorm as a vector norm (_rms_norm)
+        sqrt_h = tensors[p + "input_layernorm"].shape[0] ** 0.5  # RMSNorm as a vector norm (add_rms_norm)
         self.input_norm = tensors[p + "input_layernorm"] * sqrt_h
         self.post_norm = tensors[p + "post_attention_layernorm"] * sqrt_h
         self.qkv, self.o, self.gate_up, self.down = (
@@ -126,13 +126,6 @@ class FastLlamaForCausalLM:
             quant.kernel_for_rows(x.shape[0], self.have_amx), *self._decode_weights,
             [k for k, _ in kv_slots], [v for _, v in kv_slots], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             self.scale)
-
-    @staticmethod
-    def _rms_norm(x: torch.Tensor, weight_scaled: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of fp32 x [T, H] into a new bf16 tensor: x * w / rms(x), with
-        `weight_scaled` = w * sqrt(H), so rms is a vector norm (eps, ~1e-5 of mean(x^2), is dropped)."""
-        out = torch.empty(x.shape, dtype=torch.bfloat16)
-        return torch.mul(x, weight_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True), out=out)
 
     def _lm_head_int8(self, x: torch.Tensor) -> torch.Tensor:
         """[S, H] fp32 -> [S, V] fp32 logits through int8 with dynamic activations, outliers apart.
