@@ -5,6 +5,13 @@ import math
 from dataclasses import dataclass, field
 
 
+
+# The step-time model's prior (rtserve/engine/cost_model.py, its `StepFeatures` order): seconds per
+# step, per decode, per prefill token, per context token, per 10^6 prefill attention pairs, per
+# prefill chunk. Only an uncalibrated model predicts from it.
+COST_PRIOR_S = (0.005, 0.0005, 0.0001, 0.0, 0.5, 0.005)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Llama-family decoder (HF `LlamaConfig` field meanings)."""
@@ -131,7 +138,7 @@ class RTConfig:
     max_waiting_tokens: int = 262144  # ... and prompt tokens; beyond either: 429/529
     max_buffered_outputs: int = 64    # per-stream deltas held for a slow reader before pausing it
     slow_reader_timeout_s: float = 30.0  # a paused stream is aborted after this long
-    cost_prior_s: tuple[float, ...] = (0.005, 0.0005, 0.0001, 0.0, 0.5)  # rtserve/engine/cost_model.py
+    cost_prior_s: tuple[float, ...] = COST_PRIOR_S  # the step-time model's prior coefficients
     cost_window: int = 256            # the step-time model is fitted over this many recent steps
     cost_min_samples: int = 8         # steps measured before predictions are trusted
     # Before ready, measure the step-time model on warm-up steps (at most `calibration_budget_s`), or

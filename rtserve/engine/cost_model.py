@@ -37,8 +37,9 @@ from typing import Callable
 
 import numpy as np
 
+from rtserve.config import COST_PRIOR_S as DEFAULT_PRIOR
+
 NUM_FEATURES = 6
-DEFAULT_PRIOR = (0.005, 0.0005, 0.0001, 0.0, 0.5, 0.005)
 _ERR_ALPHA = 0.05    # EWMA weight of the newest prediction error
 _RIDGE = 1e-4        # pull toward the prior, relative to each feature's own energy in the window
 _TAIL_STRETCH = 4.265 / 2.326  # normal quantiles: z(1 - 1e-5) / z(0.99)
