@@ -117,6 +117,8 @@ class GracefulServer(uvicorn.Server):
             self._spawn(self._watch_engine())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The signal handler (uvicorn installs it). Unlike uvicorn's, it does not record the signal, so
+        uvicorn does not raise it again once shut down: a drained server exits 0, not -15."""
         if self.drain.is_draining or self._loop is None or not self.started:
             self._exit_now(sig)
         self.drain.is_draining = True
@@ -126,7 +128,7 @@ class GracefulServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: self._spawn(self._drain_then_exit()))
 
     def _exit_now(self, sig: int) -> None:
-        logger.warning("%s again: exiting now", signal.Signals(sig).name)
+        logger.warning("%s: exiting now", signal.Signals(sig).name)
         kill = getattr(self.engine, "kill", None)
         if kill is not None:
             kill()
@@ -177,16 +179,3 @@ class GracefulServer(uvicorn.Server):
         self.metrics.num_engine_restarts += 1
         logger.info("engine restarted (%d restart(s) so far)", self.metrics.num_engine_restarts)
         return True
-
-    def capture_signals(self):
-        """uvicorn re-raises a handled signal after its shutdown (exit status -15); a drained exit is 0."""
-        cm = super().capture_signals()
-
-        class _NoReRaise:
-            def __enter__(_self):
-                return cm.__enter__()
-
-            def __exit__(_self, *exc):
-                self._captured_signals.clear()
-                return cm.__exit__(*exc)
-        return _NoReRaise()
