@@ -71,7 +71,7 @@ class BatchService:
         return {"/v1/files": limit, "/v1/messages/batches": limit}
 
     async def start(self) -> None:
-        logger.info("batch API data directory: %s", self.settings.data_dir)
+        logger.debug("batch API data directory: %s", self.settings.data_dir)  # `rtserve serve` prints it
         await self.runner.start()
 
     async def stop(self) -> None:
