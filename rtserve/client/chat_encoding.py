@@ -69,10 +69,11 @@ def _strings(value: Any):
 
 
 def _free_markers(texts: list[str]) -> tuple[str, str]:
-    free = [c for c in _MARKER_CANDIDATES if not any(c in t for t in texts)]
-    if len(free) < 2:
+    free = (c for c in _MARKER_CANDIDATES if not any(c in t for t in texts))  # lazy: usually the first two
+    start, end = next(free, None), next(free, None)
+    if end is None:
         raise ValueError("message text uses every private-use marker character")
-    return free[0], free[1]
+    return start, end
 
 
 def _wrap(message: dict[str, Any], start: str, end: str) -> dict[str, Any]:
