@@ -104,7 +104,8 @@ class BatchStore:
         return os.path.join(self.files_dir, file_id)
 
     def write_file_bytes(self, file_id: str, chunks: Iterator[bytes]) -> int:
-        """Write a file body (temp name, fsync, rename); returns its size. The row is added separately."""
+        """Write a file body (temp name, fsync, rename, fsync the directory); returns its size. The row is
+        added separately, after this returns."""
         path = self.file_path(file_id)
         tmp, num_bytes = path + ".tmp", 0
         with open(tmp, "wb") as f:
@@ -114,6 +115,11 @@ class BatchStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(self.files_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power loss
+        finally:
+            os.close(dir_fd)
         return num_bytes
 
     def add_file(self, row: dict[str, Any]) -> None:
