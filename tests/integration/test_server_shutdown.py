@@ -107,15 +107,18 @@ def test_shutdown_timeout_0_aborts_streams_with_a_final_event():
     with ServerProcess(*FAST_START, "--shutdown-timeout-s", "0") as server:
         children = descendants(server)
         streams = [Stream(server.url, 2000) for _ in range(2)]
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
+            blocking = pool.submit(httpx.post, server.url + CHAT, json=chat(2000, stream=False), timeout=120)
             futures = [pool.submit(s) for s in streams]
             wait_for(lambda: all(s.first_s for s in streams), 120, "every stream's first chunk")
             server.proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=60) for f in futures]
+            response = blocking.result(timeout=60)
         assert server.proc.wait(60) == 0
     for s in results:
         assert s.payloads[-1] == "[DONE]" and s.finish_reason == "abort"
-    assert "aborted 2 request(s)" in server.log_text()
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "abort"
+    assert "aborted 3 request(s)" in server.log_text()
     assert_all_gone(children)
 
 
