@@ -152,7 +152,9 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.observe_step(features.num_decodes, features.num_prefill_tokens, now - start)
         if self.thread_governor is not None:
-            self.thread_governor.tick()
+            threads = self.thread_governor.tick()
+            if threads is not None:  # the cost model predicts at the new count from its next step
+                self.cost_model.set_threads(threads, self.thread_governor.max_threads)
         return EngineCoreOutputs(outputs, now, self.stats())
 
     def close(self) -> None:

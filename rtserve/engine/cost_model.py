@@ -44,6 +44,8 @@ _ERR_ALPHA = 0.05    # EWMA weight of the newest prediction error
 _RIDGE = 1e-4        # pull toward the prior, relative to each feature's own energy in the window
 _TAIL_STRETCH = 4.265 / 2.326  # normal quantiles: z(1 - 1e-5) / z(0.99)
 _OVERRUN_MIN_SAMPLES = 32
+_FACTOR_ALPHA = 0.1  # EWMA weight of a step's measured slowdown at a reduced thread count
+_MAX_FACTOR = 8.0
 _TRUST_MIN_TOKENS = 64  # prefill tokens a step may take before larger steps have been measured
 _OVERRUN_PRIOR = 1.5
 _OVERRUN_P99_PRIOR = 1.2
@@ -97,6 +99,13 @@ class StepCostModel:
         self._kept: deque[tuple[list[float], float]] = deque(maxlen=_KEPT_SAMPLES)
         self._fitted = False  # coefficients from measurements: predictions need their range
         self._given = False   # coefficients given (`from_coeffs`)
+        # Fewer engine threads than the model was fitted at (the thread governor gives cores to other
+        # processes): `theta` is the fitted model times `_factor`, the measured slowdown at this
+        # count; the window holds steps divided by it (`set_threads`).
+        self._threads: int | None = None
+        self._base_threads: int | None = None
+        self._factor = 1.0
+        self._factors: dict[int, float] = {}
 
     @classmethod
     def from_coeffs(cls, coeffs: tuple[float, ...], calibrated: bool = True) -> "StepCostModel":
@@ -135,6 +144,28 @@ class StepCostModel:
         largest = max((x[2] for x in (*self._xs, *(k[0] for k in self._kept))), default=0)  # x[2]: prefill tokens
         return max(2 * int(largest), _TRUST_MIN_TOKENS)
 
+    def set_threads(self, threads: int, base_threads: int) -> None:
+        """The engine now runs `threads` threads, of the `base_threads` it was started with.
+
+        At fewer threads every step is slower by about one factor (the same ops on fewer cores: 1.7x
+        at 1 thread of 2 on the AMD host), so the model keeps one fit, of steps at the full count,
+        and one slowdown factor per count, measured online (the mean ratio of measured to fitted step
+        time at that count). A governor switching counts no longer leaves a window that mixes both
+        (mispredicting either until 256 steps have passed), and a count seen before comes back with
+        its factor at once; one never seen starts at base_threads / threads.
+        """
+        threads, base_threads = max(threads, 1), max(base_threads, 1)
+        if self._threads is not None:
+            self._factors[self._threads] = self._factor
+        self._threads, self._base_threads = threads, base_threads
+        factor = 1.0 if threads >= base_threads else self._factors.get(threads, base_threads / threads)
+        self._set_factor(factor)
+
+    def _set_factor(self, factor: float) -> None:
+        base = [t / self._factor for t in self.theta]
+        self._factor = factor
+        self.theta = [c * factor for c in base]
+
     def prefill_attention_s(self, num_pairs: int) -> float:
         """The prefill-attention part of a prediction: `num_pairs` query-key pairs, however chunked."""
         return max(self.theta[4], 0.0) * num_pairs / 1e6
@@ -143,17 +174,24 @@ class StepCostModel:
         """Record one measured step; refit every `refit_every` samples (modifies the model)."""
         if not math.isfinite(measured_s) or measured_s < 0:
             return
+        predicted_s = self.predict_s(f)
         if self.num_samples > 0:
-            err = abs(measured_s - self.predict_s(f))
+            err = abs(measured_s - predicted_s)
             self.mean_abs_error_s += _ERR_ALPHA * (err - self.mean_abs_error_s)
             self.mean_rel_error += _ERR_ALPHA * (err / max(measured_s, 1e-6) - self.mean_rel_error)
+        if self._factor != 1.0 or (self._threads or 0) < (self._base_threads or 0):
+            if self.is_calibrated and predicted_s > 0:  # the slowdown at this thread count, measured
+                ratio = measured_s * self._factor / predicted_s
+                self._set_factor(min(max(self._factor + _FACTOR_ALPHA * (ratio - self._factor), 1.0),
+                                     _MAX_FACTOR))
+            measured_s /= self._factor  # the window holds steps as at the full thread count
         if len(self._xs) == self._xs.maxlen and self._xs[0][2] >= _KEPT_MIN_TOKENS:
             self._kept.append((self._xs[0], self._ys[0]))  # about to leave the window: keep its range
         self._xs.append(f.vector())
         self._ys.append(measured_s)
         self.num_samples += 1
         if self.num_samples % self.refit_every == 0 or self.num_samples == self.min_samples:
-            self.theta = self._fit()
+            self.theta = [c * self._factor for c in self._fit()]
             self._fitted = True
             self.overrun_ratio, self.overrun_p99 = self._overrun_ratios()
 
@@ -162,7 +200,7 @@ class StepCostModel:
         num_prefill_tokens, num_context_tokens, num_prefill_pairs, num_prefill_seqs, measured
         seconds], and the error averages; the coefficients and overrun ratio are there for reading
         (`load_json` refits them from the samples)."""
-        return {"coeffs": list(self.theta), "overrun_ratio": self.overrun_ratio,
+        return {"coeffs": [t / self._factor for t in self.theta], "overrun_ratio": self.overrun_ratio,
                 "mean_abs_error_s": self.mean_abs_error_s, "mean_rel_error": self.mean_rel_error,
                 "samples": [[int(x[1]), int(x[2]), round(x[3] * 1000), round(x[4] * 1e6), int(x[5]), y]
                             for x, y in (*self._kept, *zip(self._xs, self._ys))]}
@@ -210,7 +248,8 @@ class StepCostModel:
             return _OVERRUN_PRIOR, _OVERRUN_P99_PRIOR
         x = np.array(self._xs, dtype=np.float64)  # [n, NUM_FEATURES]
         y = np.array(self._ys, dtype=np.float64)  # [n]
-        log_ratio = np.log(np.maximum(y, 1e-9) / np.maximum(x @ np.array(self.theta), 1e-9))
+        base = np.array(self.theta) / self._factor  # the window's steps are as at the full thread count
+        log_ratio = np.log(np.maximum(y, 1e-9) / np.maximum(x @ base, 1e-9))
         median, p99 = np.quantile(log_ratio, [0.5, 0.99])
         return (max(float(np.exp(median + _TAIL_STRETCH * (p99 - median))), 1.0),
                 max(float(np.exp(p99)), 1.0))

@@ -2,6 +2,8 @@
 import math
 import random
 
+import numpy as np
+
 import pytest
 
 from rtserve.engine.cost_model import StepCostModel, StepFeatures, prefill_pairs
@@ -194,3 +196,46 @@ def test_line_is_the_model_along_one_direction():
         assert line(m) == pytest.approx(model.predict_s(f))
     negative = StepCostModel.from_coeffs((-0.01, 0.001))
     assert negative.line_s(StepFeatures(1, 0), StepFeatures(1, 0))(0) == 0.0  # clamped as predict_s is
+
+
+def test_a_thread_count_change_scales_predictions_by_its_measured_slowdown_and_keeps_the_fit():
+    """At 1 thread of 2 every step takes 1.7x as long: the model learns the factor within some
+    steps, its fit of the full-count steps is not disturbed, and both counts predict at once when
+    the governor switches back and forth."""
+    true = (0.010, 0.001, 0.0001, 0.0, 0.5, 0.002)
+    rng = np.random.default_rng(0)
+
+    def features(i):
+        return StepFeatures(int(rng.integers(1, 16)), int(rng.integers(0, 256)) * (i % 3 == 0), 500, 0,
+                            int(i % 3 == 0))
+
+    def truth(f, slowdown=1.0):
+        return slowdown * sum(c * x for c, x in zip(true, f.vector()))
+
+    model = StepCostModel(min_samples=8)
+    for i in range(64):
+        f = features(i)
+        model.observe(f, truth(f))
+    probe = StepFeatures(8, 128, 1000, 0, 1)
+    full = model.predict_s(probe)  # the fit of full-count steps
+    model.set_threads(1, 2)
+    assert model.predict_s(probe) == pytest.approx(2 * full)  # a count never seen: 2 / 1
+    for i in range(60):
+        f = features(i)
+        model.observe(f, truth(f, 1.7))
+    assert model.predict_s(probe) == pytest.approx(1.7 * full, rel=0.03)
+    model.set_threads(2, 2)
+    assert model.predict_s(probe) == pytest.approx(full, rel=0.03)  # the fit kept its scale
+    model.set_threads(1, 2)
+    assert model.predict_s(probe) == pytest.approx(1.7 * full, rel=0.03)  # its factor kept
+    assert model.to_json()["coeffs"] == pytest.approx([c / model._factor for c in model.coeffs])
+    # Without the factor the window mixes both counts: 60 slow steps among 64 fast ones.
+    mixed = StepCostModel(min_samples=8)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        f = features(i)
+        mixed.observe(f, truth(f))
+    for i in range(60):
+        f = features(i)
+        mixed.observe(f, truth(f, 1.7))
+    assert not mixed.predict_s(probe) == pytest.approx(full, rel=0.1)
