@@ -1,7 +1,8 @@
 """The Batch API's wiring: store + runner on `app.state.batches`, its routes, and in-process dispatch.
 
-`install(app, settings)` is called by build_app when a data directory is configured; the app's lifespan
-calls `start()` after the engine is up and `stop()` before it goes down.
+`install(app, settings, api_keys)` is called by build_app when a data directory is configured; the app's
+lifespan calls `start()` after the engine is up and `stop()` before it goes down. Items reach the engine
+through `asgi_dispatch`: the app's own routes, in process, with the first configured key.
 """
 from __future__ import annotations
 
