@@ -134,7 +134,9 @@ def run_engine_process(config, in_q: Any, out_q: Any) -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel SIGKILL this process when the API process dies, even by SIGKILL (where the
-    orphan check in `_drain` would only see it once idle). Elsewhere the orphan check alone remains."""
+    orphan check in `_drain` would only see it once idle). Elsewhere the orphan check alone remains.
+    Strictly the signal comes when the thread that started this process exits: the engine client starts
+    it on its event loop's thread, which lives as long as the client."""
     import ctypes
     import os
     import signal
