@@ -250,9 +250,14 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         app = build_app(engine, settings)
-    except RuntimeError as exc:  # e.g. the batch data directory is held by another server
-        print(f"rtserve serve: {exc}", file=sys.stderr)
-        return 2
+    except RuntimeError as exc:  # the batch data directory is held by another server
+        if args.data_dir is not None or settings.batches is None:
+            print(f"rtserve serve: {exc}", file=sys.stderr)
+            return 2
+        # the default directory, taken by another server the user started: serve without the batch API
+        print(f"rtserve serve: {exc}; serving WITHOUT the batch API (give --data-dir to have it)", file=sys.stderr)
+        settings = dataclasses.replace(settings, batches=None)
+        app = build_app(engine, settings)
     if settings.batches is not None:
         print(f"rtserve serve: batch API data directory {settings.batches.data_dir}", file=sys.stderr)
     http = guarded_httptools(args.max_header_bytes, args.header_timeout_s) if args.http == "httptools" else args.http

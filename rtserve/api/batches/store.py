@@ -58,7 +58,7 @@ def _exclusive_lock(path: str) -> IO[bytes]:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RuntimeError(f"the batch data directory of {path[:-len('.lock')]} is in use by another "
+        raise RuntimeError(f"the batch data directory {os.path.dirname(path) or '.'} is in use by another "
                            "rtserve process (give each server its own --data-dir)") from None
     return f
 
