@@ -20,6 +20,7 @@ from rtserve.config import EngineConfig
 from rtserve.engine.calibration import median_ratio, warm_up
 from rtserve.engine.core import EngineCore
 from rtserve.engine.cost_model_store import CostModelStore, cpu_identity
+from rtserve.model import quant
 from rtserve.model.gguf import cache_key, default_cache_dir
 
 logger = logging.getLogger("rtserve.engine")
@@ -33,17 +34,26 @@ def start_engine_core(config: EngineConfig) -> EngineCore:
     from rtserve.model.loader import default_model_path
     path = config.model or default_model_path()
     core = EngineCore.from_config(config)
+    logger.info("backend: %s threads=%d", describe_backend(core), torch.get_num_threads())
     if config.rt.calibrate:
         calibrate(core, store_for(core, path))
     return core
 
 
-def store_for(core: EngineCore, model_path: str) -> CostModelStore:
-    """The calibration file of this model file, backend, torch thread count and CPU."""
+def describe_backend(core: EngineCore) -> str:
+    """What runs the model, in one line: device, path, dtype, and on the CPU the ISA torch detected,
+    whether the native kernels loaded and whether oneDNN's bf16 GEMM serves the prefill rows."""
     runner = core.runner
     native = kernels.registered() and kernels.native_available()  # never builds: only reads the state
-    backend = (f"{runner.device.type} {'fast' if runner.is_fast_path else 'reference'} {runner.dtype} "
-               f"quantization={core.config.quantization} native_kernels={native} torch={torch.__version__}")
+    cpu = (f" cpu_isa={torch.backends.cpu.get_cpu_capability()} onednn_bf16={quant.onednn_bf16()}"
+           if runner.device.type == "cpu" else "")
+    return (f"{runner.device.type} {'fast' if runner.is_fast_path else 'reference'} {runner.dtype} "
+            f"quantization={core.config.quantization} native_kernels={native}{cpu} torch={torch.__version__}")
+
+
+def store_for(core: EngineCore, model_path: str) -> CostModelStore:
+    """The calibration file of this model file, backend, torch thread count and CPU."""
+    backend = describe_backend(core)
     directory = core.config.rt.calibration_cache_dir or os.path.join(
         default_cache_dir(core.config.weights_cache_dir), "calibration")
     return CostModelStore(directory, {"model": f"{os.path.abspath(model_path)} {cache_key(model_path)}",

@@ -41,9 +41,15 @@ class FastLayer:
         self.post_norm = tensors[p + "post_attention_layernorm"] * sqrt_h
         self.qkv, self.o, self.gate_up, self.down = (
             quant.FastLinear(tensors[f"{p}{m}.int4"], tensors[f"{p}{m}.scales_zeros"],
-                             quant.prepack_bf16(tensors[f"{p}{m}.bf16"]), tensors[f"{p}{m}.bf16"].shape[0],
+                             _layer_bf16(tensors[f"{p}{m}.bf16"]), tensors[f"{p}{m}.bf16"].shape[0],
                              tensors.get(f"{p}{m}.amx_q"), tensors.get(f"{p}{m}.amx_dm"))
             for m in ("qkv", "o", "gate_up", "down"))
+
+
+def _layer_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A layer matrix prepacked for oneDNN's bf16 GEMM, or nothing where that cannot run (the int4
+    GEMV then serves every row count: `quant.kernel_for_rows`)."""
+    return quant.prepack_bf16(weight) if quant.onednn_bf16() else torch.empty(0, dtype=torch.bfloat16)
 
 
 class FastLlamaForCausalLM:

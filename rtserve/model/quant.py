@@ -11,12 +11,19 @@ this CPU, see benchmarks/kernels.py; `kernel_for_rows` picks):
     the fly into AMX tiles (`torch.ops.rtserve.int4_linear`, rtserve/kernels/int4_gemm.cpp); decode
     batches are bound by weight bytes, and this reads a quarter of the bf16 GEMM's;
   - `large(x)`: more rows (prefill) or no AMX: bf16 weights prepacked for oneDNN (AMX/AVX-512 GEMM).
-All return bf16 [M, N].
+All return bf16 [M, N]. Where oneDNN's bf16 linear cannot run (`onednn_bf16`: torch refuses its
+weight reorder on x86 CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, the AVX2-only laptops and VMs),
+`small` serves every row count and no bf16 copy of the layer matrices is kept: one op falls back,
+not the process.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Q4_1_BLOCK_LEN, Q4_1_BLOCK_NBYTES = 32, 20
 Q8_0_BLOCK_LEN, Q8_0_BLOCK_NBYTES = 32, 34
@@ -27,11 +34,28 @@ AMX_MAX_M = 32  # the AMX int4 kernel's limit (two 16-row tiles); beyond, the on
 SMALL, AMX, LARGE = 0, 1, 2  # kernel ids (`kernel_for_rows`)
 
 
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN's bf16 linear (prepacked weight) runs on this CPU: tried once on a tiny matrix,
+    as torch's own checks decide (CPUID, not /proc/cpuinfo, so it holds under emulation too).
+    `RTSERVE_ONEDNN_BF16=0` turns it off, to run the fallback on any CPU."""
+    if os.environ.get("RTSERVE_ONEDNN_BF16", "1") == "0":
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 32, dtype=torch.bfloat16), 1)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 32, dtype=torch.bfloat16), w, None, "none", [], "")
+        return bool(y.shape == (1, 16) and float(y[0, 0]) == 32.0)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def kernel_for_rows(num_rows: int, have_amx: bool) -> int:
-    """Which matmul serves a step of `num_rows` tokens: SMALL, AMX or LARGE."""
+    """Which matmul serves a step of `num_rows` tokens: SMALL, AMX or LARGE (LARGE only where
+    `onednn_bf16`; else the int4 GEMV serves the rows AMX does not)."""
+    large = LARGE if onednn_bf16() else SMALL
     if have_amx:
-        return SMALL if num_rows < AMX_MIN_M else AMX if num_rows <= AMX_MAX_M else LARGE
-    return SMALL if num_rows < LARGE_M else LARGE
+        return SMALL if num_rows < AMX_MIN_M else AMX if num_rows <= AMX_MAX_M else large
+    return SMALL if num_rows < LARGE_M else large
 
 
 def q4_1_unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,13 +127,18 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 
 
 def prepack_bf16(weight: torch.Tensor, batch_size_hint: int = 512) -> torch.Tensor:
-    """[N, K] float weight -> bf16 weight reordered for oneDNN's linear (used by `bf16_mm`)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), batch_size_hint)
+    """[N, K] float weight -> bf16 weight reordered for oneDNN's linear (used by `bf16_mm`); plain
+    bf16 [N, K] where oneDNN's bf16 linear cannot run."""
+    weight = weight.to(torch.bfloat16).contiguous()
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint) if onednn_bf16() else weight
 
 
 def bf16_mm(x: torch.Tensor, prepacked: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16 @ W.T -> [M, N] bf16 through oneDNN with a prepacked weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, prepacked, None, "none", [], "")
+    """x [M, K] bf16 @ W.T -> [M, N] bf16 through oneDNN with a prepacked weight (`prepack_bf16`),
+    or torch's own bf16 matmul where oneDNN's cannot run."""
+    if onednn_bf16():
+        return torch.ops.mkldnn._linear_pointwise(x, prepacked, None, "none", [], "")
+    return F.linear(x, prepacked)
 
 
 class FastLinear:
@@ -132,7 +161,8 @@ class FastLinear:
         """blocks: [N, K/32, 20] uint8 GGUF Q4_1 (rows already in the model's order)."""
         packed, sz = int4pack_from_q4_1(blocks)
         amx_q, amx_dm = pack_q4_amx(blocks) if blocks.shape[0] % 32 == 0 else (None, None)
-        return cls(packed, sz, prepack_bf16(q4_1_dequantize(blocks)), blocks.shape[0], amx_q, amx_dm)
+        bf16 = prepack_bf16(q4_1_dequantize(blocks)) if onednn_bf16() else torch.empty(0, dtype=torch.bfloat16)
+        return cls(packed, sz, bf16, blocks.shape[0], amx_q, amx_dm)
 
     def small(self, x: torch.Tensor) -> torch.Tensor:
         return int4pack_mm(x, self.packed, self.scales_and_zeros)
@@ -141,7 +171,7 @@ class FastLinear:
         return torch.ops.rtserve.int4_linear(x, self.amx_q, self.amx_dm)
 
     def large(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.bf16_prepacked, None, "none", [], "")
+        return bf16_mm(x, self.bf16_prepacked)
 
     def __call__(self, x: torch.Tensor, have_amx: bool = False) -> torch.Tensor:
         kernel = kernel_for_rows(x.shape[0], have_amx and self.amx_q is not None)

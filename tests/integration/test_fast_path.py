@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rtserve import LLM, SamplingParams
+from rtserve.model import quant
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
@@ -112,3 +113,18 @@ def test_small_chunks_as_decode_rows_match_whole_prompt_prefill(fast, prompts):
         if a != b:
             i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
             assert a[i] in top5_at(fast, p, b[:i]) and b[i] in top5_at(chunked, p, b[:i])
+
+
+def test_without_onednn_bf16_the_int4_gemv_serves_every_row_count(reference, prompts, monkeypatch):
+    """Where oneDNN's bf16 linear cannot run (AVX2-only x86), the fast path still loads and serves:
+    the int4 GEMV takes the prefill rows too and no bf16 layer matrix is kept. Same contract as the
+    default fast path: the reference's text, or a part at a near tie."""
+    monkeypatch.setattr(quant, "onednn_bf16", lambda: False)
+    llm = LLM(max_num_batched_tokens=512)
+    assert llm.core.runner.is_fast_path
+    assert quant.kernel_for_rows(256, have_amx=False) == quant.SMALL
+    assert all(layer.qkv.bf16_prepacked.numel() == 0 for layer in llm.core.runner.model.layers)
+    got = [o.token_ids for o in llm.generate(prompts, params())]
+    ref = [o.token_ids for o in reference.generate(prompts, params())]
+    notes = [check_near_tie(p, g, r, llm, reference) for p, g, r in zip(prompts, got, ref)]
+    print(f"\nno oneDNN bf16: {sum(not n for n in notes)}/{len(prompts)} identical")
