@@ -15,7 +15,7 @@ from typing import Any
 from rtserve.api import schemas_anthropic as A
 from rtserve.api.errors import ApiError
 from rtserve.api.structured_fields import ToolContext, tool_spec
-from rtserve.structured.tools import ToolCallParser, new_call_id, render_call, render_result, tool_call_grammar
+from rtserve.structured.tools import ToolCallParser, Turn, new_call_id, tool_call_grammar
 
 _SET = lambda v: v is not None  # noqa: E731
 REFUSED_MESSAGES = {"thinking": lambda v: isinstance(v, dict) and v.get("type") != "disabled",
@@ -55,51 +55,51 @@ def anthropic_tool_context(req: A.CountTokensRequest) -> ToolContext:
     return ToolContext(tool_call_grammar(offered, mode, parallel), offered, mode)
 
 
-def anthropic_messages(req: A.CountTokensRequest, system: str | None, ctx: ToolContext) -> list[dict[str, str]]:
-    """The conversation as role/content messages: tool_use blocks rendered as calls, tool_result
-    blocks as "tool" messages, the offered tools in the system message."""
-    from rtserve.structured.tools import tools_system_prompt
-    out: list[dict[str, str]] = []
+def anthropic_turns(req: A.CountTokensRequest, system: str | None) -> list[Turn]:
+    """The conversation with tool_use blocks as calls and each tool_result block as a "tool" turn
+    (checked: it must answer an earlier tool_use)."""
+    turns: list[Turn] = [Turn("system", system)] if system else []
     known_ids: set[str] = set()
     for i, m in enumerate(req.messages):
         if m.role not in ("user", "assistant"):
             raise ApiError(400, f"messages.{i}.role: must be 'user' or 'assistant'.", param=f"messages[{i}].role")
         blocks = [m.content] if isinstance(m.content, str) else m.content
+        turn = Turn(m.role, "")
         texts: list[str] = []
         for j, block in enumerate(blocks):
             param = f"messages[{i}].content[{j}]"
             if isinstance(block, str) or block.type == "text":
                 texts.append(block if isinstance(block, str) else block.text or "")
             elif block.type == "tool_use" and m.role == "assistant":
-                texts.append(_history_call(block, param, known_ids))
+                turn.calls.append(_history_call(block, param, known_ids))
             elif block.type == "tool_result" and m.role == "user":
-                _flush(out, m.role, texts)
-                out.append({"role": "tool", "content": _tool_result(block, param, known_ids)})
+                _flush(turns, turn, texts)
+                turn = Turn(m.role, "")
+                turns.append(_tool_result(block, param, known_ids))
             else:
                 raise ApiError(400, f"{param}.type: {block.type[:40]!r} blocks are not supported here.",
                                param=f"{param}.type")
-        _flush(out, m.role, texts)
-    prompt = tools_system_prompt(ctx.tools) if ctx.tools else ""
-    system = "\n\n".join(s for s in (system, prompt) if s)
-    return ([{"role": "system", "content": system}] if system else []) + out
+        _flush(turns, turn, texts)
+    return turns
 
 
-def _flush(out: list[dict[str, str]], role: str, texts: list[str]) -> None:
-    if texts:
-        out.append({"role": role, "content": "\n".join(texts)})
-        texts.clear()
+def _flush(turns: list[Turn], turn: Turn, texts: list[str]) -> None:
+    turn.content = "\n".join(texts)
+    texts.clear()
+    if turn.content or turn.calls:
+        turns.append(turn)
 
 
-def _history_call(block: Any, param: str, known_ids: set[str]) -> str:
+def _history_call(block: Any, param: str, known_ids: set[str]) -> tuple[str, str, dict]:
     extra = block.model_extra or {}
     if not isinstance(extra.get("input"), dict) or not isinstance(extra.get("name"), str):
         raise ApiError(400, f"{param}: a tool_use block needs a name and an input object.", param=f"{param}.input")
-    if isinstance(extra.get("id"), str):
-        known_ids.add(extra["id"])
-    return render_call(extra["name"], json.dumps(extra["input"]))
+    call_id = extra["id"] if isinstance(extra.get("id"), str) else param
+    known_ids.add(call_id)
+    return call_id, extra["name"], extra["input"]
 
 
-def _tool_result(block: Any, param: str, known_ids: set[str]) -> str:
+def _tool_result(block: Any, param: str, known_ids: set[str]) -> Turn:
     extra = block.model_extra or {}
     if extra.get("tool_use_id") not in known_ids:
         raise ApiError(400, f"{param}.tool_use_id does not match a tool_use block of an earlier assistant message.",
@@ -111,8 +111,8 @@ def _tool_result(block: Any, param: str, known_ids: set[str]) -> str:
             raise ApiError(400, f"{param}.content: only text blocks are supported in a tool_result.",
                            param=f"{param}.content")
         content = "\n".join(b.get("text", "") for b in content)
-    text = content or ""
-    return render_result(("Error: " if extra.get("is_error") else "") + text)
+    text = ("Error: " if extra.get("is_error") else "") + (content or "")
+    return Turn("tool", text, call_id=extra["tool_use_id"])
 
 
 def message_content(text: str, stop_reason: str) -> tuple[list[dict[str, Any]], str]:

@@ -22,19 +22,19 @@ from starlette.responses import Response
 
 from rtserve.api import schemas_anthropic as A
 from rtserve.api.anthropic_tools import (KNOWN_MESSAGES_EXTRA, REFUSED_MESSAGES, TextBlocks, ToolUseBlocks,
-                                         anthropic_messages, anthropic_tool_context, message_content)
+                                         anthropic_tool_context, anthropic_turns, message_content)
 from rtserve.api.app import AppState, app_state
 from rtserve.api.errors import ApiError, anthropic_error_body, engine_failure
 from rtserve.api.limits import build_sampling_params, check_request_limits, read_json_body
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.respond import json_response, stream_response
-from rtserve.api.prompts import render_chat, text_of
+from rtserve.api.prompts import text_of
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import dumps, sse_event
 from rtserve.api.structured_fields import (ToolContext, check_grammar, load_grammar_engine, refuse_and_warn,
-                                           sampling_extras)
+                                           render_turns)
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams
@@ -84,7 +84,7 @@ def prompt_ids_of(tokenizer: Any, req: A.CountTokensRequest, ctx: ToolContext | 
         raise ApiError(400, "messages: at least one message is required.", param="messages")
     ctx = ctx if ctx is not None else anthropic_tool_context(req)
     system = _block_text(req.system, "system") if req.system else None
-    return render_chat(tokenizer, anthropic_messages(req, system, ctx))
+    return render_turns(tokenizer, anthropic_turns(req, system), ctx.tools)
 
 
 async def stream_events(state: AppState, job: MessagesJob, conn: Request, outputs: OutputStream,

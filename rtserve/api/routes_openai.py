@@ -29,14 +29,14 @@ from rtserve.api.limits import build_sampling_params, check_request_limits, read
 from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.respond import json_response, stream_response
-from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids, render_chat
+from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import SSE_DONE, sse_data
 from rtserve.api.structured_fields import (REFUSED_CHAT, REFUSED_COMPLETION, ToolContext, check_grammar,
                                            completion_structured, grammar_param, load_grammar_engine,
-                                           needs_tool_rendering, openai_messages, openai_tool_context,
-                                           refuse_and_warn, sampling_extras)
+                                           needs_tool_rendering, openai_tool_context, openai_turns,
+                                           refuse_and_warn, render_turns, sampling_extras)
 from rtserve.api.tool_responses import ChoiceTools, message_fields
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
@@ -276,7 +276,7 @@ def chat_job(state: AppState, req: S.ChatCompletionRequest, arrival_s: float) ->
                      **sampling_extras(extra))
     check_grammar(tool_ctx.structured, grammar_param(extra, tool_ctx))
     if tool_ctx.tools or needs_tool_rendering(req.messages):
-        prompt_ids = render_chat(state.engine.tokenizer, openai_messages(req.messages, tool_ctx.tools))
+        prompt_ids = render_turns(state.engine.tokenizer, openai_turns(req.messages), tool_ctx.tools)
     else:
         prompt_ids = chat_prompt_ids(state.engine.tokenizer, req.messages)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=names)

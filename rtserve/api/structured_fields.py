@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtserve.api.errors import ApiError
-from rtserve.api.prompts import CHAT_ROLES, ROLE_ALIASES, text_of
+from rtserve.api.prompts import CHAT_ROLES, ROLE_ALIASES, render_chat, text_of
 from rtserve.sampling_params import StructuredOutputs
 from rtserve.structured.check import GrammarError, check_structured
-from rtserve.structured.tools import (NAME_PATTERN, ToolSpec, render_call, render_result, tool_call_grammar,
-                                      tools_system_prompt)
+from rtserve.structured.tools import (NAME_PATTERN, ToolSpec, Turn, generic_messages, native_messages,
+                                      template_renders_tools, tool_call_grammar, tool_dicts)
 
 logger = logging.getLogger("rtserve.api")
 
@@ -262,36 +262,39 @@ def grammar_param(extra: dict[str, Any], ctx: ToolContext) -> str:
                 "structured_outputs")
 
 
-def openai_messages(messages: list[Any], tools: list[ToolSpec]) -> list[dict[str, str]]:
-    """OpenAI messages (with tool calls and tool results) as plain role/content messages for the chat
-    template, the tools offered in the system message."""
-    out: list[dict[str, str]] = []
+def openai_turns(messages: list[Any]) -> list[Turn]:
+    """OpenAI messages with tool calls and tool results, checked: a result must answer an earlier call."""
+    turns: list[Turn] = []
     known_ids: set[str] = set()
     for i, m in enumerate(messages):
         role = ROLE_ALIASES.get(m.role, m.role)
         if role not in CHAT_ROLES:
             raise ApiError(400, f"Unknown role {m.role[:40]!r}.", param=f"messages[{i}].role")
         extra = m.model_extra or {}
-        content = text_of(m.content, f"messages[{i}].content")
+        turn = Turn(role, text_of(m.content, f"messages[{i}].content"))
         if role == "assistant" and extra.get("tool_calls"):
-            content = "\n".join([content] * bool(content) + _history_calls(extra["tool_calls"], i, known_ids))
+            turn.calls = _history_calls(extra["tool_calls"], i, known_ids)
         elif role == "tool":
-            call_id = extra.get("tool_call_id")
-            if call_id not in known_ids:
+            turn.call_id = extra.get("tool_call_id")
+            if turn.call_id not in known_ids:
                 raise ApiError(400, f"messages[{i}].tool_call_id does not match a tool call of an earlier "
                                "assistant message.", param=f"messages[{i}].tool_call_id")
-            content = render_result(content)
-        out.append({"role": role, "content": content})
-    if tools:
-        prompt = tools_system_prompt(tools)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-    return out
+        turns.append(turn)
+    return turns
 
 
-def _history_calls(calls: Any, i: int, known_ids: set[str]) -> list[str]:
+def render_turns(tokenizer: Any, turns: list[Turn], tools: list[ToolSpec], param: str = "messages") -> list[int]:
+    """Prompt ids: through the template's own tool rendering when it has one, else the generic prompt."""
+    if not template_renders_tools(getattr(tokenizer, "chat_template", None)):
+        return render_chat(tokenizer, generic_messages(turns, tools), param)
+    try:
+        kwargs = {"tools": tool_dicts(tools)} if tools else {}
+        return list(tokenizer.encode_chat(native_messages(turns), add_generation_prompt=True, **kwargs))
+    except Exception as exc:  # template errors are about the input
+        raise ApiError(400, f"Could not render the conversation: {type(exc).__name__}: {exc}", param=param)
+
+
+def _history_calls(calls: Any, i: int, known_ids: set[str]) -> list[tuple[str, str, dict]]:
     param = f"messages[{i}].tool_calls"
     if not isinstance(calls, list):
         raise ApiError(400, f"{param} must be a list.", param=param)
@@ -309,7 +312,7 @@ def _history_calls(calls: Any, i: int, known_ids: set[str]) -> list[str]:
         if not isinstance(args, dict):
             raise ApiError(400, f"{param}[{j}].function.arguments must be a JSON object in a string.",
                            param=f"{param}[{j}].function.arguments")
-        if isinstance(call.get("id"), str):
-            known_ids.add(call["id"])
-        rendered.append(render_call(name, json.dumps(args)))
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{i}_{j}"
+        known_ids.add(call_id)
+        rendered.append((call_id, name, args))
     return rendered

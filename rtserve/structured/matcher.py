@@ -1,8 +1,8 @@
 """A request's grammar state in the engine, and the batch's token bitmask in the sampler.
 
-`RequestGrammar` follows the tokens a request emits (`accept`). Before sampling, `apply_masks`
-fills one bitmask row per constrained logits row and sets every token the grammar forbids to -inf;
-unconstrained rows are never touched. For a verify step, a request's rows predict its next token
+`RequestGrammar` follows the tokens a request emits (`accept`). Each step, `fill_masks` fills one
+bitmask row per constrained logits row and `apply_masks` sets every token the grammar forbids to
+-inf before sampling; unconstrained rows are never touched. For a verify step, a request's rows predict its next token
 and then the token after each draft: the matcher is advanced through the drafts to fill those rows
 and rolled back afterwards, so a draft the grammar forbids is rejected like any other mismatch.
 The runner fills the batch's bitmask on a worker thread while the forward pass runs (`fill_masks`;
@@ -14,7 +14,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 GRAMMAR_TIMEOUT_S = 30.0  # a compile still running this long after the first sample fails the request

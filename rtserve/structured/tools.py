@@ -7,9 +7,11 @@ Calls are written in the Hermes / Qwen format, which many open models are traine
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-The models's chat template is used as it is; the tools are offered in the system message with the
-documented prompt below (`tools_system_prompt`), a past call is rendered in that format, and a tool's
-result as `<tool_response>...</tool_response>` in a "tool" message. With tool_choice "required" or a
+A chat template that renders `tools` itself and writes calls in this format (Hermes, Qwen) is given
+the tools and the history's calls and results as they are (`native_messages`). Any other template is
+used as it is, with the tools offered in the system message with the documented prompt below
+(`tools_system_prompt`), past calls rendered in that format and a tool's result as
+`<tool_response>...</tool_response>` in a "tool" message (`generic_messages`). With tool_choice "required" or a
 named tool the output is nothing but calls (`tags_with_separator`); with "auto" it is free text where
 a call, once its `<tool_call>` marker appears, is constrained to a valid call (`triggered_tags`).
 """
@@ -27,6 +29,16 @@ CALL_TRIGGER = "<tool_call>"
 CALL_END = "}\n</tool_call>"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _HEADER = re.compile(r'^<tool_call>\n\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": ')
+
+
+@dataclass
+class Turn:
+    """One message of a conversation with tools, whichever API it came from."""
+
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+    calls: list[tuple[str, str, dict]] = field(default_factory=list)  # assistant: (id, name, arguments)
+    call_id: str | None = None  # tool: the id of the call this is the result of
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,47 @@ def tools_system_prompt(tools: list[ToolSpec]) -> str:
             "For each function call, return a json object with function name and arguments within "
             "<tool_call></tool_call> XML tags:\n<tool_call>\n"
             '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def template_renders_tools(template: str | None) -> bool:
+    """Whether a chat template offers `tools` itself and writes calls as <tool_call> blocks."""
+    return bool(template) and "tools" in template and CALL_TRIGGER in template
+
+
+def tool_dicts(tools: list[ToolSpec]) -> list[dict]:
+    """The tools as a chat template's `tools` variable (OpenAI's shape, as transformers passes them)."""
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.parameters}} for t in tools]
+
+
+def native_messages(turns: list[Turn]) -> list[dict]:
+    """Messages for a template that renders tools: calls as `tool_calls` (arguments as objects)."""
+    out = []
+    for t in turns:
+        message: dict = {"role": t.role, "content": t.content}
+        if t.calls:
+            message["tool_calls"] = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                                     for i, n, a in t.calls]
+        if t.call_id is not None:
+            message["tool_call_id"] = t.call_id
+        out.append(message)
+    return out
+
+
+def generic_messages(turns: list[Turn], tools: list[ToolSpec]) -> list[dict[str, str]]:
+    """Plain role/content messages: calls and results written out, the tools in the system message."""
+    out = []
+    for t in turns:
+        content = render_result(t.content) if t.role == "tool" else "\n".join(
+            [t.content] * bool(t.content) + [render_call(n, json.dumps(a)) for _, n, a in t.calls])
+        out.append({"role": t.role, "content": content})
+    if tools:
+        prompt = tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
 
 
 def render_call(name: str, arguments: str) -> str:
