@@ -45,7 +45,10 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
     """The fast-path tensors of a GGUF whose layer matrices are all Q4_1; None otherwise."""
     if not path.endswith(".gguf") or os.path.isdir(path):
         return None
-    cache_name = f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.safetensors"
+    # torch packs int4 weights for the ISA it runs on (`_convert_weight_to_int4pack_for_cpu`: an
+    # AVX-512 layout read on an AVX2 CPU gives garbage), so the cache is per ISA.
+    isa = torch.backends.cpu.get_cpu_capability()
+    cache_name = f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.{isa}.safetensors"
     cache_path = os.path.join(default_cache_dir(cache_dir), cache_name)
     cached = _read(cache_path)
     if cached is not None:

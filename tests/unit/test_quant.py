@@ -206,3 +206,18 @@ def test_scripted_decode_layers_equal_the_python_function(tiny_models):
     finally:
         fast._decode_layers = scripted
     assert torch.equal(outs[0], outs[1])
+
+
+def test_the_fast_checkpoint_cache_is_per_isa(monkeypatch, tmp_path):
+    """torch packs int4 weights for the ISA it runs on: an AVX-512 pack read on an AVX2 CPU gave
+    garbage text (seen under `qemu-x86_64-static -cpu Haswell`), so each ISA has its own cache file."""
+    import torch
+
+    from rtserve.model import quantized_loader
+    from rtserve.model.loader import default_model_path
+    paths = []
+    monkeypatch.setattr(quantized_loader, "_read", lambda path: paths.append(path) or object())
+    for isa in ("AVX512", "AVX2"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        quantized_loader.load_fast_checkpoint(default_model_path(), str(tmp_path))
+    assert len(set(paths)) == 2 and ".AVX2." in paths[1]
