@@ -94,7 +94,7 @@ def main() -> None:
 
     for schema in (LONG, KEYS):  # the engine's own compiler: vocabulary and grammars ready before timing
         engine.core.grammars.submit(StructuredOutputs("json", json.dumps(schema))).result()
-    engine.core.jump_forward = False
+    engine.core.request_drafts = False
     for n in sizes:
         plain, constrained = [], []
         for _ in range(args.rounds):
@@ -107,7 +107,7 @@ def main() -> None:
                           "itl_ms_p99": {"plain": round(p99[0], 2), "constrained": round(p99[1], 2)}}), flush=True)
 
     for jump in (False, True):
-        engine.core.jump_forward = jump
+        engine.core.request_drafts = jump
         add(engine, 1, KEYS, 400)
         num_steps = num_tokens = 0
         while engine.core.has_unfinished:

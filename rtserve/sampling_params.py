@@ -62,6 +62,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     structured: StructuredOutputs | None = None
+    # Token ids the output is expected to mostly repeat (OpenAI's predicted outputs): proposed as
+    # draft tokens and verified, so the output is what it would be without them, in fewer steps.
+    prediction: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -124,6 +127,9 @@ class SamplingParams:
             _finite("logit_bias", bias)
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        if not isinstance(self.prediction, list) or any(
+                not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.prediction):
+            raise ValueError("prediction must be a list of token ids")
         if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
             raise ValueError("structured must be a StructuredOutputs")
         if self.structured is not None and self.ignore_eos:

@@ -36,7 +36,8 @@ from rtserve.api.sse import SSE_DONE, sse_data
 from rtserve.api.structured_fields import (REFUSED_CHAT, REFUSED_COMPLETION, ToolContext, check_grammar,
                                            completion_structured, grammar_param, load_grammar_engine,
                                            needs_tool_rendering, openai_tool_context, openai_turns,
-                                           refuse_and_warn, render_turns, sampling_extras)
+                                           prediction_ids, prediction_usage, refuse_and_warn, render_turns,
+                                           sampling_extras)
 from rtserve.api.tool_responses import ChoiceTools, message_fields
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
@@ -104,14 +105,20 @@ class UsageTally:
         self.job = job
         self.num_output = [0] * job.num_choices
         self.num_cached = [0] * len(job.prompts)
+        self.output_ids: list[list[int]] = [[] for _ in range(job.num_choices)]  # with a prediction only
 
     def update(self, choice: int, out: RequestOutput) -> None:
         self.num_output[choice] = max(self.num_output[choice], out.num_output_tokens)
         p = choice // self.job.params.n
         self.num_cached[p] = max(self.num_cached[p], out.num_cached_tokens)
+        if self.job.params.prediction:
+            self.output_ids[choice] += out.token_ids
 
     def total(self) -> dict[str, Any]:
-        return S.usage_object(sum(map(len, self.job.prompts)), sum(self.num_output), sum(self.num_cached))
+        usage = S.usage_object(sum(map(len, self.job.prompts)), sum(self.num_output), sum(self.num_cached))
+        if self.job.params.prediction:
+            usage["completion_tokens_details"] = prediction_usage(self.job.params.prediction, self.output_ids)
+        return usage
 
     def of_choice(self, choice: int) -> dict[str, Any]:
         p = choice // self.job.params.n
@@ -273,6 +280,7 @@ def chat_job(state: AppState, req: S.ChatCompletionRequest, arrival_s: float) ->
     tool_ctx = openai_tool_context(extra)
     params = _params(req, names, req.max_completion_tokens if use_mct else req.max_tokens,
                      (req.top_logprobs or 0) if req.logprobs else None, structured=tool_ctx.structured,
+                     prediction=prediction_ids(extra, state.engine.tokenizer, state.engine.max_model_len),
                      **sampling_extras(extra))
     check_grammar(tool_ctx.structured, grammar_param(extra, tool_ctx))
     if tool_ctx.tools or needs_tool_rendering(req.messages):

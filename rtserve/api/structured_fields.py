@@ -2,7 +2,8 @@
 
 Every field the OpenAI schema defines is honoured or refused with a 400 naming it: `response_format`,
 vLLM's `structured_outputs`, `tools` / `tool_choice` / `parallel_tool_calls`, `frequency_penalty`,
-`presence_penalty`, `logit_bias` (and the `repetition_penalty` extension) are honoured; the fields in
+`presence_penalty`, `logit_bias` (and the `repetition_penalty` extension) and `prediction` (drafts
+for the verify step, rtserve/engine/request_drafts.py) are honoured; the fields in
 `REFUSED_CHAT` / `REFUSED_COMPLETION` are refused. Other unknown fields are ignored with a warning in
 the log, as vLLM does. A grammar is built here (xgrammar, on a worker thread) so a bad schema, regex
 or grammar is a 400 before the engine sees the request.
@@ -10,6 +11,7 @@ or grammar is a 400 before the engine sees the request.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib
 import json
 import logging
@@ -28,7 +30,7 @@ logger = logging.getLogger("rtserve.api")
 # Field -> predicate on its value saying it asks for something this server does not do.
 _SET = lambda v: v is not None  # noqa: E731
 REFUSED_CHAT = {
-    "audio": _SET, "prediction": _SET, "web_search_options": _SET, "functions": _SET, "function_call": _SET,
+    "audio": _SET, "web_search_options": _SET, "functions": _SET, "function_call": _SET,
     "reasoning_effort": _SET, "verbosity": _SET, "store": lambda v: bool(v),
     "modalities": lambda v: v is not None and v != ["text"],
 }
@@ -36,7 +38,7 @@ REFUSED_COMPLETION = {"suffix": _SET, "best_of": lambda v: v is not None and v !
 # Known fields read from `model_extra` (by this module or rt_fields), and harmless identifiers.
 KNOWN_EXTRA = {"rt", "service_tier", "response_format", "structured_outputs", "tools", "tool_choice",
                "parallel_tool_calls", "frequency_penalty", "presence_penalty", "logit_bias", "repetition_penalty",
-               "user", "metadata", "safety_identifier", "prompt_cache_key", "store", "modalities"}
+               "user", "metadata", "safety_identifier", "prompt_cache_key", "store", "modalities", "prediction"}
 
 
 def refuse_and_warn(extra: dict[str, Any], refused: dict[str, Any], known: set[str] = KNOWN_EXTRA) -> None:
@@ -73,6 +75,42 @@ def sampling_extras(extra: dict[str, Any]) -> dict[str, Any]:
         if len(bias) > 1024:
             raise ApiError(400, "logit_bias may hold at most 1024 tokens.", param="logit_bias")
     return out
+
+
+def prediction_ids(extra: dict[str, Any], tokenizer: Any, max_len: int) -> list[int]:
+    """OpenAI's `prediction: {"type": "content", "content": text or text parts}` as token ids."""
+    value = extra.get("prediction")
+    if value is None:
+        return []
+    pred = _object(value, "prediction")
+    if pred.get("type") != "content":
+        raise ApiError(400, "prediction.type must be 'content'.", param="prediction.type")
+    content = pred.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, "prediction.content parts must be text parts.", param="prediction.content")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, "prediction.content must be a string or a list of text parts.",
+                       param="prediction.content")
+    ids = list(tokenizer.encode(content))
+    if len(ids) > max_len:
+        raise ApiError(400, f"prediction.content is {len(ids)} tokens, more than the context length {max_len}.",
+                       param="prediction.content")
+    return ids
+
+
+def prediction_usage(prediction: list[int], outputs: list[list[int]]) -> dict[str, int]:
+    """`completion_tokens_details` with a prediction: its tokens that appear in the output (in order,
+    difflib's matching blocks), summed over the choices, and the rest."""
+    accepted = rejected = 0
+    for output in outputs:
+        matcher = difflib.SequenceMatcher(None, prediction, output, autojunk=False)
+        matched = sum(block.size for block in matcher.get_matching_blocks())
+        accepted += matched
+        rejected += len(prediction) - matched
+    return {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": rejected}
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from rtserve.config import EngineConfig, ModelConfig
 from rtserve.engine.cost_model import StepCostModel
-from rtserve.engine.grammar_step import hold_until_compiled, propose_jump_forward
+from rtserve.engine.request_drafts import hold_until_compiled, propose_request_drafts
 from rtserve.engine.queue_snapshot import build_queue_snapshot
 from rtserve.engine.request import Request
 from rtserve.engine.rt_policy import make_policy, resolve_rt
@@ -64,7 +64,8 @@ class EngineCore:
         # (read from the model files on the first constrained request).
         self.grammars = GrammarService(lambda: tokenizer_info_for_model(
             config.model or _default_model_path(), model_config.vocab_size, model_config.eos_token_ids))
-        self.jump_forward = True  # grammar-forced tokens verified as drafts (rtserve/engine/grammar_step.py)
+        # Predicted outputs and grammar-forced tokens verified as drafts (rtserve/engine/request_drafts.py).
+        self.request_drafts = True
         self.thread_governor = None
         if config.adaptive_threads and self.runner.device.type == "cpu":
             self.thread_governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
@@ -126,8 +127,8 @@ class EngineCore:
         hold_until_compiled(self.scheduler)
         if self.speculator is not None:
             propose_drafts(self.speculator, self.scheduler, self.cost_model, self.max_model_len)
-        elif self.jump_forward:
-            propose_jump_forward(self.scheduler, self.cost_model, self.max_model_len)
+        elif self.request_drafts:
+            propose_request_drafts(self.scheduler, self.cost_model, self.max_model_len)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._last_num_tokens = 0

@@ -34,6 +34,8 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, *, max
         raise
     except ValueError as exc:
         raise InvalidRequest(str(exc), str(exc).split(" ", 1)[0]) from None
+    if any(t >= vocab_size for t in params.prediction):
+        raise InvalidRequest(f"prediction has a token id outside the vocabulary [0, {vocab_size})", "prediction")
     bad = next((t for t in params.logit_bias if t >= vocab_size), None)
     if bad is not None:
         raise InvalidRequest(f"logit_bias has token id {bad}, outside the vocabulary [0, {vocab_size})",

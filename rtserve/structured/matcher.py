@@ -26,7 +26,7 @@ class RequestGrammar:
         self._compiled = compiled
         self._stop_token_ids = list(stop_token_ids)
         self._matcher = None
-        self.is_held = False  # paused by the engine until the compile is done (rtserve/engine/grammar_step.py)
+        self.is_held = False  # paused by the engine until the compile is done (rtserve/engine/request_drafts.py)
 
     @property
     def error(self) -> str | None:

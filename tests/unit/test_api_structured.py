@@ -89,7 +89,8 @@ async def test_tool_history_renders_and_unknown_id_is_refused():
 
 @pytest.mark.parametrize("body,param", [
     ({"audio": {"voice": "x"}}, "audio"),
-    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"prediction": {"type": "image", "content": "x"}}, "prediction.type"),
+    ({"prediction": {"type": "content", "content": 5}}, "prediction.content"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"modalities": ["text", "audio"]}, "modalities"),
@@ -204,3 +205,12 @@ async def test_tool_choice_none_offers_no_tools_and_n_choices_parse_each():
                  for tc in ch["delta"].get("tool_calls", [])]
         assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
         assert len({tc["id"] for tc in calls if "id" in tc}) == 1
+
+
+async def test_prediction_reaches_the_engine_and_usage_counts_it():
+    r, engine = await post({"messages": USER, "prediction": {"type": "content", "content": "ok, fine"},
+                            "stream": True, "stream_options": {"include_usage": True}}, reply="ok")
+    (params,) = engine.params.values()
+    assert params.prediction == engine.tokenizer.encode("ok, fine")
+    usage = sse(r.content)[-1]["usage"]
+    assert usage["completion_tokens_details"] == {"accepted_prediction_tokens": 2, "rejected_prediction_tokens": 6}

@@ -140,7 +140,7 @@ def test_jump_forward_keeps_output_in_fewer_steps(tiny_weights):
     outs, steps = [], []
     for jump in (False, True):
         core = engine(tiny_weights, policy="fcfs")  # no step-time budget to limit the drafts
-        core.jump_forward = jump
+        core.request_drafts = jump
         add(core, "s", spec, max_tokens=150)
         add(core, "p", None, max_tokens=20)
         add(core, "t", spec, max_tokens=150, temperature=1.0, seed=4)
@@ -160,17 +160,17 @@ def test_jump_forward_keeps_output_in_fewer_steps(tiny_weights):
 
 
 def test_jump_forward_stays_within_the_step_time_budget(tiny_weights):
-    from rtserve.engine.grammar_step import propose_jump_forward
+    from rtserve.engine.request_drafts import propose_request_drafts
     core = engine(tiny_weights, policy="fcfs")
     spec = StructuredOutputs("json", json.dumps(SCHEMAS[0]))
     core.grammars.submit(spec).result()  # compiled: the request is not held
     add(core, "s", spec, max_tokens=50)
     core.step()  # prefill: the grammar's first forced tokens are `{"a": `
     core.scheduler.policy.step_time_budget_s = lambda running, now: 0.0  # no room for another row
-    propose_jump_forward(core.scheduler, core.cost_model, core.max_model_len)
+    propose_request_drafts(core.scheduler, core.cost_model, core.max_model_len)
     assert core.scheduler.running[0].spec_token_ids == []
     core.scheduler.policy.step_time_budget_s = lambda running, now: None
-    propose_jump_forward(core.scheduler, core.cost_model, core.max_model_len)
+    propose_request_drafts(core.scheduler, core.cost_model, core.max_model_len)
     assert text(core.scheduler.running[0].spec_token_ids) == '"a": '[:4]
 
 
@@ -191,3 +191,24 @@ def test_a_compiling_grammar_holds_only_its_request(tiny_weights, tiny_hf_model)
     for rid, ids in run_to_completion(core).items():
         out.setdefault(rid, []).extend(ids)
     jsonschema_rs.validate(SCHEMAS[0], json.loads(text(out["json"])))
+
+
+def test_predicted_output_keeps_greedy_output_in_fewer_steps(tiny_weights, tiny_hf_model):
+    from rtserve.engine.request_drafts import predicted_continuation
+    assert predicted_continuation([1, 2, 3, 4, 2, 3, 9], [7, 2, 3], 2) == [4, 2]
+    assert predicted_continuation([1, 2, 3, 4, 2, 3, 9], [7, 2, 3, 4, 2, 3], 2) == [9]
+    assert predicted_continuation([1, 2], [], 5) == [1, 2] and predicted_continuation([1, 2], [8], 5) == []
+    ref = hf_greedy(tiny_hf_model, PROMPT, 24)
+    edited = ref[:10] + [5, 5] + ref[10:]  # most of the output, with an edit the model will not make
+    for prediction in (ref, edited, [9] * 30):
+        core = engine(tiny_weights, policy="fcfs")
+        add(core, "p", None, max_tokens=24, prediction=prediction)
+        add(core, "q", None, max_tokens=24, prompt=[7] * 9)
+        steps, out = 0, {}
+        while core.has_unfinished:
+            for o in core.step().outputs:
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            steps += len(out.get("p", [])) < 24
+        assert out["p"] == ref and out["q"] == hf_greedy(tiny_hf_model, [7] * 9, 24)
+        if prediction == ref:
+            assert steps < 6  # 24 tokens, up to 9 a step
