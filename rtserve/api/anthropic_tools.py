@@ -14,7 +14,8 @@ from typing import Any
 
 from rtserve.api import schemas_anthropic as A
 from rtserve.api.errors import ApiError
-from rtserve.api.structured_fields import ToolContext, tool_spec
+from rtserve.api.structured_fields import ToolContext
+from rtserve.api.tool_fields import tool_spec
 from rtserve.structured.tools import ToolCallParser, Turn, new_call_id, tool_call_grammar
 
 _SET = lambda v: v is not None  # noqa: E731

@@ -33,8 +33,8 @@ from rtserve.api.prompts import text_of
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import dumps, sse_event
-from rtserve.api.structured_fields import (ToolContext, check_grammar, load_grammar_engine, refuse_and_warn,
-                                           render_turns)
+from rtserve.api.structured_fields import ToolContext, check_grammar, load_grammar_engine, refuse_and_warn
+from rtserve.api.tool_fields import render_turns
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams

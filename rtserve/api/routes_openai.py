@@ -35,9 +35,9 @@ from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, pars
 from rtserve.api.sse import SSE_DONE, sse_data
 from rtserve.api.structured_fields import (REFUSED_CHAT, REFUSED_COMPLETION, ToolContext, check_grammar,
                                            completion_structured, grammar_param, load_grammar_engine,
-                                           needs_tool_rendering, openai_tool_context, openai_turns,
-                                           prediction_ids, prediction_usage, refuse_and_warn, render_turns,
+                                           openai_tool_context, prediction_ids, prediction_usage, refuse_and_warn,
                                            sampling_extras)
+from rtserve.api.tool_fields import needs_tool_rendering, openai_turns, render_turns
 from rtserve.api.tool_responses import ChoiceTools, message_fields
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput

@@ -81,9 +81,9 @@ def test_unconstrained_unchanged_beside_constrained(llm):
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
     alone, _ = run(llm, {"alone": (prompt, greedy)})
     grammar = StructuredOutputs("json", json.dumps(SCHEMA))
-    batch, _ = run(llm, {"plain": (prompt, greedy), **{
-        f"json{i}": (llm.tokenizer.encode_chat(ASK), SamplingParams(temperature=0.0, max_tokens=100, structured=grammar))
-        for i in range(2)}})
+    json_params = SamplingParams(temperature=0.0, max_tokens=100, structured=grammar)
+    batch, _ = run(llm, {"plain": (prompt, greedy),
+                         **{f"json{i}": (llm.tokenizer.encode_chat(ASK), json_params) for i in range(2)}})
     assert batch["plain"] == alone["alone"]
     for i in range(2):
         jsonschema_rs.validate(SCHEMA, json.loads(llm.tokenizer.decode(batch[f"json{i}"], skip_special_tokens=True)))

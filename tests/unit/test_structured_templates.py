@@ -1,7 +1,7 @@
 """Tools through the chat template: a template that renders `tools` itself (Hermes / Qwen style) gets
 the tools and the history's calls and results as they are; SmolLM2's own template, which does not,
 gets the generic tool prompt. The real SmolLM2 tokenizer encodes both."""
-from rtserve.api.structured_fields import render_turns
+from rtserve.api.tool_fields import render_turns
 from rtserve.client.tokenizer import Tokenizer
 from rtserve.structured.tools import ToolSpec, Turn
 
