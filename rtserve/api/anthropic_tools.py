@@ -121,10 +121,18 @@ def message_content(text: str, stop_reason: str) -> tuple[list[dict[str, Any]], 
     parser = ToolCallParser()
     plain = parser.feed(text).text + parser.finish().text
     blocks: list[dict[str, Any]] = [{"type": "text", "text": plain.strip()}] if plain.strip() else []
-    calls = [c for c in parser.calls if c.is_complete]
-    blocks += [{"type": "tool_use", "id": new_call_id("toolu_"), "name": c.name, "input": json.loads(c.arguments)}
-               for c in calls]
+    calls = [(c.name, _input(c.arguments)) for c in parser.calls if c.is_complete]
+    calls = [(name, args) for name, args in calls if args is not None]  # the grammar makes this all of them
+    blocks += [{"type": "tool_use", "id": new_call_id("toolu_"), "name": name, "input": args} for name, args in calls]
     return blocks, "tool_use" if calls and stop_reason == "end_turn" else stop_reason
+
+
+def _input(arguments: str) -> dict | None:
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class TextBlocks:
