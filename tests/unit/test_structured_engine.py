@@ -212,3 +212,16 @@ def test_predicted_output_keeps_greedy_output_in_fewer_steps(tiny_weights, tiny_
         assert out["p"] == ref and out["q"] == hf_greedy(tiny_hf_model, [7] * 9, 24)
         if prediction == ref:
             assert steps < 6  # 24 tokens, up to 9 a step
+
+
+def test_a_grammar_that_cannot_finish_in_max_tokens_ends_with_length(tiny_weights):
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 40}
+    core = engine(tiny_weights)
+    add(core, "s", StructuredOutputs("json", json.dumps(schema)), max_tokens=12)
+    finish, tokens = None, []
+    while core.has_unfinished:
+        for o in core.step().outputs:
+            tokens += o.new_token_ids
+            finish = o.finish_reason or finish
+    assert finish == "length" and len(tokens) == 12 and EOS not in tokens
+    assert text(tokens).startswith("[")
