@@ -5,8 +5,9 @@ vLLM's `structured_outputs`, `tools` / `tool_choice` / `parallel_tool_calls`, `f
 `presence_penalty`, `logit_bias` (and the `repetition_penalty` extension) and `prediction` (drafts
 for the verify step, rtserve/engine/request_drafts.py) are honoured; the fields in
 `REFUSED_CHAT` / `REFUSED_COMPLETION` are refused. Other unknown fields are ignored with a warning in
-the log, as vLLM does. A grammar is built here (xgrammar, on a worker thread) so a bad schema, regex
-or grammar is a 400 before the engine sees the request.
+the log, as vLLM does. A grammar is built here (xgrammar, imported on a worker thread) so a bad
+schema, regex or grammar is a 400 before the engine sees the request. Tools themselves are read in
+rtserve/api/tool_fields.py.
 """
 from __future__ import annotations
 
