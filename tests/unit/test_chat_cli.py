@@ -1,17 +1,29 @@
 """`rtserve chat`: the session logic against scripted HTTP answers, and the terminal program itself
-through a pseudo-terminal against a real uvicorn with the fake engine."""
+through a pseudo-terminal against a real uvicorn with the fake engine. The pseudo-terminal's output also
+drives a terminal emulator (pyte), whose screen is saved as chat-terminal.png in $RTSERVE_TEST_ARTIFACTS
+(default: pytest's temporary directory) when a system Chromium is there to rasterize it."""
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
+import re
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pexpect
+import pyte
 import pytest
+from rich.console import Console
+from rich.style import Style
+from rich.text import Text
 
 from rtserve.chat.session import AnswerStats, ChatError, ChatSession, parse_budget
+from rtserve.client.rt_report import RTReport
 from tests.integration.fake_engine import FakeEngine, LiveServer, build_test_app
 
 KEY = "chat-key"
@@ -110,18 +122,108 @@ def test_answer_stats_and_budget_parsing():
 
 # ---- the terminal program in a pseudo-terminal --------------------------------------------------------
 
+class ReportingEngine(FakeEngine):
+    """The fake engine, plus an rt report on each finished answer (the budgets it resolved for the last
+    request it admitted, nothing missed), as the real engine sends one for every request."""
+
+    async def _tokens(self, prompt_ids, params, request_id):  # noqa: ANN001 - FakeEngine's signature
+        async for out in super()._tokens(prompt_ids, params, request_id):
+            if out.finished and getattr(self, "rt_params", None):
+                rt = self.rt_params[-1]
+                out = dataclasses.replace(out, rt=RTReport(rt.rt_class, rt.ttft_s, rt.itl_s, rt.deadline_s))
+            yield out
+
+
 @pytest.fixture
 def served():
-    engine = FakeEngine(reply="Paris is the capital of France. " * 20, step_s=0.02)
+    engine = ReportingEngine(reply="Paris is the capital of France. " * 20, step_s=0.02)
     app, engine = build_test_app(engine, api_key=KEY)
     with LiveServer(app) as server:
         yield server, engine
 
 
+ROWS, COLUMNS = 30, 100
+# The same lookup as the browser tests: Debian's chromium (.ci/run installs it when missing).
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+class TerminalScreen:
+    """What a person would see: everything the program writes to the pseudo-terminal (pexpect's
+    `logfile_read`) goes through a VT100 emulator, so cursor moves and the live footer's erasing apply."""
+
+    def __init__(self) -> None:
+        self.screen = pyte.Screen(COLUMNS, ROWS)
+        self.stream = pyte.Stream(self.screen)
+
+    def write(self, data: str) -> None:
+        self.stream.feed(data)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[str]:
+        """The screen's rows, trailing blank rows dropped."""
+        lines = [line.rstrip() for line in self.screen.display]
+        while lines and not lines[-1]:
+            lines.pop()
+        return lines
+
+    def snapshot(self) -> Text:
+        """The screen as rich Text, colours and bold kept (trailing blank rows dropped)."""
+        def color(name: str) -> str | None:
+            if name == "default":
+                return None
+            if re.fullmatch(r"[0-9a-fA-F]{6}", name):
+                return "#" + name
+            name = name.replace("brown", "yellow")  # pyte's name for ANSI colour 3
+            return "bright_" + name.removeprefix("bright") if name.startswith("bright") else name
+
+        rows = []
+        for y in range(self.screen.lines):
+            row, line = Text(), self.screen.buffer[y]
+            for x in range(self.screen.columns):
+                char = line[x]
+                if char.data:  # the second cell of a wide character is empty
+                    row.append(char.data, Style(color=color(char.fg), bgcolor=color(char.bg), bold=char.bold,
+                                                italic=char.italics, underline=char.underscore,
+                                                strike=char.strikethrough, reverse=char.reverse))
+            row.rstrip()
+            rows.append(row)
+        while rows and not rows[-1].plain:
+            rows.pop()
+        return Text("\n").join(rows)
+
+
+def save_terminal_png(text: Text, path: Path) -> None:
+    """rich draws the screen as a terminal window (SVG); Chromium rasterizes it. Nothing is fetched: the
+    SVG's web-font URLs are refused, so a local monospace font draws it."""
+    console = Console(record=True, width=COLUMNS, file=io.StringIO(), force_terminal=True,
+                      color_system="truecolor")
+    console.print(text)
+    svg = console.export_svg(title="rtserve chat")
+    width, height = (float(v) for v in re.search(r'viewBox="0 0 ([\d.]+) ([\d.]+)"', svg).groups())
+    from playwright.sync_api import sync_playwright  # only where a Chromium is there to drive
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": int(width) + 1, "height": int(height) + 1})
+            page.route("**/*", lambda route: route.abort())
+            page.set_content(f"<body style='margin:0'><style>svg{{display:block;width:{width}px;"
+                             f"height:{height}px}}</style>{svg}</body>")
+            page.evaluate("document.fonts.ready.then(() => true)")
+            page.locator("svg").screenshot(path=str(path))
+        finally:
+            browser.close()
+
+
 def spawn_chat(url: str) -> pexpect.spawn:
-    env = {**os.environ, "TERM": "xterm", "NO_COLOR": "1", "COLUMNS": "100", "LINES": "30", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    # Colours on (no NO_COLOR) so that the screenshot shows them; TERM=xterm keeps rich to 16 colours.
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": str(COLUMNS), "LINES": str(ROWS), "PROMPT_TOOLKIT_NO_CPR": "1"}
+    env.pop("NO_COLOR", None)
     child = pexpect.spawn(sys.executable, ["-m", "rtserve", "chat", "--base-url", url + "/v1", "--api-key", KEY],
-                          env=env, dimensions=(30, 100), encoding="utf-8", timeout=30)
+                          env=env, dimensions=(ROWS, COLUMNS), encoding="utf-8", timeout=30)
+    child.logfile_read = TerminalScreen()
     child.expect("model fake-model")
     child.expect("you>")
     return child
@@ -134,9 +236,10 @@ def wait_until(predicate, what: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served):
+def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served, tmp_path):
     server, engine = served
     child = spawn_chat(server.url)
+    terminal = child.logfile_read
     try:
         child.sendline("/class firm")
         child.expect("class firm")
@@ -155,6 +258,7 @@ def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served):
         child.expect("Still here.")
         child.expect(r"11 tokens")
         child.expect("you>")
+        screen, lines = terminal.snapshot(), terminal.lines()
         wait_until(lambda: engine.finished, "the second answer completed")
         history = engine.prompts[engine.finished[-1]]
         assert "Where is Paris?" in bytes(i - 1 for i in history).decode()  # the conversation went on
@@ -169,3 +273,17 @@ def test_terminal_chat_streams_stops_on_ctrl_c_and_sends_the_class(served):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+    # On the screen after the second answer: each answer printed once under its final footer (the live
+    # footer erased itself), the stopped one marked so, the firm one with its verdict.
+    footers = [line for line in lines if line.startswith("TTFT ")]
+    assert len(footers) == 2, lines
+    text = "\n".join(lines)
+    first, second, question = text.index(footers[0]), text.index(footers[1]), text.index("you> Are you there?")
+    assert first < question < second and "stopped" in text[first:question], lines
+    assert re.search(r"11 tokens · firm.*: (met|missed|dropped)", text[second:].replace("\n", " ")), lines
+    assert "Still here." in lines and lines[-1].startswith("you>"), lines
+    if CHROMIUM is not None:
+        artifacts = Path(os.environ.get("RTSERVE_TEST_ARTIFACTS") or tmp_path)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        save_terminal_png(screen, artifacts / "chat-terminal.png")
+        assert (artifacts / "chat-terminal.png").read_bytes().startswith(b"\x89PNG")
