@@ -556,11 +556,6 @@ def _prefill_left(req: Request) -> tuple[int, int]:
     return start, max(req.num_tokens - start, 0)
 
 
-def _has_prompt(active: list[Request], waiting: list[Request]) -> bool:
-    """Whether some request still needs prefill."""
-    return any(r.num_remaining_prefill_tokens > 0 for r in (*active, *waiting))
-
-
 def _num_context(requests: Iterable[Request]) -> int:
     return sum(r.num_computed_tokens for r in requests)
 
