@@ -234,13 +234,25 @@ class GGUFFile:
         info = self._info(name)
         fn = _DEQUANTIZERS.get(info.ggml_type)
         if fn is None:
-            raise NotImplementedError(f"dequantizing {info.type_name} ({name!r}) is not supported")
+            raise NotImplementedError(f"dequantizing {info.type_name} ({name!r}) is not supported; "
+                                      f"supported types: {', '.join(SUPPORTED_TYPE_NAMES)}")
         gtype = GGML_TYPES[info.ggml_type]
         blocks = self.raw(name).reshape(-1, gtype.block_nbytes)  # [num_blocks, block_nbytes]
         values = np.ascontiguousarray(fn(blocks), dtype=np.float32)
         if not values.flags.writeable:  # F32 is a view of the read-only map: own a copy instead
             values = values.copy()
         return torch.from_numpy(values.reshape(info.shape))
+
+    def check_types(self, names: tuple[str, ...] | None = None) -> None:
+        """Raises ValueError at start-up when a tensor (of `names`, default all) has a type that
+        cannot be dequantized, naming the tensor, its type and what is supported."""
+        for name in self.tensors if names is None else names:
+            info = self._info(name)
+            if info.ggml_type not in _DEQUANTIZERS:
+                others = sum(1 for t in self.tensors.values() if t.ggml_type not in _DEQUANTIZERS) - 1
+                more = f" (and {others} more tensors of unsupported types)" if others else ""
+                raise ValueError(f"{self.path}: tensor {name!r} has type {info.type_name}, which is not "
+                                 f"supported{more}; supported types: {', '.join(SUPPORTED_TYPE_NAMES)}")
 
     def _info(self, name: str) -> GGUFTensorInfo:
         if name not in self.tensors:
@@ -334,6 +346,8 @@ _DEQUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: _deq_q4_0, 3: _deq_q4_1, 6: _deq_q5_0, 7: _deq_q5_1, 8: _deq_q8_0,
     12: _deq_q4_k, 13: _deq_q5_k, 14: _deq_q6_k,
 }
+
+SUPPORTED_TYPE_NAMES: tuple[str, ...] = tuple(GGML_TYPES[i].name for i in _DEQUANTIZERS)
 
 
 def end_of_turn_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:

@@ -135,6 +135,7 @@ def hf_name(gguf_name: str) -> str:
 def _load_gguf(path: str) -> LoadedModel:
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
+    gguf.check_types()  # an unsupported quantization fails here, before any tensor is read
     weights: dict[str, torch.Tensor] = {}
     for name in gguf.tensors:
         if name == "rope_freqs.weight":

@@ -33,31 +33,72 @@ def write_gguf(path, tensors: dict[str, tuple[np.ndarray, QT | None]], kv=None) 
 
 
 def random_blocks(qtype: QT, num_rows: int, blocks_per_row: int, rng) -> np.ndarray:
-    """Random quantized rows [num_rows, blocks_per_row * block_nbytes] with finite fp16 scales."""
+    """Random quantized rows [num_rows, blocks_per_row * block_nbytes] with finite fp16 scales,
+    among them the edge values zero, -0, fp16 subnormals and the largest finite fp16."""
     block_len, block_nbytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(num_rows * blocks_per_row, block_nbytes), dtype=np.uint8)
+    edges = np.array([0.0, -0.0, 6e-8, -3e-5, 65504.0, -65504.0], np.float16)
     for at in F16_FIELDS[qtype]:
         scale = rng.uniform(-2.0, 2.0, size=len(raw)).astype(np.float16)
+        scale[rng.integers(0, len(raw), size=len(edges))] = edges
         raw[:, at:at + 2] = scale.view(np.uint8).reshape(-1, 2)
     return raw.reshape(num_rows, -1)
 
 
+def assert_bit_identical(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.dtype == expected.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
 @pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
 def test_quantized_types_match_reference(tmp_path, qtype):
+    """Random blocks (every bit pattern of the quants, edge-case scales): our dequantization is
+    bit-identical to the gguf package's numpy dequantizer."""
     rng = np.random.default_rng(int(qtype))
-    raw = random_blocks(qtype, num_rows=3, blocks_per_row=2, rng=rng)
+    raw = random_blocks(qtype, num_rows=48, blocks_per_row=4, rng=rng)
     path = tmp_path / "q.gguf"
     write_gguf(path, {"w": (raw, qtype)})
     f = GGUFFile(str(path))
     block_len = gguf.GGML_QUANT_SIZES[qtype][0]
     info = f.tensors["w"]
-    assert info.shape == (3, 2 * block_len) and info.ggml_type == int(qtype)
+    assert info.shape == (48, 4 * block_len) and info.ggml_type == int(qtype)
     assert info.type_name == qtype.name and info.nbytes == raw.nbytes
     np.testing.assert_array_equal(f.raw("w"), raw.reshape(-1))
-    expected = gguf.quants.dequantize(raw, qtype)  # [3, 2 * block_len]
+    expected = gguf.quants.dequantize(raw, qtype)  # [48, 4 * block_len]
     got = f.dequantize("w")
-    assert got.dtype == torch.float32 and tuple(got.shape) == (3, 2 * block_len)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert got.dtype == torch.float32 and tuple(got.shape) == (48, 4 * block_len)
+    assert_bit_identical(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.BF16],
+                         ids=lambda q: q.name)
+def test_types_quantized_by_the_reference_round_trip(tmp_path, qtype):
+    """Blocks the gguf package quantizes itself from weights (the k-quants it cannot quantize are
+    covered by random blocks above): bit-identical dequantization, close to the weights."""
+    values = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
+    stored = gguf.quants.quantize(values, qtype)
+    path = tmp_path / "r.gguf"
+    write_gguf(path, {"w": (stored, qtype)})
+    got = GGUFFile(str(path)).dequantize("w").numpy()
+    assert_bit_identical(got, gguf.quants.dequantize(stored, qtype))
+    assert np.abs(got - values).max() < 0.5
+
+
+@pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS], ids=lambda q: q.name)
+def test_unsupported_type_is_a_clear_error(tmp_path, qtype):
+    block_len, block_nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    path = tmp_path / "u.gguf"
+    write_gguf(path, {"ok": (np.ones((2, 32), np.float32), None),
+                      "blk.3.ffn_down.weight": (np.zeros((2, block_nbytes), np.uint8), qtype)})
+    f = GGUFFile(str(path))
+    f.check_types(("ok",))
+    with pytest.raises(ValueError) as err:
+        f.check_types()
+    message = str(err.value)
+    assert "'blk.3.ffn_down.weight'" in message and f"type {qtype.name}," in message
+    assert "supported types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K" in message
+    with pytest.raises(NotImplementedError, match=qtype.name):
+        f.dequantize("blk.3.ffn_down.weight")
 
 
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16], ids=lambda q: q.name)
