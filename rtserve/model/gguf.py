@@ -350,13 +350,24 @@ _DEQUANTIZERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 SUPPORTED_TYPE_NAMES: tuple[str, ...] = tuple(GGML_TYPES[i].name for i in _DEQUANTIZERS)
 
 
+# Control tokens that end a turn in the chat formats in use; llama.cpp stops on these by their text
+# too, since many files name only one EOS (Gemma's `<end_of_turn>`, Llama 3's `<|eot_id|>`).
+END_OF_TURN_TEXTS = frozenset({"<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>"})
+_CONTROL_TOKEN = 3  # tokenizer.ggml.token_type
+
+
 def end_of_turn_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
-    """EOS first, then any other end-of-turn/-message ids the metadata names (deduplicated)."""
+    """EOS first, then the other end-of-turn/-message ids the metadata names, then the control
+    tokens spelled as in `END_OF_TURN_TEXTS` (deduplicated)."""
     ids: list[int] = []
     for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
         value = metadata.get(f"tokenizer.ggml.{key}")
         if type(value) is int and value not in ids:
             ids.append(value)
+    tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
+    if isinstance(tokens, list) and isinstance(types, list) and len(types) == len(tokens):
+        ids += [i for i, (text, kind) in enumerate(zip(tokens, types))
+                if kind == _CONTROL_TOKEN and text in END_OF_TURN_TEXTS and i not in ids]
     return tuple(ids)
 
 
