@@ -16,7 +16,8 @@ from rtserve.api import schemas_anthropic as A
 from rtserve.api.errors import ApiError
 from rtserve.api.structured_fields import ToolContext
 from rtserve.api.tool_fields import tool_spec
-from rtserve.structured.tools import ToolCallParser, Turn, new_call_id, tool_call_grammar
+from rtserve.structured.tool_formats import HERMES, ToolFormat
+from rtserve.structured.tools import Turn, new_call_id
 
 _SET = lambda v: v is not None  # noqa: E731
 REFUSED_MESSAGES = {"thinking": lambda v: isinstance(v, dict) and v.get("type") != "disabled",
@@ -25,7 +26,7 @@ KNOWN_MESSAGES_EXTRA = {"rt", "metadata", "service_tier", "tool_choice"}
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
 
-def anthropic_tool_context(req: A.CountTokensRequest) -> ToolContext:
+def anthropic_tool_context(req: A.CountTokensRequest, fmt: ToolFormat = HERMES) -> ToolContext:
     extra = req.model_extra or {}
     tools = []
     for i, tool in enumerate(req.tools or []):
@@ -53,7 +54,7 @@ def anthropic_tool_context(req: A.CountTokensRequest) -> ToolContext:
             raise ApiError(400, "tool_choice requires tools.", param="tool_choice")
         parallel = not choice.get("disable_parallel_tool_use", False)
     offered = tools if mode != "none" else []
-    return ToolContext(tool_call_grammar(offered, mode, parallel), offered, mode)
+    return ToolContext(fmt.grammar(offered, mode, parallel), offered, mode, fmt)
 
 
 def anthropic_turns(req: A.CountTokensRequest, system: str | None) -> list[Turn]:
@@ -116,9 +117,9 @@ def _tool_result(block: Any, param: str, known_ids: set[str]) -> Turn:
     return Turn("tool", text, call_id=extra["tool_use_id"])
 
 
-def message_content(text: str, stop_reason: str) -> tuple[list[dict[str, Any]], str]:
+def message_content(text: str, stop_reason: str, fmt: ToolFormat = HERMES) -> tuple[list[dict[str, Any]], str]:
     """A whole reply's content blocks and stop_reason ("tool_use" when it stopped after a call)."""
-    parser = ToolCallParser()
+    parser = fmt.parser()
     plain = parser.feed(text).text + parser.finish().text
     blocks: list[dict[str, Any]] = [{"type": "text", "text": plain.strip()}] if plain.strip() else []
     calls = [(c.name, _input(c.arguments)) for c in parser.calls if c.is_complete]
@@ -155,8 +156,8 @@ class TextBlocks:
 class ToolUseBlocks:
     """Streaming with tools: a text block while the reply is text, a tool_use block per call."""
 
-    def __init__(self) -> None:
-        self.parser = ToolCallParser()
+    def __init__(self, fmt: ToolFormat = HERMES) -> None:
+        self.parser = fmt.parser()
         self.index = -1  # the open block's index
         self.open_kind: str | None = None
 

@@ -40,6 +40,7 @@ class ServerSettings:
     max_concurrent_per_key: int = 0      # HTTP requests in flight per API key (0: unlimited)
     api_keys: tuple[str, ...] = ()       # more accepted keys besides api_key (each sees only its own batches)
     batches: BatchSettings | None = None  # the Batch API (rtserve/api/batches), off when None
+    tool_call_parser: str = "auto"  # the tool-call format (rtserve/structured/tool_formats.py); auto: from the template
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:
@@ -48,6 +49,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.ping_interval_s <= 0 or self.send_timeout_s <= 0:
             raise ValueError("ServerSettings: max_body_bytes >= 0, ping_interval_s > 0, send_timeout_s > 0")
+        if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral"):
+            raise ValueError(f"ServerSettings: unknown tool_call_parser {self.tool_call_parser!r}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, pars
                                    server_timing)
 from rtserve.api.sse import dumps, sse_event
 from rtserve.api.structured_fields import ToolContext, check_grammar, load_grammar_engine, refuse_and_warn
-from rtserve.api.tool_fields import render_turns
+from rtserve.api.tool_fields import render_turns, tool_format_of
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import RTParams
@@ -58,7 +58,9 @@ class MessagesJob:
     tool_ctx: ToolContext | None = None
 
     def blocks(self) -> TextBlocks | ToolUseBlocks:
-        return ToolUseBlocks() if self.tool_ctx is not None and self.tool_ctx.parses_tools else TextBlocks()
+        if self.tool_ctx is not None and self.tool_ctx.parses_tools:
+            return ToolUseBlocks(self.tool_ctx.format)
+        return TextBlocks()
 
     def start(self, state: AppState) -> OutputStream:
         iterator = state.engine.generate(self.prompt_ids, self.params, self.message_id, rt=self.rt,
@@ -78,13 +80,13 @@ def _block_text(content: Any, param: str) -> str:
     return text_of(content, param, TEXT_BLOCK_TYPES)
 
 
-def prompt_ids_of(tokenizer: Any, req: A.CountTokensRequest, ctx: ToolContext | None = None) -> list[int]:
+def prompt_ids_of(state: AppState, req: A.CountTokensRequest, ctx: ToolContext | None = None) -> list[int]:
     """The prompt; tools offered (and tool blocks in the history rendered) by rtserve/api/anthropic_tools.py."""
     if not req.messages:
         raise ApiError(400, "messages: at least one message is required.", param="messages")
-    ctx = ctx if ctx is not None else anthropic_tool_context(req)
+    ctx = ctx if ctx is not None else anthropic_tool_context(req, tool_format_of(state))
     system = _block_text(req.system, "system") if req.system else None
-    return render_turns(tokenizer, anthropic_turns(req, system), ctx.tools)
+    return render_turns(state.engine.tokenizer, anthropic_turns(req, system), ctx.tools, fmt=ctx.format)
 
 
 async def stream_events(state: AppState, job: MessagesJob, conn: Request, outputs: OutputStream,
@@ -151,7 +153,7 @@ async def collect(state: AppState, job: MessagesJob) -> dict[str, Any]:
     body = A.message_object(job.message_id, job.model, text, stop_reason, stop_sequence,
                             job.usage(last.num_cached_tokens, last.num_output_tokens))
     if job.tool_ctx is not None and job.tool_ctx.parses_tools:
-        body["content"], body["stop_reason"] = message_content(text, stop_reason)
+        body["content"], body["stop_reason"] = message_content(text, stop_reason, job.tool_ctx.format)
     rt = rt_object([last.rt])
     return body if rt is None else {**body, "rt": rt, "_server_timing": server_timing([last.rt])}
 
@@ -163,13 +165,13 @@ async def messages(request: Request) -> Response:
     refuse_and_warn(req.model_extra or {}, REFUSED_MESSAGES, KNOWN_MESSAGES_EXTRA)
     if req.tools:
         await load_grammar_engine({"tools": req.tools})
-    tool_ctx = anthropic_tool_context(req)
+    tool_ctx = anthropic_tool_context(req, tool_format_of(state))
     params = build_sampling_params(
         NAMES, max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stop_sequences or [],
         structured=tool_ctx.structured)
     check_grammar(tool_ctx.structured, "tools")
-    prompt_ids = prompt_ids_of(state.engine.tokenizer, req, tool_ctx)
+    prompt_ids = prompt_ids_of(state, req, tool_ctx)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=NAMES)
     rt = parse_rt((req.model_extra or {}).get("rt"))
     job = MessagesJob(f"msg_{uuid.uuid4().hex}", req.model or state.model_name, prompt_ids, params,
@@ -188,5 +190,5 @@ async def messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     state = app_state(request)
     req = await read_json_body(request, A.CountTokensRequest)
-    ids = prompt_ids_of(state.engine.tokenizer, req)
+    ids = prompt_ids_of(state, req)
     return Response(dumps({"input_tokens": len(ids)}).encode(), media_type="application/json")

@@ -37,7 +37,7 @@ from rtserve.api.structured_fields import (REFUSED_CHAT, REFUSED_COMPLETION, Too
                                            completion_structured, grammar_param, load_grammar_engine,
                                            openai_tool_context, prediction_ids, prediction_usage, refuse_and_warn,
                                            sampling_extras)
-from rtserve.api.tool_fields import needs_tool_rendering, openai_turns, render_turns
+from rtserve.api.tool_fields import needs_tool_rendering, openai_turns, render_turns, tool_format_of
 from rtserve.api.tool_responses import ChoiceTools, message_fields
 from rtserve.api.streaming import (OutputStream)
 from rtserve.client.outputs import RequestOutput
@@ -67,7 +67,7 @@ class Job:
 
     def __post_init__(self) -> None:
         if self.tool_ctx is not None and self.tool_ctx.parses_tools:
-            self.choice_tools = [ChoiceTools() for _ in range(self.num_choices)]
+            self.choice_tools = [ChoiceTools(self.tool_ctx.format) for _ in range(self.num_choices)]
 
     @property
     def num_choices(self) -> int:
@@ -222,7 +222,7 @@ async def collect(state: AppState, job: Job) -> dict[str, Any]:
                                  finish[c]) for c in range(job.num_choices)]
         if job.choice_tools:
             for c, body in enumerate(choices):
-                fields, body["finish_reason"] = message_fields(texts[c], finish[c])
+                fields, body["finish_reason"] = message_fields(texts[c], finish[c], job.tool_ctx.format)
                 body["message"].update(fields)
         body = S.chat_completion(job.request_id, job.created, job.model, choices, usage.total())
     else:
@@ -277,14 +277,15 @@ def chat_job(state: AppState, req: S.ChatCompletionRequest, arrival_s: float) ->
     names = {"max_tokens": "max_completion_tokens" if use_mct else "max_tokens", "logprobs": "top_logprobs"}
     extra = req.model_extra or {}
     refuse_and_warn(extra, REFUSED_CHAT)
-    tool_ctx = openai_tool_context(extra)
+    tool_ctx = openai_tool_context(extra, tool_format_of(state))
     params = _params(req, names, req.max_completion_tokens if use_mct else req.max_tokens,
                      (req.top_logprobs or 0) if req.logprobs else None, structured=tool_ctx.structured,
                      prediction=prediction_ids(extra, state.engine.tokenizer, state.engine.max_model_len),
                      **sampling_extras(extra))
     check_grammar(tool_ctx.structured, grammar_param(extra, tool_ctx))
     if tool_ctx.tools or needs_tool_rendering(req.messages):
-        prompt_ids = render_turns(state.engine.tokenizer, openai_turns(req.messages), tool_ctx.tools)
+        prompt_ids = render_turns(state.engine.tokenizer, openai_turns(req.messages), tool_ctx.tools,
+                                  fmt=tool_ctx.format)
     else:
         prompt_ids = chat_prompt_ids(state.engine.tokenizer, req.messages)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=names)

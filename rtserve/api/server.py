@@ -16,8 +16,9 @@ from rtserve.api.batches.settings import BatchSettings, default_data_dir
 from rtserve.api.http_protocol import guarded_httptools
 from rtserve.api.logging import configure_access_log
 from rtserve.api.shutdown import GracefulServer
-from rtserve.config import (SOFT_OVERLOAD_MODES, CacheConfig, EngineConfig, LimitsConfig, RTClassDefaults, RTConfig,
-                            SchedulerConfig, SpeculativeConfig)
+from rtserve.config import (SOFT_OVERLOAD_MODES, CacheConfig, EngineConfig, HygieneConfig, LimitsConfig,
+                            RTClassDefaults, RTConfig, SchedulerConfig, SpeculativeConfig)
+from rtserve.engine.rt_hygiene import apply_api_hygiene
 
 logger = logging.getLogger("rtserve.api")
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and engine")
     m.add_argument("--model", default="", help="GGUF file or HF directory (default: the embedded SmolLM2)")
     m.add_argument("--served-model-name", nargs="+", default=None, help="model ids to answer to (first is listed)")
+    m.add_argument("--tool-call-parser", choices=("auto", "hermes", "llama3_json", "mistral"), default="auto",
+                   help="how the model writes tool calls (auto: read from its chat template)")
     m.add_argument("--dtype", default=None, help="reference-path dtype (float32, bfloat16)")
     m.add_argument("--quantization", choices=("auto", "none"), default=None,
                    help="auto: quantized CPU fast path for Q4_1 GGUFs (default); none: fp32 reference")
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the ITL-based cap on running sequences never goes below this (8)")
     rt.add_argument("--rt-firm-delivery-margin-ms", type=float, default=None,
                     help="firm deadlines are this much earlier in the engine than their budgets, for "
-                         "the token's way to the client (5)")
+                         "the token's way to the client (15)")
     rt.add_argument("--rt-soft-overload", choices=SOFT_OVERLOAD_MODES, default=None,
                     help="a soft request predicted to start later than its TTFT budget: serve-late admits it; "
                          "reject refuses it (429 / Anthropic 529 with Retry-After) when more than "
@@ -101,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--rt-calibration-cache-dir", default=None,
                     help="where calibrated step-time models are kept between starts "
                          "(default: <weights cache>/calibration)")
+    hy = p.add_argument_group("real-time hygiene (rtserve/engine/rt_hygiene.py; a refused measure is logged and skipped)")
+    hy.add_argument("--no-rt-hygiene", action="store_true",
+                    help="turn off the default measures: the engine's heap frozen after warm-up with garbage "
+                         "collection only between steps (the API process's start-up heap frozen too), and the "
+                         "KV cache pre-faulted")
+    hy.add_argument("--rt-mlock", action="store_true", help="mlockall the engine process after warm-up")
+    hy.add_argument("--rt-engine-cpus", default=None, help="CPU list for the engine process, e.g. 2-7")
+    hy.add_argument("--rt-api-cpus", default=None, help="CPU list for the API process, e.g. 0-1")
+    hy.add_argument("--rt-sched", choices=("fifo", "rr", "nice"), default=None,
+                    help="engine process scheduling: SCHED_FIFO / SCHED_RR at --rt-sched-priority, or nice")
+    hy.add_argument("--rt-sched-priority", type=int, default=None, help="real-time priority for fifo/rr (1)")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask")
     lim.add_argument("--max-n", type=int, default=None, help="largest n (choices per request)")
@@ -171,10 +185,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     speculative = _replace_given(SpeculativeConfig(), method=args.speculative_method,
                                  num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
                                  adaptive=False if args.no_adaptive_speculation else None)
+    hygiene = _replace_given(HygieneConfig(), gc=False if args.no_rt_hygiene else None,
+                             prefault_kv=False if args.no_rt_hygiene else None, mlock=args.rt_mlock or None,
+                             cpus=args.rt_engine_cpus, sched=args.rt_sched, sched_priority=args.rt_sched_priority)
     return _replace_given(base, model=args.model, dtype=args.dtype, quantization=args.quantization,
                           device=args.device, num_threads=args.num_threads,
                           adaptive_threads=args.adaptive_threads, seed=args.seed, cache=cache,
-                          scheduler=scheduler, limits=limits, rt=rt, speculative=speculative)
+                          scheduler=scheduler, limits=limits, rt=rt, speculative=speculative, hygiene=hygiene)
 
 
 def rt_config_from_args(args: argparse.Namespace) -> RTConfig:
@@ -227,7 +244,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           batches=batch_settings_from_args(args),
                           max_body_bytes=args.max_body_bytes, ping_interval_s=args.ping_interval_s,
                           send_timeout_s=args.send_timeout_s, ready_timeout_s=args.ready_timeout_s,
-                          max_concurrent_per_key=args.max_concurrent_per_key)
+                          max_concurrent_per_key=args.max_concurrent_per_key, tool_call_parser=args.tool_call_parser)
 
 
 def main(argv: list[str]) -> int:
@@ -244,6 +261,7 @@ def main(argv: list[str]) -> int:
     try:
         config = engine_config_from_args(args)
         settings = settings_from_args(args)
+        HygieneConfig(cpus=args.rt_api_cpus or "")  # a bad CPU list is a usage error
         engine = AsyncLLM(config, in_process=args.in_process)
     except (ValueError, FileNotFoundError) as exc:
         print(f"rtserve serve: {exc}", file=sys.stderr)
@@ -274,6 +292,7 @@ def main(argv: list[str]) -> int:
     if args.shutdown_timeout_s < 0:
         print("rtserve serve: --shutdown-timeout-s must be >= 0", file=sys.stderr)
         return 2
+    apply_api_hygiene(args.rt_api_cpus or "", freeze_heap=not args.no_rt_hygiene)
     server = GracefulServer(uvicorn_config, app.state.rtserve, args.shutdown_timeout_s, args.engine_restart)
     server.run()
     return server.exit_status if server.started else 3

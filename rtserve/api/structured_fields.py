@@ -24,7 +24,8 @@ from rtserve.api.tool_fields import json_object as _object
 from rtserve.api.tool_fields import parse_openai_tools, tool_mode
 from rtserve.sampling_params import StructuredOutputs
 from rtserve.structured.check import GrammarError, check_structured
-from rtserve.structured.tools import ToolSpec, tool_call_grammar
+from rtserve.structured.tool_formats import HERMES, ToolFormat
+from rtserve.structured.tools import ToolSpec
 
 logger = logging.getLogger("rtserve.api")
 
@@ -121,6 +122,7 @@ class ToolContext:
     structured: StructuredOutputs | None = None
     tools: list[ToolSpec] = field(default_factory=list)
     tool_mode: str = "none"  # "none" | "auto" | "required" | a tool's name
+    format: ToolFormat = HERMES  # how calls are written, shaped and parsed
 
     @property
     def parses_tools(self) -> bool:
@@ -135,7 +137,7 @@ def parse_schema_spec(schema: Any, param: str) -> StructuredOutputs:
             raise ApiError(400, f"{param} is not valid JSON.", param=param, code="invalid_value")
     if not isinstance(schema, (dict, bool)):
         raise ApiError(400, f"{param} must be a JSON schema object.", param=param, code="invalid_type")
-    return StructuredOutputs("json", json.dumps(schema, sort_keys=True))
+    return StructuredOutputs("json", json.dumps(schema))  # key order kept: xgrammar writes properties in it
 
 
 def response_format_spec(value: Any) -> StructuredOutputs | None:
@@ -177,7 +179,7 @@ def structured_outputs_spec(value: Any) -> StructuredOutputs:
     return StructuredOutputs(kind, spec)
 
 
-def openai_tool_context(extra: dict[str, Any]) -> ToolContext:
+def openai_tool_context(extra: dict[str, Any], call_format: ToolFormat = HERMES) -> ToolContext:
     tools = parse_openai_tools(extra["tools"]) if extra.get("tools") is not None else []
     mode = tool_mode(extra.get("tool_choice"), tools)
     parallel = extra.get("parallel_tool_calls")
@@ -192,8 +194,8 @@ def openai_tool_context(extra: dict[str, Any]) -> ToolContext:
         raise ApiError(400, "response_format / structured_outputs cannot be combined with tools unless tool_choice "
                        "is 'none'.", param="response_format" if fmt is not None else "structured_outputs")
     if mode == "none":  # tools not offered: the reply is a message
-        return ToolContext(grammar, [], mode)
-    return ToolContext(tool_call_grammar(tools, mode, parallel is not False), tools, mode)
+        return ToolContext(grammar, [], mode, call_format)
+    return ToolContext(call_format.grammar(tools, mode, parallel is not False), tools, mode, call_format)
 
 
 GRAMMAR_FIELDS = ("response_format", "structured_outputs", "tools")

@@ -1,5 +1,6 @@
 """OpenAI tool fields read and checked at the edge: `tools`, `tool_choice`, and a history with tool calls
-and tool results, rendered through the chat template (rtserve/structured/tools.py says how)."""
+and tool results, rendered through the chat template in the model's tool-call format
+(rtserve/structured/tool_formats.py says which and how)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ from typing import Any
 
 from rtserve.api.errors import ApiError
 from rtserve.api.prompts import CHAT_ROLES, ROLE_ALIASES, render_chat, text_of
-from rtserve.structured.tools import (NAME_PATTERN, ToolSpec, Turn, generic_messages, native_messages,
-                                      template_renders_tools, tool_dicts)
+from rtserve.structured.tool_formats import HERMES, ToolFormat, choose_tool_format
+from rtserve.structured.tools import NAME_PATTERN, ToolSpec, Turn, tool_dicts
 
 
 def json_object(value: Any, param: str) -> dict[str, Any]:
@@ -90,13 +91,22 @@ def openai_turns(messages: list[Any]) -> list[Turn]:
     return turns
 
 
-def render_turns(tokenizer: Any, turns: list[Turn], tools: list[ToolSpec], param: str = "messages") -> list[int]:
-    """Prompt ids: through the template's own tool rendering when it has one, else the generic prompt."""
-    if not template_renders_tools(getattr(tokenizer, "chat_template", None)):
-        return render_chat(tokenizer, generic_messages(turns, tools), param)
+def tool_format_of(state: Any) -> ToolFormat:
+    """The served model's tool-call format: the server's `tool_call_parser` setting, "auto" reading
+    the chat template."""
+    return choose_tool_format(getattr(state.engine.tokenizer, "chat_template", None),
+                              getattr(state.settings, "tool_call_parser", "auto"))
+
+
+def render_turns(tokenizer: Any, turns: list[Turn], tools: list[ToolSpec], param: str = "messages",
+                 fmt: ToolFormat = HERMES) -> list[int]:
+    """Prompt ids: through the template's own tool rendering when it renders `fmt`'s calls, else
+    `fmt`'s generic prompt."""
+    if not fmt.renders_natively(getattr(tokenizer, "chat_template", None)):
+        return render_chat(tokenizer, fmt.generic_messages(turns, tools), param)
     try:
         kwargs = {"tools": tool_dicts(tools)} if tools else {}
-        return list(tokenizer.encode_chat(native_messages(turns), add_generation_prompt=True, **kwargs))
+        return list(tokenizer.encode_chat(fmt.native_messages(turns), add_generation_prompt=True, **kwargs))
     except Exception as exc:  # template errors are about the input
         raise ApiError(400, f"Could not render the conversation: {type(exc).__name__}: {exc}", param=param)
 

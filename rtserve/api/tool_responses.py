@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from rtserve.structured.tools import ParseEvents, ToolCallParser, new_call_id
+from rtserve.structured.tool_formats import HERMES, ToolFormat
+from rtserve.structured.tools import ParseEvents, new_call_id
 
 
 class ChoiceTools:
-    """One choice's parser and the ids given to its calls."""
+    """One choice's parser (of the model's tool-call format) and the ids given to its calls."""
 
-    def __init__(self) -> None:
-        self.parser = ToolCallParser()
+    def __init__(self, fmt: ToolFormat = HERMES) -> None:
+        self.parser = fmt.parser()
         self.ids: list[str] = []
 
     def delta(self, text: str, finished: bool) -> dict[str, Any]:
@@ -52,9 +53,9 @@ class ChoiceTools:
         return finish
 
 
-def message_fields(text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+def message_fields(text: str, finish: str | None, fmt: ToolFormat = HERMES) -> tuple[dict[str, Any], str | None]:
     """A whole choice's `content` and `tool_calls`, and its finish_reason."""
-    tools = ChoiceTools()
+    tools = ChoiceTools(fmt)
     events = tools.parser.feed(text)
     tail = tools.parser.finish()
     content = (events.text + tail.text).strip()

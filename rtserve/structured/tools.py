@@ -67,8 +67,8 @@ def tool_call_grammar(tools: list[ToolSpec], mode: str, parallel: bool) -> Struc
     else:
         fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
                "stop_after_first": not parallel}
-    return StructuredOutputs("structural_tag", json.dumps({"type": "structural_tag", "format": fmt},
-                                                          sort_keys=True))
+    # Keys in their given order: xgrammar writes an object's properties in the schema's order.
+    return StructuredOutputs("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
 
 
 def tools_system_prompt(tools: list[ToolSpec]) -> str:
@@ -108,15 +108,18 @@ def native_messages(turns: list[Turn]) -> list[dict]:
     return out
 
 
-def generic_messages(turns: list[Turn], tools: list[ToolSpec]) -> list[dict[str, str]]:
-    """Plain role/content messages: calls and results written out, the tools in the system message."""
+def generic_messages(turns: list[Turn], tools: list[ToolSpec], write_call=None, system_prompt=None
+                     ) -> list[dict[str, str]]:
+    """Plain role/content messages: calls and results written out, the tools in the system message
+    (calls written by `write_call`, tools offered by `system_prompt`: this format's by default)."""
+    write_call, system_prompt = write_call or render_call, system_prompt or tools_system_prompt
     out = []
     for t in turns:
         content = render_result(t.content) if t.role == "tool" else "\n".join(
-            [t.content] * bool(t.content) + [render_call(n, json.dumps(a)) for _, n, a in t.calls])
+            [t.content] * bool(t.content) + [write_call(n, json.dumps(a)) for _, n, a in t.calls])
         out.append({"role": t.role, "content": content})
     if tools:
-        prompt = tools_system_prompt(tools)
+        prompt = system_prompt(tools)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
         else:
