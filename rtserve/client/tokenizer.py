@@ -1,9 +1,8 @@
 """Tokenizer and chat template, built on the `tokenizers` library (no transformers at run time).
 
-From a GGUF file we rebuild the byte-level BPE that Hugging Face's GGUF conversion produces (vocab in
-the GPT-2 byte alphabet, the file's merges, control tokens as special added tokens, user-defined
-tokens as plain added tokens, a pre-tokenizer chosen by `tokenizer.ggml.pre`), and cache it as
-`<key>.tokenizer.json` + `<key>.tokenizer_config.json` beside the weights cache. From an HF directory
+From a GGUF file we rebuild the tokenizer Hugging Face's GGUF conversion produces (byte-level BPE or
+SentencePiece, rtserve/client/gguf_tokenizer.py), and cache it as `<key>.tokenizer.json` +
+`<key>.tokenizer_config.json` beside the weights cache. From an HF directory
 we read `tokenizer.json` and `tokenizer_config.json` (and `chat_template.jinja` if present).
 Chat templates render in a jinja2 `ImmutableSandboxedEnvironment` set up as transformers sets it up.
 Encode/decode are safe to call from any one thread at a time (the Rust backend is thread-safe).
@@ -19,34 +18,11 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from rtserve.client.chat_encoding import encode_chat
+from rtserve.client.gguf_tokenizer import build_backend_from_gguf
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir, end_of_turn_token_ids
-
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# `tokenizer.ggml.pre` -> split regex, as transformers maps them; anything else (gpt2, smollm, ...)
-# gets the plain GPT-2 ByteLevel pre-tokenizer, again as transformers does.
-_PRE_SPLITS = {**dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"),
-                               _LLAMA3_SPLIT),
-               **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)}
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character alphabet."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b], extra = chr(256 + extra), extra + 1
-    return mapping
 
 
 class Tokenizer:
@@ -132,54 +108,6 @@ def _compile_template(source: str):
 
 
 # --- GGUF -------------------------------------------------------------------------------------
-
-def build_backend_from_gguf(metadata: dict) -> Backend:
-    """The byte-level BPE the metadata describes (ValueError for non-BPE vocabularies)."""
-    if metadata.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer {metadata.get('tokenizer.ggml.model')!r} "
-                         "(only byte-level BPE, 'gpt2')")
-    tokens, merges = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.merges")
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens or ())
-    if not isinstance(tokens, list) or not isinstance(merges, list) or len(types) != len(tokens):
-        raise ValueError("GGUF tokenizer needs tokenizer.ggml.tokens, .merges and matching .token_type")
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode()): i
-             for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ")) for m in merges]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError("GGUF tokenizer.ggml.merges has an entry that is not 'left right'")
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                                 continuing_subword_prefix="", end_of_word_suffix=""))
-    split = _PRE_SPLITS.get(metadata.get("tokenizer.ggml.pre", ""))
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    # A "control" token outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t, kind in zip(tokens, types)
-                                if kind == _CONTROL and set(t) <= alphabet])
-    backend.add_tokens([AddedToken(t, normalized=False, special=False)
-                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED and t in vocab])
-    backend.post_processor = _post_processor(metadata, tokens)
-    return backend
-
-
-def _post_processor(metadata: dict, tokens: list[str]) -> processors.TemplateProcessing:
-    """Adds BOS/EOS on `add_special_tokens=True` only where the file asks for it."""
-    single, specials = ["$A"], []
-    for key, at_start in (("bos", True), ("eos", False)):
-        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        if metadata.get(f"tokenizer.ggml.add_{key}_token") and type(token_id) is int \
-                and 0 <= token_id < len(tokens):
-            single.insert(0 if at_start else len(single), tokens[token_id])
-            specials.append((tokens[token_id], token_id))
-    return processors.TemplateProcessing(single=single, special_tokens=specials)
-
 
 def _gguf_settings(metadata: dict) -> dict[str, Any]:
     """Everything besides the backend, as JSON-able kwargs for `Tokenizer`."""

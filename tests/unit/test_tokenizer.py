@@ -8,7 +8,8 @@ import gguf
 import pytest
 
 import rtserve.client.tokenizer as tokenizer_module
-from rtserve.client.tokenizer import Tokenizer, bytes_to_unicode
+from rtserve.client.gguf_tokenizer import bytes_to_unicode
+from rtserve.client.tokenizer import Tokenizer
 
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BYTES = [bytes_to_unicode()[b] for b in range(256)]
@@ -131,7 +132,7 @@ def test_torn_cache_is_rebuilt(tmp_path, tok):
 
 def test_unsupported_tokenizer_model(tmp_path):
     with pytest.raises(ValueError, match="unsupported GGUF tokenizer"):
-        Tokenizer.load(write_vocab_gguf(tmp_path / "s.gguf", model="llama"), str(tmp_path))
+        Tokenizer.load(write_vocab_gguf(tmp_path / "s.gguf", model="bert"), str(tmp_path))
 
 
 def test_hf_directory(tmp_path, tok):
