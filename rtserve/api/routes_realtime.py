@@ -6,6 +6,10 @@ output_text.done -> content_part.done -> output_item.done -> response.done. resp
 engine request at once and answers response.done with status "cancelled"; bad events get an `error`
 event and the session stays open. A dropped socket aborts any running response.
 
+Fields of the full model this subset does not serve (`tools`, a `tool_choice` other than auto/none,
+`audio`, `prompt`, and on responses `input` and `conversation: "none"`) get an `error` event naming
+the field, in session.update and response.create alike.
+
 Real time: `response.create` may carry `response.rt` ({"class", "ttft_ms", "itl_ms", "deadline_ms"});
 a refusal at admission is an `error` event (code `queue_full` / `deadline_unattainable`, with
 `retry_after_ms`) plus a failed response.done; a firm response stopped at its deadline is "incomplete"
@@ -35,6 +39,11 @@ from rtserve.client.outputs import RequestOutput
 router = APIRouter()
 
 ITEM_ROLES = frozenset({"user", "system", "assistant"})
+# Session / response fields this text-only subset does not serve: refused (an error event naming the
+# field) when they ask for something, never silently dropped.
+REFUSED_FIELDS = {"tools": lambda v: v not in (None, []), "tool_choice": lambda v: v not in (None, "auto", "none"),
+                  "audio": lambda v: v is not None, "prompt": lambda v: v is not None,
+                  "input": lambda v: v is not None, "conversation": lambda v: v not in (None, "auto")}
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
@@ -139,6 +148,11 @@ class RealtimeSession:
         modalities = obj.get("output_modalities", ["text"])
         if modalities != ["text"]:
             raise ApiError(400, "Only output_modalities ['text'] is supported.", param=f"{where}.output_modalities")
+        for name, asks in REFUSED_FIELDS.items():
+            if name in obj and asks(obj[name]):
+                raise ApiError(400, f"{where}.{name} is not supported on /v1/realtime (text messages only; "
+                               "tool calling is served by /v1/chat/completions and /v1/messages).",
+                               param=f"{where}.{name}")
 
     async def on_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")

@@ -174,3 +174,23 @@ async def test_openai_sdk_realtime_client_parses_every_event():
     assert text == "Hello!"
     assert names[:4] == ["SessionCreatedEvent", "SessionUpdatedEvent", "ConversationItemCreatedEvent",
                          "ResponseCreatedEvent"]
+
+
+async def test_tool_fields_are_refused_naming_the_field(server_and_engine):
+    server, engine = server_and_engine
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    async with connect(ws_url(server)) as ws:
+        await recv(ws)
+        for event, param in [({"type": "session.update", "session": {"tools": [tool]}}, "session.tools"),
+                             ({"type": "session.update", "session": {"tool_choice": "required"}}, "session.tool_choice"),
+                             ({"type": "response.create", "response": {"tools": [tool]}}, "response.tools"),
+                             ({"type": "response.create", "response": {"conversation": "none"}},
+                              "response.conversation")]:
+            await ws.send(json.dumps({**event, "event_id": "ev_c"}))
+            err = await recv(ws)
+            assert err["type"] == "error" and err["error"]["param"] == param, err
+            assert "not supported" in err["error"]["message"] and err["error"]["event_id"] == "ev_c"
+        assert not engine.prompts  # nothing reached the engine
+        await ws.send(json.dumps({"type": "session.update", "session": {"tools": [], "tool_choice": "auto"}}))
+        updated = await recv(ws)
+        assert updated["type"] == "session.updated" and updated["session"]["tools"] == []
