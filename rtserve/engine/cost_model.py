@@ -51,6 +51,13 @@ _OVERRUN_PRIOR = 1.5
 _OVERRUN_P99_PRIOR = 1.2
 _KEPT_SAMPLES = 32     # large prefill steps kept beside the window ...
 _KEPT_MIN_TOKENS = 64  # ... of at least this many prefill tokens
+# What one grammar-constrained logits row adds to a step, beyond what the forward costs: its token
+# bitmask filled (on a worker thread beside the forward, not always hidden by it), applied to the
+# row before sampling, and the sampled token fed to the matcher. benchmarks/structured.py on the
+# 2-core host, SmolLM2 (49,152 logits): 16 constrained decode streams took 3.5-3.7 ms a step more
+# than 16 unconstrained ones (about 0.23 ms a row). A constant, not a fitted coefficient: the fit's
+# features leave it out (`observe` takes it off each measured step first).
+MASK_ROW_S = 0.00023
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class StepFeatures:
     num_context_tokens: int = 0
     num_prefill_pairs: int = 0
     num_prefill_seqs: int = -1  # -1: one chunk when there are prefill tokens, else none
+    num_masked_rows: int = 0  # logits rows under a grammar's token mask (not a fitted feature: MASK_ROW_S)
 
     def vector(self) -> list[float]:
         seqs = self.num_prefill_seqs if self.num_prefill_seqs >= 0 else int(self.num_prefill_tokens > 0)
@@ -106,6 +114,7 @@ class StepCostModel:
         self._base_threads: int | None = None
         self._factor = 1.0
         self._factors: dict[int, float] = {}
+        self.mask_row_s = MASK_ROW_S
 
     @classmethod
     def from_coeffs(cls, coeffs: tuple[float, ...], calibrated: bool = True) -> "StepCostModel":
@@ -124,13 +133,14 @@ class StepCostModel:
         return tuple(self.theta)
 
     def predict_s(self, f: StepFeatures) -> float:
-        return max(sum(t * x for t, x in zip(self.theta, f.vector())), 0.0)
+        return max(sum(t * x for t, x in zip(self.theta, f.vector())), 0.0) + self.mask_row_s * f.num_masked_rows
 
     def line_s(self, base: StepFeatures, per_unit: StepFeatures) -> Callable[[float], float]:
         """m -> predict_s(base + m * per_unit) as one multiply-add (the model is linear): for callers
         that scan many sizes of one step. `per_unit`'s own intercept and chunk count are not added."""
-        a = sum(t * x for t, x in zip(self.theta, base.vector()))
-        b = sum(t * x for t, x in zip(self.theta[1:5], per_unit.vector()[1:5]))
+        a = sum(t * x for t, x in zip(self.theta, base.vector())) + self.mask_row_s * base.num_masked_rows
+        b = (sum(t * x for t, x in zip(self.theta[1:5], per_unit.vector()[1:5]))
+             + self.mask_row_s * per_unit.num_masked_rows)
         return lambda m: max(a + b * m, 0.0)
 
     @property
@@ -179,6 +189,8 @@ class StepCostModel:
             err = abs(measured_s - predicted_s)
             self.mean_abs_error_s += _ERR_ALPHA * (err - self.mean_abs_error_s)
             self.mean_rel_error += _ERR_ALPHA * (err / max(measured_s, 1e-6) - self.mean_rel_error)
+        mask_s = self.mask_row_s * f.num_masked_rows
+        measured_s, predicted_s = max(measured_s - mask_s, 0.0), predicted_s - mask_s  # the fit's part
         if self._factor != 1.0 or (self._threads or 0) < (self._base_threads or 0):
             if self.is_calibrated and predicted_s > 0:  # the slowdown at this thread count, measured
                 ratio = measured_s * self._factor / predicted_s

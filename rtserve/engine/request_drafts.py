@@ -98,8 +98,11 @@ def _rows_within_budget(scheduler: Scheduler, cost_model: StepCostModel, running
     if budget_s is None or not decoding:
         return _UNBOUNDED
     num_context = sum(r.num_computed_tokens for r in running)
-    line = cost_model.line_s(StepFeatures(len(decoding), 0, num_context),
-                             StepFeatures(1, 0, num_context // len(decoding), num_prefill_seqs=0))
+    num_masked = sum(r.grammar is not None for r in decoding)
+    # A draft row of a constrained request is masked too (the costlier case is assumed for every row).
+    line = cost_model.line_s(StepFeatures(len(decoding), 0, num_context, num_masked_rows=num_masked),
+                             StepFeatures(1, 0, num_context // len(decoding), num_prefill_seqs=0,
+                                          num_masked_rows=int(num_masked > 0)))
     per_row_s = line(1) - line(0)
     if per_row_s <= 0:
         return _UNBOUNDED

@@ -52,14 +52,17 @@ class SchedulerOutput:
     @property
     def step_features(self) -> StepFeatures:
         """What the cost model sees: decode rows (a one-token chunk, or a verify chunk's last token
-        and drafts: the runner computes each as a decode row) and prefill tokens (the rest)."""
+        and drafts: the runner computes each as a decode row), prefill tokens (the rest), and the
+        sampled rows a grammar masks (each constrained sequence that samples: 1 + its drafts)."""
         num_decodes = sum(s.num_new_tokens for s in self.seqs if s.num_sequence_tokens == 1)
         return StepFeatures(num_decodes=num_decodes,
                             num_prefill_tokens=self.num_scheduled_tokens - num_decodes,
                             num_context_tokens=sum(s.start_pos + s.num_new_tokens for s in self.seqs),
                             num_prefill_pairs=sum(prefill_pairs(s.num_new_tokens, s.start_pos)
                                                   for s in self.seqs if s.num_sequence_tokens != 1),
-                            num_prefill_seqs=sum(1 for s in self.seqs if s.num_sequence_tokens != 1))
+                            num_prefill_seqs=sum(1 for s in self.seqs if s.num_sequence_tokens != 1),
+                            num_masked_rows=sum(1 + len(s.spec_token_ids) for s in self.seqs
+                                                if s.do_sample and s.request.grammar is not None))
 
 
 @dataclass

@@ -239,3 +239,20 @@ def test_a_thread_count_change_scales_predictions_by_its_measured_slowdown_and_k
         f = features(i)
         mixed.observe(f, truth(f, 1.7))
     assert not mixed.predict_s(probe) == pytest.approx(full, rel=0.1)
+
+
+def test_masked_rows_add_their_constant_cost_and_stay_out_of_the_fit():
+    from rtserve.engine.cost_model import MASK_ROW_S
+    true = (0.004, 0.001, 0.0002, 0.0, 0.0, 0.0)
+    model = StepCostModel(prior=true, min_samples=4, refit_every=1)
+    rng = random.Random(0)
+    for _ in range(64):  # constrained and unconstrained steps, each costing the true model + its rows' masks
+        d, rows = rng.randint(1, 16), rng.randint(0, 16)
+        f = StepFeatures(d, rng.randint(0, 64), num_masked_rows=min(rows, d))
+        model.observe(f, sum(c * x for c, x in zip(true, f.vector())) + MASK_ROW_S * f.num_masked_rows)
+    for got, want in zip(model.coeffs, true):
+        assert got == pytest.approx(want, abs=2e-5)  # the masks' cost did not leak into the fit
+    plain, masked = StepFeatures(16, 0), StepFeatures(16, 0, num_masked_rows=16)
+    assert model.predict_s(masked) - model.predict_s(plain) == pytest.approx(16 * MASK_ROW_S)
+    line = model.line_s(StepFeatures(4, 0, num_masked_rows=4), StepFeatures(1, 0, num_prefill_seqs=0, num_masked_rows=1))
+    assert line(3) == pytest.approx(model.predict_s(StepFeatures(7, 0, num_masked_rows=7)))
