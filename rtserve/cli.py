@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: rtserve {serve,bench,generate,chat,batch} [options]
+USAGE = """usage: rtserve {serve,bench,generate,chat,batch,models} [options]
 
   serve      start the OpenAI/Anthropic-compatible server
   bench      SLO load generator against any OpenAI-compatible server
   generate   one-shot offline generation on the local model
   chat       terminal chat with a running server (any OpenAI-compatible one)
   batch      submit and follow batches (/v1/files + /v1/batches) on a running server
+  models     list the models available here (architecture, quantization, size, context length)
 """
 
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "batch":
         from rtserve.api.batches.cli import main as batch_main
         return batch_main(rest)
+    if command == "models":
+        from rtserve.models_cli import main as models_main
+        return models_main(rest)
     print(f"rtserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

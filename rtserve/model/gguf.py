@@ -212,9 +212,11 @@ class GGUFFile:
                 num_elements *= n
             nbytes = num_elements // gtype.block_len * gtype.block_nbytes
             start = self.data_offset + offset
-            if offset % self.alignment or nbytes > self.file_size or start + nbytes > self.file_size:
-                raise ValueError(f"{self.path}: tensor {name!r} data [{offset}, +{nbytes}) is misaligned "
-                                 f"or outside the file ({self.file_size} bytes)")
+            if offset % self.alignment:
+                raise ValueError(f"{self.path}: tensor {name!r} data at {offset} is misaligned")
+            if nbytes > self.file_size or start + nbytes > self.file_size:
+                raise ValueError(f"{self.path}: tensor {name!r} data [{offset}, +{nbytes}) is outside the "
+                                 f"file ({self.file_size} bytes): truncated or corrupt")
             tensors[name] = GGUFTensorInfo(name, tuple(reversed(ne)), ggml_type, start, nbytes)
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
