@@ -129,14 +129,13 @@ def merges_from_vocab(vocab: dict[str, int], scores: dict[str, float]) -> list[t
     """BPE merges a SentencePiece vocabulary implies: every split of a piece into two pieces, best
     score first (ties: longer left, then longer right piece first; within a piece, by the parts' ids)
     -- the order transformers' `generate_merges` gives, so both tokenize alike."""
-    merges: list[tuple[str, str, float]] = []
-    for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                 if piece[:i] in vocab and piece[i:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
+    # One sort on (best score, longer left, longer right, piece order, left id, right id): the same
+    # order as a stable descending sort on the first three after sorting each piece's splits by id.
+    keyed = [(-score, -i, i - len(piece), n, vocab[piece[:i]], vocab[piece[i:]], piece, i)
+             for n, (piece, score) in enumerate(scores.items()) for i in range(1, len(piece))
+             if piece[:i] in vocab and piece[i:] in vocab]
+    keyed.sort()
+    return [(piece[:i], piece[i:]) for *_, piece, i in keyed]
 
 
 def _split_merges(merges: list[str]) -> list[tuple[str, str]]:
