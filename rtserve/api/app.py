@@ -24,6 +24,7 @@ from rtserve.api.logging import AccessLogMiddleware
 from rtserve.api.metrics import ServingMetrics
 from rtserve.api.openapi import install_openapi
 from rtserve.api.shutdown import DrainMiddleware, DrainState
+from rtserve.model.generation_config import SamplingDefaults
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()       # more accepted keys besides api_key (each sees only its own batches)
     batches: BatchSettings | None = None  # the Batch API (rtserve/api/batches), off when None
     tool_call_parser: str = "auto"  # the tool-call format (rtserve/structured/tool_formats.py); auto: from the template
+    # Values for sampling fields a request leaves unset (--generation-config); none: the OpenAI defaults
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.respond import json_response, stream_response
 from rtserve.api.prompts import text_of
+from rtserve.api.sampling_defaults import with_defaults
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import dumps, sse_event
@@ -166,10 +167,10 @@ async def messages(request: Request) -> Response:
     if req.tools:
         await load_grammar_engine({"tools": req.tools})
     tool_ctx = anthropic_tool_context(req, tool_format_of(state))
-    params = build_sampling_params(
-        NAMES, max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stop_sequences or [],
-        structured=tool_ctx.structured)
+    sampling = with_defaults(state.settings.sampling_defaults, temperature=req.temperature, top_p=req.top_p,
+                             top_k=req.top_k, min_p=None, repetition_penalty=None)
+    params = build_sampling_params(NAMES, max_tokens=req.max_tokens, **sampling, stop=req.stop_sequences or [],
+                                   structured=tool_ctx.structured)
     check_grammar(tool_ctx.structured, "tools")
     prompt_ids = prompt_ids_of(state, req, tool_ctx)
     check_request_limits(state.engine, prompt_ids, params, prompt_param="messages", param_names=NAMES)

@@ -30,6 +30,7 @@ from rtserve.api.logging import log_fields
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.respond import json_response, stream_response
 from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
+from rtserve.api.sampling_defaults import with_defaults
 from rtserve.api.rt_fields import (admit, deadline_error, is_deadline_drop, parse_rt, rt_object,
                                    server_timing)
 from rtserve.api.sse import SSE_DONE, sse_data
@@ -245,13 +246,13 @@ async def respond(request: Request, state: AppState, job: Job, stream: bool) -> 
     return await json_response(request, state, collect(state, job))
 
 
-def _params(req: S._SamplingFields, names: dict[str, str], max_tokens: int | None, logprobs: int | None,
-            **extras: Any) -> SamplingParams:
+def _params(state: AppState, req: S._SamplingFields, names: dict[str, str], max_tokens: int | None,
+            logprobs: int | None, **extras: Any) -> SamplingParams:
+    sampling = with_defaults(state.settings.sampling_defaults, temperature=req.temperature, top_p=req.top_p,
+                             top_k=req.top_k, min_p=req.min_p,
+                             repetition_penalty=extras.pop("repetition_penalty", None))
     return build_sampling_params(
-        names, n=1 if req.n is None else req.n, max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0, seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+        names, n=1 if req.n is None else req.n, max_tokens=max_tokens, **sampling, seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
         ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False,
         include_stop_str_in_output=bool(req.include_stop_str_in_output), **extras)
@@ -278,7 +279,7 @@ def chat_job(state: AppState, req: S.ChatCompletionRequest, arrival_s: float) ->
     extra = req.model_extra or {}
     refuse_and_warn(extra, REFUSED_CHAT)
     tool_ctx = openai_tool_context(extra, tool_format_of(state))
-    params = _params(req, names, req.max_completion_tokens if use_mct else req.max_tokens,
+    params = _params(state, req, names, req.max_completion_tokens if use_mct else req.max_tokens,
                      (req.top_logprobs or 0) if req.logprobs else None, structured=tool_ctx.structured,
                      prediction=prediction_ids(extra, state.engine.tokenizer, state.engine.max_model_len),
                      **sampling_extras(extra))
@@ -300,7 +301,7 @@ def completion_job(state: AppState, req: S.CompletionRequest, arrival_s: float) 
     extra = req.model_extra or {}
     refuse_and_warn(extra, REFUSED_COMPLETION)
     structured, grammar_field = completion_structured(extra)
-    params = _params(req, {}, req.max_tokens, req.logprobs, structured=structured, **sampling_extras(extra))
+    params = _params(state, req, {}, req.max_tokens, req.logprobs, structured=structured, **sampling_extras(extra))
     check_grammar(structured, grammar_field)
     prompts = completion_prompt_ids(state.engine.tokenizer, req.prompt, req.parse_special_tokens is not False)
     if len(prompts) * params.n > state.engine.limits.max_n:

@@ -12,6 +12,7 @@ from rtserve.api.app import app_state
 from rtserve.api.errors import ApiError
 from rtserve.api.limits import read_json_body
 from rtserve.api.prompts import chat_prompt_ids, completion_prompt_ids
+from rtserve.api.sampling_defaults import OPENAI_DEFAULTS
 from rtserve.api.schemas_openai import DetokenizeRequest, TokenizeRequest, model_card
 from rtserve.api.sse import dumps
 
@@ -56,7 +57,8 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     state = app_state(request)
     names = state.settings.served_model_names or (state.model_name,)
-    data = [model_card(name, state.created, state.engine.max_model_len) for name in names]
+    defaults = {**OPENAI_DEFAULTS, **state.settings.sampling_defaults.as_dict()}
+    data = [model_card(name, state.created, state.engine.max_model_len, defaults) for name in names]
     return _json({"object": "list", "data": data})
 
 

@@ -32,6 +32,7 @@ from rtserve.api.errors import ApiError, engine_failure
 from rtserve.api.limits import build_sampling_params, check_request_limits
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.prompts import render_chat
+from rtserve.api.sampling_defaults import with_defaults
 from rtserve.api.rt_fields import admit, is_deadline_drop, parse_rt
 from rtserve.api.streaming import OutputStream
 from rtserve.client.outputs import RequestOutput
@@ -209,8 +210,9 @@ class RealtimeSession:
                                                                          max_output_tokens=mot))
         try:
             prompt_ids = self._prompt(overrides)
-            params = build_sampling_params({}, max_tokens=None if mot == "inf" else mot,
-                                           temperature=1.0 if temperature is None else temperature)
+            sampling = with_defaults(self.state.settings.sampling_defaults, temperature=temperature, top_p=None,
+                                     top_k=None, min_p=None, repetition_penalty=None)
+            params = build_sampling_params({}, max_tokens=None if mot == "inf" else mot, **sampling)
             check_request_limits(self.state.engine, prompt_ids, params, prompt_param="conversation",
                                  param_names={"max_tokens": "max_output_tokens"})
             rt = admit(self.state.engine, len(prompt_ids), parse_rt(overrides.get("rt")), arrival_s)

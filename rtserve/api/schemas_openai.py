@@ -149,6 +149,9 @@ def chat_choice(index: int, text: str, logprobs: dict[str, Any] | None, finish_r
             "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def model_card(model_id: str, created: int, max_model_len: int) -> dict[str, Any]:
+def model_card(model_id: str, created: int, max_model_len: int,
+               sampling_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAI model object, with vLLM's max_model_len and the sampling defaults in force for
+    fields a request leaves unset (and where they came from)."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": "rtserve", "root": model_id,
-            "parent": None, "max_model_len": max_model_len}
+            "parent": None, "max_model_len": max_model_len, "sampling_defaults": sampling_defaults or {}}
