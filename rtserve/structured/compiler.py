@@ -20,10 +20,29 @@ from rtserve.sampling_params import StructuredOutputs
 MAX_CACHED_GRAMMARS = 256
 
 
+# xgrammar (0.2.9) writes a JSON string with minLength / maxLength as a bounded repetition of
+# [^"\\\r\n], which lets raw control characters (U+0000-U+001F) through: invalid JSON, that
+# json.loads refuses. Such grammars get the character class JSON strings allow.
+_LOOSE_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+
+
+def json_strings_fixed(grammar: Any) -> Any | None:
+    """`grammar` with its loose string characters tightened (None when it has none)."""
+    import xgrammar as xgr
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return None
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+
+
 def compile_spec(compiler: Any, spec: StructuredOutputs) -> Any:
     """One xgrammar CompiledGrammar for `spec` (raises on an invalid grammar)."""
     import xgrammar as xgr
     if spec.kind == "json":
+        fixed = json_strings_fixed(xgr.Grammar.from_json_schema(spec.spec, any_whitespace=False))
+        if fixed is not None:
+            return compiler.compile_grammar(fixed)
         return compiler.compile_json_schema(spec.spec, any_whitespace=False)
     if spec.kind == "json_object":
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
@@ -34,7 +53,9 @@ def compile_spec(compiler: Any, spec: StructuredOutputs) -> Any:
     if spec.kind == "grammar":
         return compiler.compile_grammar(spec.spec)
     if spec.kind == "structural_tag":
-        return compiler.compile_structural_tag(xgr.StructuralTag.model_validate_json(spec.spec))
+        tag = xgr.StructuralTag.model_validate_json(spec.spec)
+        fixed = json_strings_fixed(xgr.Grammar.from_structural_tag(tag))
+        return compiler.compile_grammar(fixed) if fixed is not None else compiler.compile_structural_tag(tag)
     raise ValueError(f"unknown structured output kind {spec.kind!r}")
 
 
