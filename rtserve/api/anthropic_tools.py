@@ -4,7 +4,8 @@ with empty input) followed by `input_json_delta` fragments.
 
 Tool choice maps onto the shared tool grammar (rtserve/structured/tools.py): auto -> "auto",
 any -> "required", tool -> that tool, none -> no tools offered; `disable_parallel_tool_use` allows a
-single call. Server tools (a `type` other than "custom") and extended thinking are refused.
+single call. Server tools (a `type` other than "custom"), extended thinking, MCP servers, containers
+and context management are refused.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from rtserve.structured.tools import Turn, new_call_id
 
 _SET = lambda v: v is not None  # noqa: E731
 REFUSED_MESSAGES = {"thinking": lambda v: isinstance(v, dict) and v.get("type") != "disabled",
-                    "mcp_servers": _SET, "container": _SET}
+                    "mcp_servers": _SET, "container": _SET, "context_management": _SET}
 KNOWN_MESSAGES_EXTRA = {"rt", "metadata", "service_tier", "tool_choice"}
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 

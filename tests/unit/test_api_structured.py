@@ -181,6 +181,7 @@ async def test_anthropic_tool_history_renders():
 @pytest.mark.parametrize("body,needle", [
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
     ({"mcp_servers": [{}]}, "mcp_servers"),
+    ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
     ({"tools": [A_TOOL], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
     ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "input_schema"),
