@@ -14,7 +14,10 @@ COST_PRIOR_S = (0.005, 0.0005, 0.0001, 0.0, 0.5, 0.005)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (HF `LlamaConfig` field meanings)."""
+    """Architecture of a decoder-only transformer (HF config field meanings).
+
+    The defaults are plain Llama; each other family (`rtserve/model/families.py`) is a set of the
+    choices below, read from its config, nothing per checkpoint."""
 
     vocab_size: int
     hidden_size: int
@@ -29,6 +32,30 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    model_type: str = "llama"
+    hidden_act: str = "silu"            # the MLP gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_weight_offset: float = 0.0     # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    qkv_bias: bool = False              # bias on the q/k/v projections
+    o_bias: bool = False                # bias on the attention output projection
+    mlp_bias: bool = False              # bias on gate/up/down
+    qk_norm: bool = False               # RMSNorm over head_dim on each query and key head, before RoPE
+    sandwich_norms: bool = False        # also a norm on the attention and MLP outputs (Gemma 2/3)
+    embed_scale: float = 1.0            # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: float = 0.0  # attention scale is its -1/2 power; 0: head_dim
+    final_logit_softcapping: float = 0.0  # logits = c * tanh(logits / c); 0: none
+    # RoPE of full-attention layers: "default", "linear" (positions / factor) or "llama3" (Llama
+    # 3.1 frequency smoothing); rope_freq_factors (GGUF `rope_freqs`) divide the inverse frequencies.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 0
+    rope_freq_factors: tuple[float, ...] = ()
+    # Local attention: layer i attends to its last `sliding_window` positions (itself included) when
+    # layer_types[i] == "sliding_attention"; () means every layer is "full_attention".
+    sliding_window: int = 0
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float = 0.0       # sliding layers' plain-RoPE base; 0: the full layers' RoPE
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -37,6 +64,22 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be positive")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("ModelConfig.num_heads must be a multiple of num_kv_heads")
+        for name in ("eos_token_ids", "layer_types", "rope_freq_factors"):  # JSON gives lists back
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"ModelConfig.hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported")
+        if self.rope_type == "llama3" and self.rope_original_max_position <= 0:
+            raise ValueError("ModelConfig.rope_original_max_position must be positive for llama3 RoPE")
+        if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError("ModelConfig.rope_freq_factors needs head_dim / 2 values")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError("ModelConfig.layer_types needs one entry per layer")
+        if set(self.layer_types) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"ModelConfig.layer_types: unknown {sorted(set(self.layer_types))}")
+        if "sliding_attention" in self.layer_types and self.sliding_window <= 0:
+            raise ValueError("ModelConfig.sliding_window must be positive for sliding_attention layers")
 
     @property
     def q_size(self) -> int:
@@ -45,6 +88,16 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer, the positions it attends back over (itself included); 0 = the whole context."""
+        return tuple(self.sliding_window if t == "sliding_attention" else 0
+                     for t in (self.layer_types or ("full_attention",) * self.num_layers))
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 @dataclass(frozen=True)
@@ -128,8 +181,13 @@ class RTConfig:
     background_slot_share: float = 0.5  # late and batch work joins only below this share of the ITL cap
     min_running: int = 8              # the ITL-based running-set cap never goes below this
     # A firm token must reach the client within its budget, not just be sampled within it: its
-    # deadlines are this much earlier in the engine (sampling -> detokenize -> SSE measured 1-10 ms).
-    firm_delivery_margin_s: float = 0.005
+    # deadlines are this much earlier in the engine. The way out (sampling -> API process -> detokenize
+    # -> SSE -> a client on the same busy 2-core host) took up to 10 ms at the tail: firm gaps of 52-54 ms
+    # reached the benchmark client when the engine had sent them within 45.
+    firm_delivery_margin_s: float = 0.015
+    # A soft stream is judged by its mean pace (TPOT), over which that jitter averages out: its steps
+    # leave room for the typical way out only.
+    delivery_margin_s: float = 0.005
     # A soft request predicted to start later than its TTFT budget: "serve-late" admits it anyway;
     # "reject" refuses it at admission when it would be more than `soft_overload_bound_s` late (deadline policy).
     soft_overload: str = "serve-late"
@@ -160,6 +218,8 @@ class RTConfig:
             raise ValueError("RTConfig.soft_overload_bound_s must be a finite number >= 0")
         if not 0 <= self.rescue_step_fraction <= 1:
             raise ValueError("RTConfig.rescue_step_fraction must be in [0, 1]")
+        if not 0 <= self.delivery_margin_s < min((b for b in (self.soft.itl_s, self.firm.itl_s) if b), default=math.inf):
+            raise ValueError("RTConfig.delivery_margin_s must be >= 0 and below the ITL budgets")
         if not 0 <= self.firm_delivery_margin_s < min((b for b in (self.firm.ttft_s, self.firm.itl_s) if b), default=math.inf):
             raise ValueError("RTConfig.firm_delivery_margin_s must be >= 0 and below the firm budgets")
         if not 0 < self.calibration_budget_s < math.inf:
@@ -172,6 +232,52 @@ class RTConfig:
         if rt_class not in ("firm", "soft", "batch"):
             raise ValueError(f"unknown rt class {rt_class!r}")
         return getattr(self, rt_class)
+
+
+@dataclass(frozen=True)
+class HygieneConfig:
+    """Real-time hygiene of the engine process (rtserve/engine/rt_hygiene.py), applied after warm-up.
+
+    `gc`: the heap built by start-up is frozen (`gc.freeze`) and the automatic collector is off; the
+    same generational collections run between steps instead (young ones after `gc_young_budget` net
+    allocations, a full one every tenth, and a full one whenever the engine goes idle).
+    `prefault_kv`: every page of the KV cache is written once before ready, so no step pays the first
+    touch of a block. `mlock`: mlockall(current and future). `cpus`: the engine process's CPU list
+    ("0-3,6"; "" leaves it). `sched`: "fifo" or "rr" (real-time class, `sched_priority`), "nice"
+    (`nice` added to the niceness), or "" (unchanged). Each measure that the system refuses is logged in
+    one line and skipped.
+    """
+
+    gc: bool = True
+    gc_young_budget: int = 20000
+    prefault_kv: bool = True
+    mlock: bool = False
+    cpus: str = ""
+    sched: str = ""
+    sched_priority: int = 1
+    nice: int = -5
+
+    def __post_init__(self) -> None:
+        if self.sched not in ("", "fifo", "rr", "nice"):
+            raise ValueError(f"HygieneConfig.sched must be '', 'fifo', 'rr' or 'nice', got {self.sched!r}")
+        if self.gc_young_budget <= 0 or not 1 <= self.sched_priority <= 99 or not -20 <= self.nice <= 19:
+            raise ValueError("HygieneConfig: gc_young_budget > 0, sched_priority in 1..99, nice in -20..19")
+        parse_cpu_list(self.cpus)
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """'0-3,6' -> {0, 1, 2, 3, 6}; '' -> set() (ValueError naming the bad part)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"CPU list: {part!r} is not a number or a range like 0-3") from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"CPU list: bad range {part!r}")
+        cpus.update(range(lo, hi + 1))
+    return cpus
 
 
 @dataclass(frozen=True)
@@ -224,6 +330,7 @@ class EngineConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     rt: RTConfig = field(default_factory=RTConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    hygiene: HygieneConfig = field(default_factory=HygieneConfig)
     weights_cache_dir: str = ""  # "" = ~/.cache/rtserve
 
     def __post_init__(self) -> None:

@@ -60,7 +60,13 @@ class AdmissionRejected(RuntimeError):
 
 
 def model_path(config: EngineConfig) -> str:
+    """The model to load. An HF directory is checked here, before anything loads (a one-line ValueError
+    for a missing file or an unsupported architecture)."""
     if config.model:
+        import os
+        if os.path.isdir(config.model):
+            from rtserve.model.loader import check_hf_dir
+            check_hf_dir(config.model)
         return config.model
     from rtserve.model.loader import default_model_path
     return default_model_path()

@@ -1,6 +1,6 @@
 """The CPU fast path of the Llama decoder: the GGUF's Q4_1 weights kept quantized, kernels per step shape.
 
-Same contract as `LlamaForCausalLM.forward` (flat batch of T tokens, paged KV cache, logits [S, V]
+Same contract as `DecoderForCausalLM.forward` (flat batch of T tokens, paged KV cache, logits [S, V]
 fp32 for `logit_indices`), different numerics:
   - the residual stream and RMSNorm are fp32; matmul inputs/outputs, RoPE, attention and the KV
     cache are bf16 (half the KV bytes to gather and read per step);
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rtserve import kernels
 from rtserve.config import ModelConfig
 from rtserve.model import fast_decode, quant
-from rtserve.model.layers import RotaryEmbedding, paged_attention_slots
+from rtserve.model.layers import RotaryEmbedding, paged_attention_slots, rope_inv_freq
 from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
 
 
@@ -52,22 +52,38 @@ def _layer_bf16(weight: torch.Tensor) -> torch.Tensor:
     return quant.prepack_bf16(weight) if quant.onednn_bf16() else torch.empty(0, dtype=torch.bfloat16)
 
 
+def unsupported_features(cfg: ModelConfig) -> list[str]:
+    """What `cfg` needs that this fast path does not implement (empty: it runs the model). It covers
+    the Llama layer (SwiGLU, plain RMSNorm, no biases) with any RoPE variant and tied or untied
+    embeddings; the other families run on the fp32 reference path."""
+    checks = {"q/k/v or output bias": cfg.qkv_bias or cfg.o_bias, "MLP bias": cfg.mlp_bias,
+              "q/k norm": cfg.qk_norm, "norms after attention and MLP": cfg.sandwich_norms,
+              f"{cfg.hidden_act} activation": cfg.hidden_act != "silu",
+              "(1 + weight) RMSNorm": cfg.norm_weight_offset != 0.0, "embedding scale": cfg.embed_scale != 1.0,
+              "logit soft-capping": bool(cfg.final_logit_softcapping),
+              "sliding-window attention": any(cfg.layer_windows)}
+    return [name for name, needed in checks.items() if needed]
+
+
 class FastLlamaForCausalLM:
     """Built from `quantized_loader.FastCheckpoint.tensors`; see the module docstring."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+        missing = unsupported_features(cfg)
+        if missing:  # never run a model whose layers this loop would compute wrongly
+            raise ValueError(f"the CPU fast path does not implement {', '.join(missing)} ({cfg.model_type})")
         self.cfg = cfg
         self.embed_tokens = tensors["embed_tokens"]  # [V, H] fp32
         self.norm_scaled = tensors["norm"] * cfg.hidden_size ** 0.5
         self.layers = [FastLayer(tensors, i) for i in range(cfg.num_layers)]
         self.head_int8 = _prepack_int8_dynamic(tensors["lm_head.int8"], tensors["lm_head.scale"])
         self.head_bf16 = quant.prepack_bf16(tensors["lm_head.bf16"])
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, inv_freq=rope_inv_freq(cfg))
         half = cfg.head_dim // 2
         # rotate_half(x) * sin == swap_halves(x) * [-sin_lo, sin_hi]: one flip instead of split/neg/cat.
         self.cos = rope.cos.to(torch.bfloat16)                                # [max_pos, hd]
         self.sin_signed = torch.cat([-rope.sin[:, :half], rope.sin[:, half:]], dim=-1).to(torch.bfloat16)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.attention_scale
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         kernels.native_available()  # registers torch.ops.rtserve.* (native, or PyTorch fallbacks)
         # The AMX int4 kernel for 4-32 row steps: needs the CPU feature and every matrix in its layout.

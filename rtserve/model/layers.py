@@ -1,36 +1,78 @@
-"""Building blocks of a Llama decoder: RMSNorm, rotary embedding, paged attention, SwiGLU MLP.
+"""Building blocks of a decoder: RMSNorm, rotary embedding, paged attention, gated MLP activation.
 
-Numerics follow Hugging Face's Llama exactly in float32 (RMSNorm in fp32, rotate-half RoPE with
-inv_freq computed as HF does) so greedy output can be compared token for token.
+Numerics follow Hugging Face's modelling code exactly in float32 (RMSNorm in fp32, rotate-half RoPE
+with inv_freq computed as HF does, for each RoPE variant) so greedy output can be compared token
+for token.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtserve.config import ModelConfig
 from rtserve.runner.attention_metadata import AttentionMetadata
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """x / rms(x) * (weight_offset + weight). Llama casts before scaling; Gemma (offset 1) scales in
+    fp32 and casts after, as HF does for each (identical in fp32)."""
+
+    def __init__(self, size: int, eps: float, weight_offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size) if weight_offset == 0.0 else torch.zeros(size))
         self.eps = eps
+        self.weight_offset = weight_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (x32 * (self.weight_offset + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE; cos/sin tables [max_position, head_dim] precomputed in fp32."""
+def gated_activation(name: str, gate: torch.Tensor) -> torch.Tensor:
+    """The MLP gate's nonlinearity: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, HF's gelu_pytorch_tanh)."""
+    return F.silu(gate) if name == "silu" else F.gelu(gate, approximate="tanh")
 
-    def __init__(self, head_dim: int, max_position: int, theta: float) -> None:
+
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] fp32 of a full-attention layer, or of a sliding one (plain
+    RoPE at `rope_local_theta` when the config sets it), computed as HF's rope init functions do."""
+    dim = cfg.head_dim
+    theta = cfg.rope_local_theta if sliding and cfg.rope_local_theta else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if sliding and cfg.rope_local_theta:
+        return inv_freq
+    if cfg.rope_freq_factors:
+        return inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE; cos/sin tables [max_position, head_dim] precomputed in fp32 (plain RoPE at
+    `theta`, or from the given inverse frequencies)."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float = 10000.0,
+                 inv_freq: torch.Tensor | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if inv_freq is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         t = torch.arange(max_position, dtype=torch.int64).float()
         freqs = torch.outer(t, inv_freq)            # [max_position, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)     # [max_position, head_dim]

@@ -1,4 +1,4 @@
-"""Load a Llama-family model as a float32 state dict in Hugging Face naming, plus its `ModelConfig`.
+"""Load a model (a family of `families.py`) as fp32 tensors in Hugging Face naming, plus its `ModelConfig`.
 
 Sources: a GGUF file (dequantized by our own reader; llama.cpp's q/k row permutation undone) or a
 Hugging Face directory (`config.json` + `*.safetensors`). A converted GGUF is cached as safetensors
@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 
 from rtserve.config import ModelConfig
+from rtserve.model import families
+from rtserve.model.decoder import hf_weight_shapes
 from rtserve.model.tensor_cache import read_tensor_cache, write_tensor_cache
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir, end_of_turn_token_ids
 
@@ -38,7 +40,7 @@ _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.
 
 @dataclass
 class LoadedModel:
-    """Architecture plus float32 weights in HF Llama naming (`lm_head.weight` only when untied)."""
+    """Architecture plus float32 weights in HF naming (`lm_head.weight` only when untied)."""
 
     config: ModelConfig
     weights: dict[str, torch.Tensor]
@@ -153,65 +155,66 @@ def _load_gguf(path: str) -> LoadedModel:
 # --- Hugging Face directory ---------------------------------------------------------------------
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    """`ModelConfig` from an HF `config.json` of a Llama-family model."""
-    if cfg.get("model_type") not in ("llama", "mistral"):
-        raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rope scaling {rope!r} is not supported")
-    hidden, num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
-    return ModelConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=hidden,
-        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-        num_heads=num_heads, num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-        head_dim=cfg.get("head_dim") or hidden // num_heads,
-        max_position=cfg.get("max_position_embeddings", 2048),
-        rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
-    )
+    """`ModelConfig` from an HF `config.json` (any family in `families.FAMILIES`)."""
+    return families.config_from_hf(cfg)
+
+
+def check_hf_dir(path: str, need_tokenizer: bool = True) -> ModelConfig:
+    """The config of an HF model directory, checked before anything heavy loads: ValueError (one
+    line) for a missing config.json, tokenizer.json or *.safetensors, or an unsupported architecture."""
+    needed = ("config.json", "tokenizer.json") if need_tokenizer else ("config.json",)
+    for name in needed:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"{path}: no {name} (an HF model directory needs config.json, tokenizer.json "
+                             "and *.safetensors)")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        raise ValueError(f"{path}: no *.safetensors files")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable config.json ({exc})") from exc
+    try:
+        return config_from_hf(raw)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: config.json lacks or mistypes {exc}") from exc
 
 
 def _load_hf_dir(path: str) -> LoadedModel:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = config_from_hf(json.load(f))
+    """An HF directory: config.json and *.safetensors, any float dtype upcast to fp32."""
+    config = check_hf_dir(path, need_tokenizer=False)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"{path}: no *.safetensors files")
     expected = set(expected_shapes(config))
     weights: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name in expected:
-                    weights[name] = f.get_tensor(name).to(torch.float32)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if _hf_text_name(name) in expected:
+                        weights[_hf_text_name(name)] = f.get_tensor(name).to(torch.float32)
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file is a start-up error
+            raise ValueError(f"{file}: unreadable safetensors file ({exc})") from exc
     check_weights(config, weights)
     return LoadedModel(config, weights)
+
+
+# A multimodal checkpoint's text model, under the names of the text-only one.
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+
+
+def _hf_text_name(name: str) -> str:
+    for prefix, text_prefix in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return text_prefix + name[len(prefix):]
+    return name
 
 
 # --- Shared checks and the cache ------------------------------------------------------------------
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter `load_model` returns for this config, with its shape."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for n in range(config.num_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (config.q_size, h),
-            p + "self_attn.k_proj.weight": (config.kv_size, h),
-            p + "self_attn.v_proj.weight": (config.kv_size, h),
-            p + "self_attn.o_proj.weight": (h, config.q_size),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        })
-    return shapes
+    return hf_weight_shapes(config)
 
 
 def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,7 @@ when the file does not qualify (every layer matrix must be Q4_1; then the refere
 Building the packed forms takes seconds, so the result is cached as safetensors next to the fp32
 cache (`<key>.fast.safetensors`); a second start only maps that file.
 
-Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `LlamaForCausalLM`):
+Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `DecoderForCausalLM`):
   layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
   layers.<i>.<m>.amx_q [N/16, K/32, 16, 16] uint8, .amx_dm [N/16, K/32, 64] fp32  (AMX layout; N % 32 == 0)
@@ -58,8 +58,15 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
            if name.startswith("blk.") and len(info.shape) == 2):
         logger.info("%s: layer matrices are not all Q4_1; using the fp32 reference path", path)
         return None
-    checkpoint = FastCheckpoint(config_from_gguf(gguf.metadata, tuple(gguf.tensors)), build_tensors(gguf))
-    from rtserve.model.fast_llama import FastLlamaForCausalLM  # the model calibrates its LM head once
+    from rtserve.model.fast_llama import FastLlamaForCausalLM, unsupported_features
+    config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
+    missing = unsupported_features(config)
+    if missing:
+        logger.info("%s: the CPU fast path does not implement %s; using the fp32 reference path",
+                    path, ", ".join(missing))
+        return None
+    checkpoint = FastCheckpoint(config, build_tensors(gguf))
+    # The model calibrates its LM head once; the cache keeps the result.
     outlier_idx = FastLlamaForCausalLM(checkpoint.config, checkpoint.tensors).outlier_idx
     if outlier_idx is not None:
         checkpoint.tensors["lm_head.outlier_idx"] = outlier_idx

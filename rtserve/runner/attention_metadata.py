@@ -9,6 +9,8 @@ The KV cache of a layer is a tensor [2, num_blocks, block_size, num_kv_heads, he
 blocks gives slots [num_blocks * block_size, num_kv_heads, head_dim], and slot = block_id * block_size
 + offset. `slot_mapping[t]` is where token t's K/V is written; `*_gather_idx` lists, for each context
 position of a sequence, the slot to read; decodes read whole blocks through a block table.
+A sliding-window layer reads `windowed[window]` instead: the gathers and block tables start at the
+first position its queries can see, and the masks also cut keys older than the window.
 """
 from __future__ import annotations
 
@@ -42,3 +44,14 @@ class AttentionMetadata:
     # the cache instead of gathering it). None otherwise.
     decode_slot_range: tuple[int, int] | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Sliding-window layers read the metadata built for their window (same slot_mapping, each query
+    # seeing only its last `window` positions): window -> metadata, from `prepare_inputs`.
+    windowed: dict[int, "AttentionMetadata"] = field(default_factory=dict)
+
+    def for_window(self, window: int) -> "AttentionMetadata":
+        """The metadata for a layer attending to its last `window` positions (0: the whole context)."""
+        if not window:
+            return self
+        if window not in self.windowed:
+            raise ValueError(f"no attention metadata was built for a sliding window of {window}")
+        return self.windowed[window]

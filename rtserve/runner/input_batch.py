@@ -40,8 +40,10 @@ def _is_prefill_chunk(seq) -> bool:
     return seq.num_sequence_tokens > 1 and seq.num_new_tokens > ROW_CHUNK_MAX
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
-    """Decode rows first, then multi-token prefill chunks.
+def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
+                   windows: tuple[int, ...] = ()) -> ModelInputs:
+    """Decode rows first, then multi-token prefill chunks; `meta.windowed` for each sliding window
+    in `windows` (the model's distinct nonzero `layer_windows`).
 
     A verify chunk (the last token plus k drafts), and a prefill chunk of at most ROW_CHUNK_MAX
     tokens, is one decode row per token, not a prefill chunk: row j
@@ -54,7 +56,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     decodes = [s for s in sched.seqs if not _is_prefill_chunk(s)]
     ordered = decodes + prefills
     ids, positions, slot_mapping, logit_rows, sample_seqs = [], [], [], [], []
-    prefill_chunks = []
+    prefill_chunks, prefill_spans = [], []  # spans: (block ids, start, end) per chunk
     t = 0
     for seq in ordered:
         start, end = seq.start_pos, seq.start_pos + seq.num_new_tokens
@@ -67,6 +69,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
                 query_start=t, query_len=seq.num_new_tokens, context_len=end,
                 gather_idx=_slots(seq.block_ids, 0, end, block_size).to(device),
                 causal_mask=None if start == 0 else _offset_causal_mask(seq.num_new_tokens, end).to(device)))
+            prefill_spans.append((seq.block_ids, start, end))
         t += seq.num_new_tokens
         if seq.do_sample:  # the last sequence token and every draft token predict a next token
             logit_rows.extend(range(t - 1 - len(seq.spec_token_ids), t))
@@ -81,6 +84,8 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
             decode_rows, block_size, device)
         if len(decode_rows) == 1:
             meta.decode_slot_range = _consecutive_slots(*decode_rows[0], block_size)
+    for window in windows:
+        meta.windowed[window] = _windowed_metadata(meta, window, decode_rows, prefill_spans, block_size, device)
     return ModelInputs(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.cat(positions).to(device),
@@ -96,19 +101,54 @@ def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
     return torch.arange(context_len).unsqueeze(0) <= q_pos
 
 
-def _decode_tables(rows: list[tuple[list[int], int]], block_size: int, device: torch.device):
+def _decode_tables(rows: list[tuple[list[int], int]], block_size: int, device: torch.device,
+                   window: int = 0):
     """Block table [D, num_blocks_max] (padded with block 0), mask [D, 1, 1, num_blocks_max *
     block_size] and context lengths [D] for D single-token query rows given as (block ids, context
-    length) (gathering whole blocks is a plain memcpy per block; the native kernel reads them in place)."""
+    length) (gathering whole blocks is a plain memcpy per block; the native kernel reads them in place).
+
+    With a window, row i sees positions [lo_i, n_i), lo_i = max(0, n_i - window): its table starts
+    at the block holding lo_i, so blocks wholly before the window are never read."""
     lens = [n for _, n in rows]
-    num_blocks = [-(-n // block_size) for n in lens]
+    los = [max(0, n - window) if window else 0 for n in lens]
+    first = [lo // block_size for lo in los]
+    num_blocks = [-(-n // block_size) - f for n, f in zip(lens, first)]
     table = torch.zeros(len(rows), max(num_blocks), dtype=torch.int64)
-    for i, ((block_ids, _), n) in enumerate(zip(rows, num_blocks)):
-        table[i, :n] = torch.tensor(block_ids[:n], dtype=torch.int64)
+    for i, ((block_ids, _), f, nb) in enumerate(zip(rows, first, num_blocks)):
+        table[i, :nb] = torch.tensor(block_ids[f:f + nb], dtype=torch.int64)
     width = table.shape[1] * block_size
     seq_lens = torch.tensor(lens, dtype=torch.int64)
-    mask = torch.arange(width).unsqueeze(0) < seq_lens.unsqueeze(1)  # [D, width]
+    pos = torch.arange(width).unsqueeze(0) + torch.tensor(first).unsqueeze(1) * block_size  # [D, width]
+    mask = (pos < seq_lens.unsqueeze(1)) & (pos >= torch.tensor(los).unsqueeze(1))
     return table.to(device), mask[:, None, None, :].to(device), seq_lens.to(device)
+
+
+def _windowed_metadata(meta: AttentionMetadata, window: int, decode_rows: list[tuple[list[int], int]],
+                       prefill_spans: list[tuple[list[int], int, int]], block_size: int,
+                       device: torch.device) -> AttentionMetadata:
+    """`meta` for layers whose query at position q sees keys (q - window, q]; `meta` itself when no
+    context of the step is longer than the window. Its decode_seq_lens is None: the native decode
+    kernel has no window, so a sliding layer must not reach it."""
+    if all(n <= window for _, n in decode_rows) and all(end <= window for _, _, end in prefill_spans):
+        return meta
+    out = AttentionMetadata(slot_mapping=meta.slot_mapping, num_decodes=meta.num_decodes, block_size=block_size)
+    if decode_rows:
+        out.decode_block_table, out.decode_mask, _ = _decode_tables(decode_rows, block_size, device, window)
+        if meta.decode_slot_range is not None:
+            start, end = meta.decode_slot_range
+            out.decode_slot_range = (max(start, end - window), end)
+    for chunk, (block_ids, start, end) in zip(meta.prefills, prefill_spans):
+        lo = max(0, start - window + 1)  # the oldest key the chunk's first query sees
+        if end <= window:
+            out.prefills.append(chunk)
+            continue
+        q_pos = torch.arange(start, end).unsqueeze(1)
+        k_pos = torch.arange(lo, end).unsqueeze(0)
+        out.prefills.append(PrefillChunk(
+            query_start=chunk.query_start, query_len=chunk.query_len, context_len=end - lo,
+            gather_idx=_slots(block_ids, lo, end, block_size).to(device),
+            causal_mask=((k_pos <= q_pos) & (k_pos > q_pos - window)).to(device)))
+    return out
 
 
 def _consecutive_slots(block_ids: list[int], context_len: int, block_size: int) -> tuple[int, int] | None:

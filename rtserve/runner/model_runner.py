@@ -12,7 +12,7 @@ from rtserve import kernels
 from rtserve.config import CacheConfig, ModelConfig
 from rtserve.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from rtserve.model.fast_llama import FastLlamaForCausalLM
-from rtserve.model.llama import LlamaForCausalLM
+from rtserve.model.decoder import DecoderForCausalLM
 from rtserve.model.quantized_loader import FastCheckpoint
 from rtserve.protocol import TokenLogprob
 from rtserve.runner.input_batch import ModelInputs, prepare_inputs
@@ -34,7 +34,7 @@ def kv_cache_dtype(weights, dtype: str) -> str:
 
 
 class ModelRunner:
-    """`weights`: HF-named fp32 tensors (the reference `LlamaForCausalLM`, in `dtype`), or a
+    """`weights`: HF-named fp32 tensors (the reference `DecoderForCausalLM`, in `dtype`), or a
     `FastCheckpoint` (the quantized CPU fast path; bf16 KV cache, `dtype` is ignored)."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int,
@@ -51,10 +51,11 @@ class ModelRunner:
                 raise ValueError("the quantized fast path runs on the CPU only (use quantization='none')")
             self.model = FastLlamaForCausalLM(model_config, weights.tensors)
         else:
-            self.model = LlamaForCausalLM(model_config)
+            self.model = DecoderForCausalLM(model_config)
             self.model.load_hf_weights(weights)
-            self.model.to(device=self.device, dtype=self.dtype).eval()
-            self.model.rope.to(torch.float32)  # keep the cos/sin tables in fp32 whatever the weights are
+            self.model.to(device=self.device, dtype=self.dtype).eval()  # RoPE tables stay fp32
+        # The distinct sliding windows of the model's layers: each gets its own attention metadata.
+        self.windows = tuple(sorted({w for w in model_config.layer_windows if w}))
         shape = (2, num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         # One [2, num_blocks, block_size, KVH, hd] tensor per layer (0 = K, 1 = V). The fast path's
         # native kernels read only written slots, so its cache is left uninitialised (pages are
@@ -71,7 +72,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        inputs = prepare_inputs(sched, self.block_size, self.device)
+        inputs = prepare_inputs(sched, self.block_size, self.device, self.windows)
         kv = self._kv_slots if self.is_fast_path else self.kv_caches
         masks = None
         if any(s.request.grammar is not None for s in inputs.sample_seqs):

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from rtserve.config import ModelConfig
-from rtserve.model.llama import LlamaForCausalLM
+from rtserve.model.decoder import DecoderForCausalLM
 from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
 from rtserve.sample.rejection import target_probs
 from rtserve.sample.sampler import exponential_race
@@ -34,7 +34,7 @@ class DraftModelProposer(Proposer):
     name = "draft"
     is_cheap = False
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int = 16,
+    def __init__(self, model: DecoderForCausalLM, num_blocks: int, block_size: int = 16,
                  device: str | torch.device = "cpu") -> None:
         cfg = model.cfg
         self.model, self.cfg, self.block_size = model, cfg, block_size
@@ -52,10 +52,9 @@ class DraftModelProposer(Proposer):
                      block_size: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32,
                      ) -> "DraftModelProposer":
         """Build from Hugging Face-named weights (as `rtserve.model.loader.load_model` returns them)."""
-        model = LlamaForCausalLM(config)
+        model = DecoderForCausalLM(config)
         model.load_hf_weights(weights)
-        model.to(device=device, dtype=dtype).eval()
-        model.rope.to(torch.float32)
+        model.to(device=device, dtype=dtype).eval()  # RoPE tables stay fp32
         return cls(model, num_blocks, block_size, device)
 
     @property

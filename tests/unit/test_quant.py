@@ -13,7 +13,7 @@ from rtserve.config import ModelConfig
 from rtserve.model import quant
 from rtserve.model.fast_llama import FastLlamaForCausalLM
 from rtserve.model.gguf import _deq_q4_1, _deq_q8_0
-from rtserve.model.llama import LlamaForCausalLM
+from rtserve.model.decoder import DecoderForCausalLM
 from rtserve.model.loader import expected_shapes, load_model, unpermute_rope_rows
 from rtserve.model.quantized_loader import load_fast_checkpoint
 from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
@@ -134,7 +134,7 @@ def tiny_models(tmp_path_factory):
     again = load_fast_checkpoint(path, str(d / "cache"))  # from the cache file this time
     assert set(again.tensors) == set(fast.tensors)
     assert all(torch.equal(again.tensors[n], t) for n, t in fast.tensors.items())
-    ref = LlamaForCausalLM(TINY)
+    ref = DecoderForCausalLM(TINY)
     ref.load_hf_weights(load_model(path, str(d / "cache")).weights)
     return FastLlamaForCausalLM(TINY, fast.tensors), ref.eval()
 
