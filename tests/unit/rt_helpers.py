@@ -29,9 +29,9 @@ class FakeClock:
 def make_sched(policy="deadline", budget=512, max_seqs=8, num_blocks=256, block_size=16, clock=None,
                calibrated=True, **rt_kw):
     """A scheduler on the fake cost model; steps are planned to fill the whole slack (the model has no
-    measured overruns, no delivery margin) unless `step_slack_fraction` or `firm_delivery_margin_s`
-    are given."""
-    rt = RTConfig(policy=policy, **{"step_slack_fraction": 1.0, "min_running": 0, "firm_delivery_margin_s": 0.0, **rt_kw})
+    measured overruns, no delivery margins) unless `step_slack_fraction` or a delivery margin is given."""
+    rt = RTConfig(policy=policy, **{"step_slack_fraction": 1.0, "min_running": 0, "firm_delivery_margin_s": 0.0,
+                          "delivery_margin_s": 0.0, **rt_kw})
     model = StepCostModel.from_coeffs(FAKE_COEFFS, calibrated=calibrated)
     model.overrun_ratio = model.overrun_p99 = 1.0
     kv = KVCacheManager(num_blocks, block_size)

@@ -230,11 +230,14 @@ def simulate(cfg: SimConfig) -> SimResult:
     arrivals = make_arrivals(cfg)
     records: dict[str, SimRecord] = {}
     snap = build_queue_snapshot(sched, model, 0, MAX_MODEL_LEN, 0.0)
+    decide_snap = snap  # the snapshot an arrival is decided from: the latest when its step began
     pending: list[PendingRequest] = []
     num_added = num_steps = 0
     next_arrival = 0
     while clock.now < cfg.duration_s:
-        # Requests that arrived during the last step: decided on arrival from the last snapshot.
+        # Requests that arrived during the last step: decided on arrival from the snapshot taken when
+        # it began, plus the requests sent since (`pending`), as the engine client decides them.
+        added: list[PendingRequest] = []  # the snapshot taken before this step will not reflect them
         while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= clock.now:
             t, rt_class, prompt, max_tokens = arrivals[next_arrival]
             rid = f"{rt_class}-{next_arrival}"
@@ -242,12 +245,13 @@ def simulate(cfg: SimConfig) -> SimResult:
             prompt_len = len(prompt)
             rt = resolve_rt(RTParams(rt_class), rt_config)
             rec = records[rid] = SimRecord(rid, rt_class, t, rt)
-            decision = decide(rt_config, snap, pending, rt, t, prompt_len, now=t)
+            decision = decide(rt_config, decide_snap, pending, rt, t, prompt_len, now=t)
             if not decision.admitted:
                 rec.status = "rejected"
                 continue
             num_added += 1
-            pending.append(PendingRequest(num_added, order_key(snap.policy, rt, t, rt_config), prompt_len))
+            added.append(PendingRequest(num_added, order_key(decide_snap.policy, rt, t, rt_config), prompt_len))
+            pending.append(added[-1])
             sched.add_request(Request(rid, list(prompt),
                                       SamplingParams(temperature=0, max_tokens=max_tokens), t,
                                       eos_token_ids=(0,), rt=rt))
@@ -257,8 +261,10 @@ def simulate(cfg: SimConfig) -> SimResult:
             if next_arrival >= len(arrivals):
                 break
             clock.now = arrivals[next_arrival][0]
+            decide_snap, pending = snap, []  # idle: the latest snapshot is current
             continue
         out = sched.schedule()
+        step_start_snap = snap  # requests arriving during this step are decided from it, as in the engine client
         step_s = true_model.predict_s(out.step_features) * float(noise.lognormal(0.0, cfg.step_noise))
         if cfg.contention is not None and cfg.contention[0] <= clock.now < cfg.contention[1]:
             step_s *= cfg.contention[2]
@@ -268,7 +274,7 @@ def simulate(cfg: SimConfig) -> SimResult:
         outputs += sched.update(out, RunnerOutput({s.request.request_id: 7 for s in out.seqs if s.do_sample}))
         _deliver(records, outputs, clock.now)
         snap = build_queue_snapshot(sched, model, num_added, MAX_MODEL_LEN, clock.now)
-        pending = []
+        decide_snap, pending = step_start_snap, added
     for t, rt_class, _, _ in arrivals[next_arrival:]:  # sent by the bench but never read by the engine
         rid = f"{rt_class}-{next_arrival}"
         records[rid] = SimRecord(rid, rt_class, t, resolve_rt(RTParams(rt_class), rt_config))

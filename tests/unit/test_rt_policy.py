@@ -474,3 +474,46 @@ def test_late_prompts_spend_the_streams_spare_pace_when_no_prompt_is_on_time():
     sched2.add_request(rt_req("fresh", 1000, clock2.now, ttft_s=0.5, first_token=9000))
     got = dict(ids(step(sched2, clock2)))
     assert got["fresh"] == 1000 and "late" not in got
+
+
+def test_beside_a_firm_stream_a_starving_request_waits_as_background_work():
+    """Its forced share deep in a long prompt would cost more than the firm gap leaves (each of its
+    tokens attends to all before it); it gets only what the firm stream's step leaves."""
+    sched, _, clock, _ = make_sched("deadline", budget=512, min_prefill_chunk=16, batch_max_wait_s=5.0,
+                                    min_running=2)
+    sched.policy.cost_model.theta = list(FAKE_COEFFS) + [1.0, 0.0]  # 1 s per million attention pairs
+    sched.add_request(rt_req("old-batch", 2000, clock.now - 10.0, "batch"))
+    sched.add_request(rt_req("old-batch-2", 2000, clock.now - 9.0, "batch"))
+    step(sched, clock, 0.01)  # no stream yet: the starving request takes its share
+    assert sched.policy.is_starving(next(r for r in sched.running if r.request_id == "old-batch"))
+    for _ in range(6):  # ... and keeps it, deep into its prompt
+        step(sched, clock, 0.01)
+    sched.add_request(rt_req("firm", 8, clock.now, "firm", itl_s=0.0125, max_tokens=100))
+    step(sched, clock, 0.01)  # the firm prompt's only chunk: its first token
+    model = sched.policy.cost_model
+    for _ in range(3):
+        out = step(sched, clock, 0.011)
+        got = dict(ids(out))
+        # 11 ms of decode in a 12.5 ms gap: what is left fits a few tokens, never the 16-token share.
+        assert got["firm"] == 1 and got.get("old-batch", 0) < 16
+        assert model.predict_s(out.step_features) <= 0.0125 + 1e-9
+    assert not any(sched.policy.is_starving(r) for r in sched.running)
+
+
+def test_beside_a_firm_stream_a_step_carries_one_prefill_chunk():
+    """Each chunk has a fixed cost the online fit apportions least well; beside a firm stream, whose
+    every gap is a deadline, the step holds one chunk (the first in deadline order) whatever fits."""
+    sched, _, clock, _ = make_sched("deadline", budget=2048)
+    sched.add_request(rt_req("stream", 8, clock.now, "firm", max_tokens=500, itl_s=0.050))
+    step(sched, clock, 0.011)
+    sched.add_request(rt_req("a", 40, clock.now, ttft_s=2.0, first_token=5000))
+    sched.add_request(rt_req("b", 40, clock.now, ttft_s=3.0, first_token=6000))
+    got = ids(step(sched, clock, 0.011))
+    assert got == [("stream", 1), ("a", 40)]
+    # Beside a soft stream both fit the same step.
+    sched2, _, clock2, _ = make_sched("deadline", budget=2048)
+    sched2.add_request(rt_req("stream", 8, clock2.now, "soft", max_tokens=500, itl_s=0.050))
+    step(sched2, clock2, 0.011)
+    sched2.add_request(rt_req("a", 40, clock2.now, ttft_s=2.0, first_token=5000))
+    sched2.add_request(rt_req("b", 40, clock2.now, ttft_s=3.0, first_token=6000))
+    assert ids(step(sched2, clock2, 0.011)) == [("stream", 1), ("a", 40), ("b", 40)]
