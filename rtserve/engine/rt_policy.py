@@ -20,8 +20,9 @@ one interface, chosen by `RTConfig.policy`:
   *background*: batch, by arrival; *starving*: the oldest batch or late soft request that has waited
   past `batch_max_wait_s` and still needs prefill: first in line for slots and blocks, but limited to
   `min_prefill_chunk` prefill tokens a step, so nothing starves forever yet it cannot stall the
-  streams. A waiting request ranked before a running prefill takes the prefill budget first
-  (`runs_first`).
+  streams. While a firm stream runs nothing is starving: that share, deep in a long prompt, costs
+  more than a firm gap leaves, and the request takes only what the firm streams' steps leave. A
+  waiting request ranked before a running prefill takes the prefill budget first (`runs_first`).
 
   How long a step may be. TTFT and ITL are deadlines of the same kind, and a step is planned to end
   before the earliest one it could break. A running stream's next token is due at its ITL deadline
@@ -41,6 +42,9 @@ one interface, chosen by `RTConfig.policy`:
   time the late ones get that spare pace, so a late request's TTFT stays near what FCFS gives it.
   A prefill chunk must also be worth its fixed cost (`_chunk_overhead_s`: on the CPU path a chunk
   beside decodes costs ~11 ms besides its tokens); otherwise the decodes run alone and bank pace.
+  Beside a firm stream a step carries one prefill chunk (`StepPlan.max_chunks`): the online fit
+  apportions the per-chunk cost least well, and two or three chunks made steps planned at 36 ms take
+  60-90 ms in simulation, dropping the firm stream.
 
   Triage (`_triage`): a soft prompt that would miss its TTFT even served in deadline order at the
   fastest prefill the plan allows is ranked with the late at once, before any deadline passes, so
