@@ -220,3 +220,19 @@ def test_gemma3_config_keys_left_out_take_transformers_defaults():
                           "sliding_window_pattern": 6, "num_hidden_layers": 12})
     assert old.rope_type == "linear" and old.rope_factor == 8.0 and old.rope_theta == 1e6
     assert old.layer_windows == ((4096,) * 5 + (0,)) * 2
+
+
+def test_rope_freq_factors_give_llama3_frequencies():
+    """A GGUF's `rope_freqs` divisors in place of the llama3 parameters: the same inverse frequencies."""
+    from dataclasses import replace
+
+    from rtserve.config import ModelConfig
+    from rtserve.model.layers import rope_inv_freq
+    llama3 = ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=4,
+                         num_kv_heads=4, head_dim=16, max_position=512, rope_type="llama3", rope_factor=8.0,
+                         rope_original_max_position=64)
+    plain = replace(llama3, rope_type="default")
+    divisors = (rope_inv_freq(plain) / rope_inv_freq(llama3)).tolist()
+    assert 1.0 in divisors and 8.0 in [round(d, 4) for d in divisors] and any(1 < d < 7.99 for d in divisors)
+    from_factors = rope_inv_freq(replace(plain, rope_freq_factors=tuple(divisors)))
+    torch.testing.assert_close(from_factors, rope_inv_freq(llama3), rtol=1e-6, atol=0)
