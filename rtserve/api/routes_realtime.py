@@ -6,9 +6,11 @@ output_text.done -> content_part.done -> output_item.done -> response.done. resp
 engine request at once and answers response.done with status "cancelled"; bad events get an `error`
 event and the session stays open. A dropped socket aborts any running response.
 
-Fields of the full model this subset does not serve (`tools`, a `tool_choice` other than auto/none,
-`audio`, `prompt`, and on responses `input` and `conversation: "none"`) get an `error` event naming
-the field, in session.update and response.create alike.
+Tools (`tools`, `tool_choice` on the session or one response, `function_call` /
+`function_call_output` items, function_call output items): rtserve/api/realtime_tools.py. Fields of
+the full model this subset does not serve (`audio`, `prompt`, and on responses `input` and
+`conversation: "none"`) get an `error` event naming the field, in session.update and response.create
+alike.
 
 Real time: `response.create` may carry `response.rt` ({"class", "ttft_ms", "itl_ms", "deadline_ms"});
 a refusal at admission is an `error` event (code `queue_full` / `deadline_unattainable`, with
@@ -32,27 +34,31 @@ from rtserve.api.errors import ApiError, engine_failure
 from rtserve.api.limits import build_sampling_params, check_request_limits
 from rtserve.api.metrics import RequestTimer
 from rtserve.api.prompts import render_chat
+from rtserve.api.realtime_tools import TextOutput, ToolOutput, function_item, item_turns, parse_tools, tool_mode
 from rtserve.api.sampling_defaults import with_defaults
 from rtserve.api.rt_fields import admit, is_deadline_drop, parse_rt
 from rtserve.api.streaming import OutputStream
+from rtserve.api.structured_fields import check_grammar, load_grammar_engine
+from rtserve.api.tool_fields import render_turns, tool_format_of
 from rtserve.client.outputs import RequestOutput
+from rtserve.sampling_params import SamplingParams
+from rtserve.structured.tool_formats import ToolFormat
+from rtserve.structured.tools import ToolSpec, tool_dicts
 
 router = APIRouter()
 
 ITEM_ROLES = frozenset({"user", "system", "assistant"})
 # Session / response fields this text-only subset does not serve: refused (an error event naming the
 # field) when they ask for something, never silently dropped.
-REFUSED_FIELDS = {"tools": lambda v: v not in (None, []), "tool_choice": lambda v: v not in (None, "auto", "none"),
-                  "audio": lambda v: v is not None, "prompt": lambda v: v is not None,
+REFUSED_FIELDS = {"audio": lambda v: v is not None, "prompt": lambda v: v is not None,
                   "input": lambda v: v is not None, "conversation": lambda v: v not in (None, "auto")}
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
 @dataclass
 class _Progress:
-    """What a response produced so far (kept when it is cancelled mid-stream)."""
+    """How a response's stream ended (the text itself is kept by its output writer)."""
 
-    text: str = ""
     last: RequestOutput | None = None
     failure: str | None = None
 
@@ -67,6 +73,9 @@ class RealtimeSession:
         self.instructions = ""
         self.max_output_tokens: int | str = "inf"
         self.temperature: float | None = None
+        self.tools: list[ToolSpec] = []
+        self.tool_choice: Any = "auto"
+        self.call_ids: set[str] = set()  # of the conversation's function_call items
         self.items: list[dict[str, Any]] = []
         self.response_task: asyncio.Task | None = None
         self.consume_task: asyncio.Task | None = None
@@ -82,8 +91,10 @@ class RealtimeSession:
             await self.ws.send_text(self.events.error(message, **kwargs))
 
     def session(self) -> dict[str, Any]:
-        return E.session_object(self.session_id, self.state.model_name, self.instructions,
-                                self.max_output_tokens, self.temperature)
+        return {**E.session_object(self.session_id, self.state.model_name, self.instructions,
+                                   self.max_output_tokens, self.temperature),
+                "tools": [{"type": "function", **tool_dicts([t])[0]["function"]} for t in self.tools],
+                "tool_choice": self.tool_choice}
 
     async def run(self) -> None:
         await self.send("session.created", session=self.session())
@@ -126,7 +137,7 @@ class RealtimeSession:
         session = event.get("session")
         if not isinstance(session, dict):
             raise ApiError(400, "session must be an object.", param="session")
-        self._apply_overrides(session, "session")
+        self.tools, self.tool_choice, _ = self._apply_overrides(session, "session")
         if "instructions" in session:
             self.instructions = session["instructions"]
         if "max_output_tokens" in session:
@@ -135,8 +146,9 @@ class RealtimeSession:
             self.temperature = session["temperature"]
         await self.send("session.updated", session=self.session())
 
-    def _apply_overrides(self, obj: dict[str, Any], where: str) -> None:
-        """Validate the text-only subset of session/response fields (raises ApiError naming the field)."""
+    def _apply_overrides(self, obj: dict[str, Any], where: str) -> tuple[list[ToolSpec], Any, str]:
+        """Validate the subset of session/response fields this server serves (raises ApiError naming the
+        field); returns the tools, tool_choice and tool mode that apply."""
         if "instructions" in obj and not isinstance(obj["instructions"], str):
             raise ApiError(400, "instructions must be a string.", param=f"{where}.instructions")
         mot = obj.get("max_output_tokens", "inf")
@@ -151,14 +163,19 @@ class RealtimeSession:
             raise ApiError(400, "Only output_modalities ['text'] is supported.", param=f"{where}.output_modalities")
         for name, asks in REFUSED_FIELDS.items():
             if name in obj and asks(obj[name]):
-                raise ApiError(400, f"{where}.{name} is not supported on /v1/realtime (text messages only; "
-                               "tool calling is served by /v1/chat/completions and /v1/messages).",
+                raise ApiError(400, f"{where}.{name} is not supported on /v1/realtime (text and tools only).",
                                param=f"{where}.{name}")
+        tools = parse_tools(obj["tools"], where) if obj.get("tools") is not None else self.tools
+        choice = obj.get("tool_choice", self.tool_choice)
+        return tools, choice, tool_mode(choice, tools, where)
 
     async def on_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")
+        if isinstance(item, dict) and item.get("type") in ("function_call", "function_call_output"):
+            return await self._add_item(function_item(item, self.call_ids))
         if not isinstance(item, dict) or item.get("type", "message") != "message":
-            raise ApiError(400, "item must be an object of type 'message'.", param="item.type")
+            raise ApiError(400, "item must be an object of type 'message', 'function_call' or "
+                           "'function_call_output'.", param="item.type")
         role, content = item.get("role"), item.get("content")
         if role not in ITEM_ROLES:
             raise ApiError(400, "item.role must be 'user', 'system' or 'assistant'.", param="item.role")
@@ -167,7 +184,9 @@ class RealtimeSession:
                 for p in content):
             raise ApiError(400, "item.content must be a list of text parts.", param="item.content")
         item_id = item["id"] if isinstance(item.get("id"), str) else E.new_id("item")
-        stored = E.message_item(item_id, role, "".join(p["text"] for p in content))
+        await self._add_item(E.message_item(item_id, role, "".join(p["text"] for p in content)))
+
+    async def _add_item(self, stored: dict[str, Any]) -> None:
         previous = self.items[-1]["id"] if self.items else None
         self.items.append(stored)
         await self.send("conversation.item.created", previous_item_id=previous, item=stored)
@@ -194,25 +213,40 @@ class RealtimeSession:
         if self.consume_task is not None:
             self.consume_task.cancel()
 
-    def _prompt(self, overrides: dict[str, Any]) -> list[int]:
+    def _prompt(self, overrides: dict[str, Any], tools: list[ToolSpec], fmt: ToolFormat) -> list[int]:
         instructions = overrides.get("instructions", self.instructions)
+        if not any(it.get("role") == "user" for it in self.items):
+            raise ApiError(400, "The conversation has no user message.", param="conversation")
+        tokenizer = self.state.engine.tokenizer
+        if tools or any(it["type"] != "message" for it in self.items):
+            return render_turns(tokenizer, item_turns(instructions, self.items), tools, "conversation", fmt)
         messages = [{"role": "system", "content": instructions}] if instructions else []
         messages += [{"role": it["role"], "content": "".join(p["text"] for p in it["content"])} for it in self.items]
-        if not any(m["role"] == "user" for m in messages):
-            raise ApiError(400, "The conversation has no user message.", param="conversation")
-        return render_chat(self.state.engine.tokenizer, messages, param="conversation")
+        return render_chat(tokenizer, messages, param="conversation")
+
+    async def _params(self, response_id: str, overrides: dict[str, Any], mot: int | str
+                      ) -> tuple[list[int], SamplingParams, TextOutput | ToolOutput]:
+        """Prompt ids, sampling parameters and the output writer of a response (ApiError on bad input)."""
+        tools, choice, mode = self._apply_overrides(overrides, "response")
+        fmt = tool_format_of(self.state)
+        grammar = fmt.grammar(tools, mode, True) if mode != "none" else None
+        if grammar is not None:
+            await load_grammar_engine({"tools": True})
+            check_grammar(grammar, "response.tools" if "tools" in overrides else "session.tools")
+        offered = tools if mode != "none" else []
+        prompt_ids = self._prompt(overrides, offered, fmt)
+        sampling = with_defaults(self.state.settings.sampling_defaults, temperature=overrides.get(
+            "temperature", self.temperature), top_p=None, top_k=None, min_p=None, repetition_penalty=None)
+        params = build_sampling_params({}, max_tokens=None if mot == "inf" else mot, structured=grammar, **sampling)
+        return prompt_ids, params, ToolOutput(response_id, fmt) if offered else TextOutput(response_id)
 
     async def respond(self, response_id: str, overrides: dict[str, Any]) -> None:
-        arrival_s, item_id = time.monotonic(), E.new_id("item")
+        arrival_s = time.monotonic()
         mot = overrides.get("max_output_tokens", self.max_output_tokens)
-        temperature = overrides.get("temperature", self.temperature)
         await self.send("response.created", response=E.response_object(response_id, "in_progress", [], None,
                                                                          max_output_tokens=mot))
         try:
-            prompt_ids = self._prompt(overrides)
-            sampling = with_defaults(self.state.settings.sampling_defaults, temperature=temperature, top_p=None,
-                                     top_k=None, min_p=None, repetition_penalty=None)
-            params = build_sampling_params({}, max_tokens=None if mot == "inf" else mot, **sampling)
+            prompt_ids, params, writer = await self._params(response_id, overrides, mot)
             check_request_limits(self.state.engine, prompt_ids, params, prompt_param="conversation",
                                  param_names={"max_tokens": "max_output_tokens"})
             rt = admit(self.state.engine, len(prompt_ids), parse_rt(overrides.get("rt")), arrival_s)
@@ -223,41 +257,39 @@ class RealtimeSession:
             return await self.send("response.done", response=E.response_object(
                 response_id, "failed", [], None, {"type": "failed", "error": {"message": err.message,
                                                                               "code": err.code, **retry}}, mot))
-        where = E.part_fields(response_id, item_id)
-        await self.send("response.output_item.added", response_id=response_id, output_index=0,
-                        item=E.message_item(item_id, "assistant", "", "in_progress"))
-        await self.send("response.content_part.added", **where, part={"type": "text", "text": ""})
+        await self.send_all(writer.start())
         outputs = OutputStream([self.state.engine.generate(prompt_ids, params, response_id, rt=rt,
                                                            arrival_s=arrival_s, admitted=True)],
                                [RequestTimer(self.state.metrics, arrival_s)])
         progress = _Progress()
-        self.consume_task = asyncio.create_task(self._consume(outputs, where, progress))
+        self.consume_task = asyncio.create_task(self._consume(outputs, writer, progress))
         try:
             await asyncio.wait({self.consume_task})
         finally:  # also when this response task is cancelled because the socket went away
             self.consume_task.cancel()
             await outputs.aclose()
         status, details = self._status(self.consume_task.cancelled(), progress)
-        text, last = progress.text, progress.last
-        item = E.message_item(item_id, "assistant", text, "completed" if status == "completed" else "incomplete")
-        self.items.append(item)
-        await self.send("response.output_text.done", **where, text=text)
-        await self.send("response.content_part.done", **where, part={"type": "text", "text": text})
-        await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
+        last = progress.last
+        events, output = writer.close(status == "completed")
+        self.items += output
+        self.call_ids.update(it["call_id"] for it in output if it["type"] == "function_call")
+        await self.send_all(events)
         usage = E.usage_object(len(prompt_ids), last.num_cached_tokens if last else 0,
                                last.num_output_tokens if last else 0)
-        done = E.response_object(response_id, status, [item], usage, details, mot)
+        done = E.response_object(response_id, status, output, usage, details, mot)
         if last is not None and last.rt is not None:
             done["rt"] = last.rt.to_wire()
         await self.send("response.done", response=done)
 
-    async def _consume(self, outputs: OutputStream, where: dict[str, Any], progress: _Progress) -> None:
+    async def send_all(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        for event_type, fields in events:
+            await self.send(event_type, **fields)
+
+    async def _consume(self, outputs: OutputStream, writer: TextOutput | ToolOutput, progress: _Progress) -> None:
         try:
             async for _, out in outputs:
                 progress.last = out
-                if out.text:
-                    progress.text += out.text
-                    await self.send("response.output_text.delta", **where, delta=out.text)
+                await self.send_all(writer.feed(out.text))
         except Exception as exc:  # noqa: BLE001 - reported in response.done
             progress.failure = engine_failure(exc, self.state.engine.is_dead).message
             return

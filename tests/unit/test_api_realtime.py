@@ -9,6 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from rtserve.structured.tools import render_call
 from tests.integration.fake_engine import FakeEngine, LiveServer, build_test_app
 
 RESPONSE_EVENTS = ["response.created", "response.output_item.added", "response.content_part.added"]
@@ -176,21 +177,93 @@ async def test_openai_sdk_realtime_client_parses_every_event():
                          "ResponseCreatedEvent"]
 
 
-async def test_tool_fields_are_refused_naming_the_field(server_and_engine):
+async def test_bad_tool_fields_and_unserved_fields_get_error_events(server_and_engine):
     server, engine = server_and_engine
-    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    array = {"type": "function", "name": "f", "parameters": {"type": "array"}}
     async with connect(ws_url(server)) as ws:
         await recv(ws)
-        for event, param in [({"type": "session.update", "session": {"tools": [tool]}}, "session.tools"),
-                             ({"type": "session.update", "session": {"tool_choice": "required"}}, "session.tool_choice"),
-                             ({"type": "response.create", "response": {"tools": [tool]}}, "response.tools"),
+        for event, param in [({"type": "session.update", "session": {"tools": [array]}}, "session.tools[0].parameters"),
+                             ({"type": "session.update", "session": {"tool_choice": {"type": "function", "name": "g"}}},
+                              "session.tool_choice"),
+                             ({"type": "session.update", "session": {"audio": {"output": {"voice": "x"}}}},
+                              "session.audio"),
                              ({"type": "response.create", "response": {"conversation": "none"}},
-                              "response.conversation")]:
+                              "response.conversation"),
+                             ({"type": "conversation.item.create", "item": {
+                                 "type": "function_call_output", "call_id": "nope", "output": "x"}}, "item.call_id"),
+                             ({"type": "conversation.item.create", "item": {
+                                 "type": "function_call", "call_id": "c1", "name": "f", "arguments": "[1]"}},
+                              "item.arguments")]:
             await ws.send(json.dumps({**event, "event_id": "ev_c"}))
             err = await recv(ws)
             assert err["type"] == "error" and err["error"]["param"] == param, err
-            assert "not supported" in err["error"]["message"] and err["error"]["event_id"] == "ev_c"
+            assert err["error"]["event_id"] == "ev_c"
         assert not engine.prompts  # nothing reached the engine
-        await ws.send(json.dumps({"type": "session.update", "session": {"tools": [], "tool_choice": "auto"}}))
-        updated = await recv(ws)
-        assert updated["type"] == "session.updated" and updated["session"]["tools"] == []
+
+
+async def test_tool_call_loop():
+    call = render_call("get_weather", '{"city": "Paris"}')
+    app, engine = build_test_app(FakeEngine(reply="Let me check. " + call, step_s=0.001, max_model_len=4096))
+    tool = {"type": "function", "name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    with LiveServer(app) as server:
+        async with connect(ws_url(server)) as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "session.update", "session": {"tools": [tool]}}))
+            updated = await recv(ws)
+            assert updated["session"]["tools"][0]["name"] == "get_weather"
+            await ws.send(user_item("Weather in Paris?"))
+            await recv(ws)
+            await ws.send(json.dumps({"type": "response.create"}))
+            events = await recv_until(ws, "response.done")
+            types = [e["type"] for e in events]
+            text_deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+            args = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+            assert text_deltas == "Let me check. " and args == '{"city": "Paris"}'
+            added = [e["item"] for e in events if e["type"] == "response.output_item.added"]
+            assert [i["type"] for i in added] == ["message", "function_call"]
+            done_args = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+            assert done_args["name"] == "get_weather" and done_args["output_index"] == 1
+            assert types.index("response.output_text.done") < types.index("response.output_item.added", 4)
+            response = events[-1]["response"]
+            assert response["status"] == "completed"
+            fc = response["output"][1]
+            assert fc["type"] == "function_call" and fc["status"] == "completed" and fc["arguments"] == args
+            (params,) = [p for p in engine.params.values()]
+            assert params.structured.kind == "structural_tag"
+
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "function_call_output", "call_id": fc["call_id"], "output": "sunny"}}))
+            assert (await recv(ws))["item"]["type"] == "function_call_output"
+            await ws.send(json.dumps({"type": "response.create", "response": {"tool_choice": "none"}}))
+            second = (await recv_until(ws, "response.done"))[-1]["response"]
+            assert second["output"][0]["type"] == "message"
+    prompt = engine.tokenizer.decode(engine.prompts[second["id"]])
+    assert prompt.index("Weather in Paris?") < prompt.index('"arguments": {"city": "Paris"}') < prompt.index("sunny")
+    assert engine.params[second["id"]].structured is None
+
+
+async def test_openai_sdk_realtime_client_reads_a_function_call():
+    import openai
+
+    call = render_call("get_time", "{}")
+    app, _ = build_test_app(FakeEngine(reply=call, max_model_len=4096))
+    tool = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+    with LiveServer(app) as server:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+        async with client.realtime.connect(model="fake-model") as conn:
+            await conn.session.update(session={"type": "realtime", "tools": [tool], "tool_choice": "required"})
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "time?"}]})
+            await conn.response.create()
+            names = []
+            async for event in conn:
+                names.append(type(event).__name__)
+                if event.type == "response.function_call_arguments.done":
+                    assert event.name == "get_time" and event.arguments == "{}"
+                if event.type == "response.done":
+                    (item,) = event.response.output
+                    assert item.type == "function_call" and item.name == "get_time" and item.call_id
+                    break
+        await client.close()
+    assert "ResponseFunctionCallArgumentsDoneEvent" in names and "ResponseOutputItemAddedEvent" in names
