@@ -51,7 +51,11 @@ class DraftModelProposer(Proposer):
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], num_blocks: int,
                      block_size: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32,
                      ) -> "DraftModelProposer":
-        """Build from Hugging Face-named weights (as `rtserve.model.loader.load_model` returns them)."""
+        """Build from Hugging Face-named weights (as `rtserve.model.loader.load_model` returns them).
+        A draft with sliding-window layers is refused (ValueError): its own attention metadata has
+        no windows."""
+        if any(config.layer_windows):
+            raise ValueError(f"a {config.model_type} draft model with sliding-window layers is not supported")
         model = DecoderForCausalLM(config)
         model.load_hf_weights(weights)
         model.to(device=device, dtype=dtype).eval()  # RoPE tables stay fp32

@@ -236,3 +236,12 @@ def test_rope_freq_factors_give_llama3_frequencies():
     assert 1.0 in divisors and 8.0 in [round(d, 4) for d in divisors] and any(1 < d < 7.99 for d in divisors)
     from_factors = rope_inv_freq(replace(plain, rope_freq_factors=tuple(divisors)))
     torch.testing.assert_close(from_factors, rope_inv_freq(llama3), rtol=1e-6, atol=0)
+
+
+def test_a_sliding_window_draft_model_is_refused(family):
+    from rtserve.spec.draft_model import DraftModelProposer
+    _, loaded, _ = family
+    if not any(loaded.config.layer_windows):
+        return
+    with pytest.raises(ValueError, match="sliding-window layers is not supported"):
+        DraftModelProposer.from_weights(loaded.config, loaded.weights, num_blocks=8, block_size=4)
