@@ -190,7 +190,8 @@ class ToolOutput:
                                                       "part": {"type": "text", "text": it["text"]}})]
         else:
             done = completed and self.parser.calls[it["index"]].is_complete
-            item = call_item(it["id"], it["call_id"], it["name"], it["arguments"], "completed" if done else "incomplete")
+            status = "completed" if done else "incomplete"
+            item = call_item(it["id"], it["call_id"], it["name"], it["arguments"], status)
             events = [("response.function_call_arguments.done", {**where, "call_id": it["call_id"], "name": it["name"],
                                                                  "arguments": it["arguments"]})]
         events.append(("response.output_item.done", {"response_id": self.response_id, "output_index": len(self.items),

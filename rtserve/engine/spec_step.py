@@ -33,8 +33,12 @@ def propose_drafts(speculator: Speculator, scheduler: Scheduler, cost_model: Ste
 
     # Drafts are decode rows (runner/input_batch.py); each attends to its whole sequence, as a decode
     # does: it reads a context's worth. The chooser scans every draft count: one line, not a model call each.
-    cost_model_s = cost_model.line_s(StepFeatures(len(decoding), num_prefill, num_context),
-                                     StepFeatures(1, 0, num_context // len(decoding), num_prefill_seqs=0))
+    # Rows a grammar masks cost more (cost_model.MASK_ROW_S); each draft is charged as one when any
+    # decoding request is constrained.
+    num_masked = sum(r.grammar is not None for r in decoding)
+    cost_model_s = cost_model.line_s(StepFeatures(len(decoding), num_prefill, num_context, num_masked_rows=num_masked),
+                                     StepFeatures(1, 0, num_context // len(decoding), num_prefill_seqs=0,
+                                                  num_masked_rows=int(num_masked > 0)))
 
     time_budget_s = scheduler.policy.step_time_budget_s(running, scheduler.clock())
     step = DraftStep(len(decoding), num_prefill, cost_model_s, math.inf if time_budget_s is None else time_budget_s)
