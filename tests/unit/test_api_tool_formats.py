@@ -66,3 +66,13 @@ async def test_anthropic_tool_use_in_the_models_format(parser):
     partial = "".join(e["delta"].get("partial_json", "") for e in events if e["type"] == "content_block_delta")
     assert json.loads(partial) == {"city": "Paris"}
     assert next(e for e in events if e["type"] == "message_delta")["delta"]["stop_reason"] == "tool_use"
+
+
+def test_tool_call_parser_setting_from_the_command_line():
+    from rtserve.api.app import ServerSettings
+    from rtserve.api.server import build_parser, settings_from_args
+    args = build_parser().parse_args(["--tool-call-parser", "mistral", "--no-batch-api"])
+    assert settings_from_args(args).tool_call_parser == "mistral"
+    assert build_parser().parse_args([]).tool_call_parser == "auto"
+    with pytest.raises(ValueError):
+        ServerSettings(tool_call_parser="pythonic")
