@@ -180,6 +180,9 @@ def test_unsupported_architecture_and_missing_files_are_one_line_errors(tmp_path
     with pytest.raises(ValueError, match="no config.json"):
         load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="no \\*.safetensors files"):
+        load_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         load_model(str(tmp_path))
 
