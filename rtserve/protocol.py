@@ -169,6 +169,7 @@ class QueueSnapshot:
     waiting: list[tuple[tuple[int, float], int]] = field(default_factory=list)
     num_running: int = 0
     num_decodes: int = 0
+    num_masked_decodes: int = 0  # of those, decodes under a grammar's token mask (each step costs more)
     running_prefills: list[tuple[tuple[int, float], int]] = field(default_factory=list)
     num_context_tokens: int = 0
     running_remaining_tokens: list[int] = field(default_factory=list)  # ascending, max_tokens bound

@@ -74,7 +74,8 @@ def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: Orde
     num_tokens = running_ahead + sum(ahead) + num_prompt_tokens
     per_step = max(snap.prefill_token_budget, 1)
     num_steps = math.ceil(num_tokens / per_step)
-    step_s = model.predict_s(StepFeatures(snap.num_decodes, min(per_step, num_tokens), snap.num_context_tokens))
+    step_s = model.predict_s(StepFeatures(snap.num_decodes, min(per_step, num_tokens), snap.num_context_tokens,
+                                          num_masked_rows=snap.num_masked_decodes))
     # Prefill attention grows with each prompt's length, whatever the chunking: its pairs once, in total
     # (a running prefill's remaining tokens counted from position 0: a lower bound).
     prompts = [n for k, n in snap.running_prefills if k <= key] + ahead + [num_prompt_tokens]
@@ -82,7 +83,8 @@ def predict_ttft_s(snap: QueueSnapshot, pending: list[PendingRequest], key: Orde
     num_short = len(ahead) + 1 - snap.num_free_slots - (snap.num_preemptible if can_preempt else 0)
     slot_s = 0.0
     if num_short > 0:
-        decode_s = model.predict_s(StepFeatures(max(snap.num_decodes, 1), 0, snap.num_context_tokens))
+        decode_s = model.predict_s(StepFeatures(max(snap.num_decodes, 1), 0, snap.num_context_tokens,
+                                                num_masked_rows=snap.num_masked_decodes))
         remaining = snap.running_remaining_tokens
         num_steps_to_slot = remaining[min(num_short, len(remaining)) - 1] if remaining else 0
         slot_s = num_steps_to_slot * decode_s

@@ -21,6 +21,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     policy = sched.policy
     running = [r for r in sched.running if not r.is_paused]
     num_decodes = sum(1 for r in running if r.num_remaining_prefill_tokens == 0)
+    num_masked = sum(1 for r in running if r.num_remaining_prefill_tokens == 0 and r.grammar is not None)
     budget = sched.config.max_num_batched_tokens
     num_free_slots = sched.config.max_num_seqs - len(sched.running)
     max_num_running = policy.max_num_running(running)
@@ -33,9 +34,10 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     prefill_token_budget = policy.interactive_prefill_tokens(plan, budget - num_decodes)
     num_prefill = sum(r.num_remaining_prefill_tokens + 1 for r in (*running_prefills, *sched.waiting))
     num_context = sum(r.num_computed_tokens for r in running)
-    step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context))
+    step_s = cost_model.predict_s(StepFeatures(num_decodes, min(num_prefill, prefill_token_budget), num_context,
+                                               num_masked_rows=num_masked))
     if plan.time_left_s is not None and num_prefill > 0:  # the step as its plan will run it
-        planned_s = cost_model.predict_s(StepFeatures(num_decodes, 0, num_context)) + min(
+        planned_s = cost_model.predict_s(StepFeatures(num_decodes, 0, num_context, num_masked_rows=num_masked)) + min(
             plan.time_left_s, cost_model.prefill_chunk_s(min(num_prefill, budget - num_decodes)))
         step_s = max(step_s, planned_s)
 
@@ -46,6 +48,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
     return QueueSnapshot(
         timestamp=now, policy=policy.name, num_requests_added=num_requests_added,
         waiting=ahead(sched.waiting), num_running=len(sched.running), num_decodes=num_decodes,
+        num_masked_decodes=num_masked,
         running_prefills=ahead(running_prefills),
         num_context_tokens=num_context,
         running_remaining_tokens=sorted(remaining_tokens(r, max_model_len) for r in sched.running),

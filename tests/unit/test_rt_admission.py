@@ -292,3 +292,11 @@ def test_soft_overload_config_is_validated():
         RTConfig(soft_overload="drop")
     with pytest.raises(ValueError, match="soft_overload_bound_s"):
         RTConfig(soft_overload_bound_s=-0.1)
+
+
+def test_decodes_under_a_grammar_mask_make_each_step_dearer():
+    from rtserve.engine.cost_model import MASK_ROW_S
+    plain = snapshot([(1.0, 300)], num_decodes=16, num_running=16)
+    masked = snapshot([(1.0, 300)], num_decodes=16, num_running=16, num_masked_decodes=16)
+    extra = predict_ttft_s(masked, [], on_time(2.0), 100) - predict_ttft_s(plain, [], on_time(2.0), 100)
+    assert extra == pytest.approx(4 * 16 * MASK_ROW_S)  # four steps of prefill, each with 16 masked rows
