@@ -55,8 +55,10 @@ def _layer_bf16(weight: torch.Tensor) -> torch.Tensor:
 def unsupported_features(cfg: ModelConfig) -> list[str]:
     """What `cfg` needs that this fast path does not implement (empty: it runs the model). It covers
     the Llama layer (SwiGLU, plain RMSNorm, no biases) with any RoPE variant and tied or untied
-    embeddings; the other families run on the fp32 reference path."""
-    checks = {"q/k/v or output bias": cfg.qkv_bias or cfg.o_bias, "MLP bias": cfg.mlp_bias,
+    embeddings, as llama.cpp writes Llama and Mistral (q/k rows permuted, undone at load); the other
+    families run on the fp32 reference path."""
+    checks = {f"the {cfg.model_type} architecture": cfg.model_type not in ("llama", "mistral"),
+              "q/k/v or output bias": cfg.qkv_bias or cfg.o_bias, "MLP bias": cfg.mlp_bias,
               "q/k norm": cfg.qk_norm, "norms after attention and MLP": cfg.sandwich_norms,
               f"{cfg.hidden_act} activation": cfg.hidden_act != "silu",
               "(1 + weight) RMSNorm": cfg.norm_weight_offset != 0.0, "embedding scale": cfg.embed_scale != 1.0,
