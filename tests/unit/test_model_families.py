@@ -248,3 +248,26 @@ def test_a_sliding_window_draft_model_is_refused(family):
         return
     with pytest.raises(ValueError, match="sliding-window layers is not supported"):
         DraftModelProposer.from_weights(loaded.config, loaded.weights, num_blocks=8, block_size=4)
+
+
+def test_llm_serves_an_hf_directory_end_to_end(tmp_path):
+    """`LLM(model=DIR)` (what `--model DIR` resolves to): config, weights and tokenizer from the
+    directory, the fp32 path chosen for it, text in and out, greedy tokens equal to transformers'."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rtserve import LLM
+    from rtserve.client.tokenizer import Tokenizer
+    tok = Tokenizer.load()  # the embedded model's tokenizer, written out as an HF tokenizer.json
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(Qwen3Config(**{**SIZES, "vocab_size": tok.vocab_size}, num_hidden_layers=2,
+                                      head_dim=16, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.3 if "embed" in name else 0.15)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(tok.backend.to_str())
+    llm = LLM(model=str(tmp_path), weights_cache_dir=str(tmp_path / "cache"))
+    assert not llm.core.runner.is_fast_path and llm.core.model_config.model_type == "qwen3"
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, tok.encode("The capital of France is"), 8)
+    assert out.text == tok.decode(out.token_ids)
