@@ -271,3 +271,33 @@ def test_llm_serves_an_hf_directory_end_to_end(tmp_path):
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, tok.encode("The capital of France is"), 8)
     assert out.text == tok.decode(out.token_ids)
+
+
+def test_fast_path_applies_llama3_rope(tmp_path):
+    """The fast path's RoPE tables come from the same inverse frequencies as the reference's: with
+    llama3 scaling its logits follow the llama3 reference, not the plain-RoPE one."""
+    from dataclasses import replace
+
+    from rtserve.model.decoder import DecoderForCausalLM
+    from rtserve.model.quantized_loader import load_fast_checkpoint
+    from tests.unit.test_quant import TINY, kv, prefill_meta, write_q4_1_gguf
+    path = str(tmp_path / "tiny.Q4_1.gguf")
+    write_q4_1_gguf(path, TINY)
+    tensors, weights = load_fast_checkpoint(path, str(tmp_path)).tensors, load_model(path, str(tmp_path)).weights
+    llama3 = replace(TINY, rope_type="llama3", rope_factor=8.0, rope_original_max_position=8)
+    n = 48
+    ids, pos = torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(1)), torch.arange(n)
+
+    def logits(model, dtype):
+        cache, slots = kv(64, dtype)
+        return model(ids, pos, slots if dtype == torch.bfloat16 else cache, prefill_meta(n), pos)
+
+    refs = {}
+    for name, cfg in (("plain", TINY), ("llama3", llama3)):
+        refs[name] = DecoderForCausalLM(cfg)
+        refs[name].load_hf_weights(weights)
+        refs[name] = logits(refs[name].eval(), torch.float32)
+    fast = logits(FastLlamaForCausalLM(llama3, tensors), torch.bfloat16)
+    to_llama3 = (fast - refs["llama3"]).norm() / refs["llama3"].norm()
+    # bf16 activations leave ~3% relative error; plain RoPE against llama3 differs by ~100%
+    assert to_llama3 < 0.05 and (refs["plain"] - refs["llama3"]).norm() / refs["llama3"].norm() > 3 * to_llama3
