@@ -60,16 +60,18 @@ class AdmissionRejected(RuntimeError):
 
 
 def model_path(config: EngineConfig) -> str:
-    """The model to load. An HF directory is checked here, before anything loads (a one-line ValueError
-    for a missing file or an unsupported architecture)."""
-    if config.model:
-        import os
-        if os.path.isdir(config.model):
-            from rtserve.model.loader import check_hf_dir
-            check_hf_dir(config.model)
-        return config.model
-    from rtserve.model.loader import default_model_path
-    return default_model_path()
+    """The model to load: `config.model` as a GGUF path, an HF directory or the name of an installed
+    model package; "" is the embedded SmolLM2 (rtserve/model/catalog.py). An HF directory is checked
+    here, before anything loads (a one-line ValueError for a missing file or an unsupported
+    architecture); an unknown name is a FileNotFoundError."""
+    import os
+
+    from rtserve.model.catalog import resolve_model
+    path = resolve_model(config.model, config.weights_cache_dir)
+    if os.path.isdir(path):
+        from rtserve.model.loader import check_hf_dir
+        check_hf_dir(path)
+    return path
 
 
 def served_model_name(path: str) -> str:

