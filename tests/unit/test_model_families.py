@@ -301,3 +301,25 @@ def test_fast_path_applies_llama3_rope(tmp_path):
     to_llama3 = (fast - refs["llama3"]).norm() / refs["llama3"].norm()
     # bf16 activations leave ~3% relative error; plain RoPE against llama3 differs by ~100%
     assert to_llama3 < 0.05 and (refs["plain"] - refs["llama3"]).norm() / refs["llama3"].norm() > 3 * to_llama3
+
+
+def test_windowed_metadata_reads_only_blocks_inside_the_window():
+    """A sliding layer's decode table starts at the block holding its oldest visible position and its
+    prefill gather at that position: blocks wholly before the window are never read."""
+    from rtserve.engine.request import Request
+    from rtserve.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+    from rtserve.runner.input_batch import prepare_inputs
+    block_size, window = 4, 8
+    blocks = [10, 11, 12, 13, 14, 15, 16, 17, 18]
+    decode = ScheduledSeq(Request("d", list(range(30)), SamplingParams(), 0.0), 29, 1, blocks[:8])
+    prefill = ScheduledSeq(Request("p", list(range(36)), SamplingParams(), 0.0), 20, 16, blocks)
+    inputs = prepare_inputs(SchedulerOutput([decode, prefill]), block_size, torch.device("cpu"), (window,))
+    full, local = inputs.meta, inputs.meta.for_window(window)
+    assert full.decode_block_table.tolist() == [blocks[:8]] and local.decode_block_table.tolist() == [blocks[5:8]]
+    # the decode at position 29 sees positions 22-29: slots 2..9 of its 3-block table [20, 32)
+    assert local.decode_mask[0, 0, 0].nonzero().flatten().tolist() == list(range(2, 10))
+    chunk = local.prefills[0]  # queries 20-35 see keys from 13 on
+    assert chunk.context_len == 36 - 13 and chunk.gather_idx.tolist() == [
+        blocks[p // block_size] * block_size + p % block_size for p in range(13, 36)]
+    assert chunk.causal_mask.sum(1).tolist() == [window] * 16
+    assert full.prefills[0].context_len == 36 and inputs.meta.for_window(0) is full
