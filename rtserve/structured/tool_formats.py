@@ -12,8 +12,8 @@ them back out of the text (streaming), and how calls and tools are rendered:
   tokenizers (they write `[ARGS]`), `[TOOL_CALLS]name[ARGS]{...}` per call.
 
 `choose_tool_format(template, name)` picks one the way vLLM's `--tool-call-parser` does, with an
-automatic choice from the chat template: `[TOOL_CALLS]` means mistral, `<|python_tag|>` or an
-`ipython` role means llama3_json, anything else hermes. A template that renders tools in the chosen
+automatic choice from the chat template: `[TOOL_CALLS]` means mistral, `<tool_call>` hermes,
+`<|python_tag|>` or an `ipython` role llama3_json, anything else hermes. A template that renders tools in the chosen
 format gets them natively; otherwise the format's generic prompt goes in the system message. The
 markers `<|python_tag|>` and `[TOOL_CALLS]` are special tokens that a reply skipping special tokens
 loses, so the parsers take them as optional; the grammars write them.
@@ -221,7 +221,7 @@ def choose_tool_format(template: str | None, name: str = "auto") -> ToolFormat:
         raise ValueError(f"unknown tool call parser {name!r} (one of {', '.join(TOOL_CALL_PARSERS)})")
     text = template or ""
     if name == "auto":
-        name = ("mistral" if "[TOOL_CALLS]" in text else
+        name = ("mistral" if "[TOOL_CALLS]" in text else "hermes" if hermes.CALL_TRIGGER in text else
                 "llama3_json" if "<|python_tag|>" in text or "ipython" in text else "hermes")
     if name == "mistral":
         return MistralFormat(args_marker="[ARGS]" in text)

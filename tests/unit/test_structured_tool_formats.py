@@ -86,6 +86,7 @@ def test_format_chosen_from_the_template_or_by_name():
     assert mistral.name == "mistral" and not mistral.args_marker
     assert choose_tool_format("[TOOL_CALLS]{{ name }}[ARGS]{{ args }}").args_marker
     assert choose_tool_format("<tool_call>{{ tools }}") is HERMES and choose_tool_format(None) is HERMES
+    assert choose_tool_format("<tool_call>{{ 'ipython' }}") is HERMES  # its own marker wins
     assert choose_tool_format(None, "llama3_json") is LLAMA3_JSON
     with pytest.raises(ValueError):
         choose_tool_format(None, "pythonic")
