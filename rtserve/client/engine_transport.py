@@ -7,30 +7,44 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import shutil
+import tempfile
 import threading
 from typing import Any
 
 from rtserve.config import EngineConfig
+from rtserve.engine.ipc import Channel
 from rtserve.protocol import EngineCoreShutdown
 
 
 class ProcessTransport:
-    """The engine core in its own process: it never shares the API process's GIL or event loop."""
+    """The engine core in its own process: it never shares the API process's GIL or event loop.
+
+    Messages travel over two zmq channels on ipc sockets in a private temporary directory
+    (rtserve/engine/ipc.py). `recv` is called by one reader thread; after `kill` or `close` it
+    raises EOFError (the channel's socket is left to that thread, never closed under it)."""
 
     def __init__(self, config: EngineConfig) -> None:
-        ctx = mp.get_context("spawn")
-        self._in: Any = ctx.Queue()
-        self._out: Any = ctx.Queue()
         from rtserve.engine.core_loop import run_engine_process
-        self._proc = ctx.Process(target=run_engine_process, args=(config, self._in, self._out),
-                                 name="rtserve-engine-core", daemon=True)
+        self._dir = tempfile.mkdtemp(prefix="rtserve-engine-")
+        in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._out = Channel(out_addr, sending=False)  # bound before the engine can send
+        self._in = Channel(in_addr, sending=True)
+        self._closed = False
+        self._proc = mp.get_context("spawn").Process(target=run_engine_process, args=(config, in_addr, out_addr),
+                                                     name="rtserve-engine-core", daemon=True)
         self._proc.start()
 
     def send(self, msg: Any) -> None:
         self._in.put(msg)
 
     def recv(self, timeout_s: float) -> Any:
-        return self._out.get(timeout=timeout_s)
+        if self._closed:
+            raise EOFError("engine transport closed")
+        try:
+            return self._out.get(timeout=timeout_s)
+        except ValueError as exc:  # the protocol is broken: the engine is as good as lost
+            raise EOFError(str(exc)) from None
 
     def is_alive(self) -> bool:
         return self._proc.is_alive()
@@ -39,6 +53,7 @@ class ProcessTransport:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5.0)
+        self._release()
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._proc.is_alive():
@@ -47,6 +62,13 @@ class ProcessTransport:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(1.0)
+        self._release()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._in.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class ThreadTransport:
