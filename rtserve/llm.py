@@ -73,7 +73,9 @@ class LLM:
         """prompts: a string, a list of strings, or a list of token-id lists. Raises ValueError on bad input."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        # A text prompt gets the BOS its tokenizer asks for (Gemma's), as the completions API gives it.
+        token_lists = [self.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+                       for p in prompts]
         return self._run(token_lists, params or SamplingParams())
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[GenerationOutput]:

@@ -135,4 +135,5 @@ def test_greedy_output_matches_transformers(gemma_path, hf_gemma):
             i = next(j for j, (a, b) in enumerate(zip(got, ref)) if a != b)
             pytest.fail(f"prompt {llm.tokenizer.decode(p[-12:])!r}: token {i} ours {got[i]}, transformers "
                         f"{ref[i]}, its top-5 {logits[i].topk(5).indices.tolist()}")
-    assert ours[0] == llm.generate([prompts[0]], greedy)[0].token_ids  # alone as batched
+    # alone as batched; a text prompt gets its BOS as the ids above did
+    assert ours[0] == llm.generate(PROMPTS[0], greedy)[0].token_ids
