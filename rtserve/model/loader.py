@@ -1,9 +1,9 @@
 """Load a model (a family of `families.py`) as fp32 tensors in Hugging Face naming, plus its `ModelConfig`.
 
 Sources: a GGUF file of any architecture `gguf_arch.py` reads (dequantized by our own reader, what
-llama.cpp's converter changed undone) or a Hugging Face directory (`config.json` + `*.safetensors`). A converted GGUF is cached as safetensors
-under `cache_dir` (default `~/.cache/rtserve`), keyed by the file's absolute path, size and mtime, so
-the second load only reads one flat file. Nothing is unpickled and nothing is downloaded.
+llama.cpp's converter changed undone) or a Hugging Face directory (`config.json` + `*.safetensors`).
+A converted GGUF is cached as safetensors under `cache_dir` (default `~/.cache/rtserve`), keyed by
+the file's absolute path, size and mtime, so the second load only reads one flat file. Nothing is unpickled and nothing is downloaded.
 """
 from __future__ import annotations
 
