@@ -118,8 +118,11 @@ def _decode_tables(rows: list[tuple[list[int], int]], block_size: int, device: t
         table[i, :nb] = torch.tensor(block_ids[f:f + nb], dtype=torch.int64)
     width = table.shape[1] * block_size
     seq_lens = torch.tensor(lens, dtype=torch.int64)
-    pos = torch.arange(width).unsqueeze(0) + torch.tensor(first).unsqueeze(1) * block_size  # [D, width]
-    mask = (pos < seq_lens.unsqueeze(1)) & (pos >= torch.tensor(los).unsqueeze(1))
+    if window:
+        pos = torch.arange(width).unsqueeze(0) + torch.tensor(first).unsqueeze(1) * block_size  # [D, width]
+        mask = (pos < seq_lens.unsqueeze(1)) & (pos >= torch.tensor(los).unsqueeze(1))
+    else:  # every decode step of a full-attention model: keep it to one comparison
+        mask = torch.arange(width).unsqueeze(0) < seq_lens.unsqueeze(1)  # [D, width]
     return table.to(device), mask[:, None, None, :].to(device), seq_lens.to(device)
 
 
