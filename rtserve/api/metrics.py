@@ -1,91 +1,46 @@
-"""Prometheus text exposition (format 0.0.4) of vLLM-named serving metrics, without prometheus_client.
+"""/metrics: vLLM-named serving metrics and rtserve's own, exposed through prometheus_client.
 
 Latencies are measured here, in the API process, from delta arrival times (`time.monotonic()`); gauges and
-prefix-cache counters come from the engine's latest `EngineStats` snapshot. Every series has the label
-`model_name`; counters appear on the wire with the `_total` suffix, as prometheus_client writes them.
-Per-class real-time series (`rtserve:rt_*`) and the step-time cost model follow (rtserve/api/rt_metrics.py).
+prefix-cache counters come from the engine's latest `EngineStats` snapshot. The state lives in plain
+objects (`Histogram`, counters) that the dashboard also reads; at each scrape `ServingMetrics.collect`
+turns it into prometheus_client metric families (a custom collector, so engine-side values are read
+when scraped, not copied on every step), and prometheus_client writes the text format beside its own
+process, platform and GC metrics. Every rtserve series has the label `model_name`; counters appear
+with the `_total` suffix. Per-class real-time series (`rtserve:rt_*`) and the step-time cost model
+follow (rtserve/api/rt_metrics.py).
 """
 from __future__ import annotations
 
-import bisect
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import Metric
+
+from rtserve.api.metric_families import (E2E_BUCKETS_S, ITL_BUCKETS_S, MODEL_LABEL, TTFT_BUCKETS_S, Histogram,
+                                         scalar)
+from rtserve.api.rt_metrics import RTMetrics, cost_model_families
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import EngineStats, SpecDecodeStats
 
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                  10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                 20.0, 40.0, 80.0)
-E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                 240.0, 480.0, 960.0, 1920.0, 7680.0)
-
-
-def fmt_value(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def fmt_labels(labels: Sequence[tuple[str, str]]) -> str:
-    def esc(v: str) -> str:
-        return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in labels) + "}" if labels else ""
-
-
-class Histogram:
-    """Cumulative-bucket histogram for one label set."""
-
-    def __init__(self, name: str, doc: str, buckets_s: Sequence[float]) -> None:
-        self.name, self.doc = name, doc
-        self.bounds = tuple(buckets_s)
-        self.bucket_counts = [0] * (len(self.bounds) + 1)  # last: +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, labels: list[tuple[str, str]]) -> list[str]:
-        lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, num in zip((*self.bounds, math.inf), self.bucket_counts):
-            cumulative += num
-            lines.append(f"{self.name}_bucket{fmt_labels([('le', fmt_value(bound)), *labels])} {cumulative}")
-        lines.append(f"{self.name}_count{fmt_labels(labels)} {self.count}")
-        lines.append(f"{self.name}_sum{fmt_labels(labels)} {fmt_value(self.sum)}")
-        return lines
-
-
-def render_scalar(kind: str, name: str, doc: str, samples: list[tuple[list[tuple[str, str]], float]]) -> list[str]:
-    """A counter (`kind="counter"`, name already ending in `_total`) or a gauge."""
-    lines = [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{fmt_labels(labels)} {fmt_value(value)}" for labels, value in samples]
-    return lines
-
-
-def render_spec_decode(spec: SpecDecodeStats, model: list[tuple[str, str]]) -> list[str]:
+def spec_decode_families(spec: SpecDecodeStats, model_name: str) -> Iterator[Metric]:
     """vLLM's speculative decoding counters (acceptance rate = accepted / draft tokens)."""
-    lines: list[str] = []
     for name, doc, value in (
         ("vllm:spec_decode_num_drafts_total", "Number of spec decoding drafts.", spec.num_drafts),
         ("vllm:spec_decode_num_draft_tokens_total", "Number of draft tokens.", spec.num_draft_tokens),
         ("vllm:spec_decode_num_accepted_tokens_total", "Number of accepted tokens.", spec.num_accepted_tokens),
     ):
-        lines += render_scalar("counter", name, doc, [(model, value)])
-    lines += render_scalar("counter", "vllm:spec_decode_num_accepted_tokens_per_pos_total",
-                           "Accepted tokens per draft position.",
-                           [([*model, ("position", str(pos))], n)
-                            for pos, n in enumerate(spec.num_accepted_tokens_per_pos)])
-    return lines
+        yield scalar("counter", name, doc, MODEL_LABEL, [((model_name,), value)])
+    yield scalar("counter", "vllm:spec_decode_num_accepted_tokens_per_pos_total", "Accepted tokens per draft position.",
+                 (*MODEL_LABEL, "position"),
+                 [((model_name, str(pos)), n) for pos, n in enumerate(spec.num_accepted_tokens_per_pos)])
 
 
 class ServingMetrics:
-    """All metrics of one served model; `render()` produces the /metrics body."""
+    """All metrics of one served model; `render()` produces the /metrics body.
+
+    Its own prometheus_client registry (one per app: tests build many) holds this object as a custom
+    collector and the standard process, platform and GC collectors."""
 
     FINISHED_REASONS = ("stop", "length", "abort", "error")
 
@@ -101,13 +56,20 @@ class ServingMetrics:
         self.num_generation_tokens = 0
         self.num_finished: dict[str, int] = dict.fromkeys(self.FINISHED_REASONS, 0)
         self.num_engine_restarts = 0  # --engine-restart: engine cores started after one died
-        from rtserve.api.rt_metrics import RTMetrics  # imports this module's Histogram
         self.rt = RTMetrics(model_name)  # fed by the engine client (AsyncLLM.rt_listener)
+        self._stats = EngineStats()  # the engine's snapshot at the scrape in progress
+        self.registry = CollectorRegistry(auto_describe=False)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.registry.register(self)
 
     def render(self, stats: EngineStats | None) -> str:
-        stats = stats or EngineStats()
-        model = [("model_name", self.model_name)]
-        lines: list[str] = []
+        self._stats = stats or EngineStats()
+        return generate_latest(self.registry).decode()
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's collector interface: every rtserve family, from the current state."""
+        stats, model = self._stats, (self.model_name,)
         for kind, name, doc, value in (
             ("gauge", "vllm:num_requests_running", "Number of requests in model execution batches.",
              stats.num_running),
@@ -122,24 +84,22 @@ class ServingMetrics:
             ("counter", "vllm:generation_tokens_total", "Number of generation tokens processed.",
              self.num_generation_tokens),
         ):
-            lines += render_scalar(kind, name, doc, [(model, value)])
-        lines += render_scalar("counter", "vllm:request_success_total", "Count of successfully processed requests.",
-                               [([*model, ("finished_reason", r)], n) for r, n in self.num_finished.items()])
+            yield scalar(kind, name, doc, MODEL_LABEL, [(model, value)])
+        yield scalar("counter", "vllm:request_success_total", "Count of successfully processed requests.",
+                     (*MODEL_LABEL, "finished_reason"), [((*model, r), n) for r, n in self.num_finished.items()])
         if stats.spec_decode is not None:
-            lines += render_spec_decode(stats.spec_decode, model)
+            yield from spec_decode_families(stats.spec_decode, self.model_name)
         for hist in (self.ttft, self.itl, self.e2e):
-            lines += hist.render(model)
-        from rtserve.api.rt_metrics import render_cost_model
-        lines += self.rt.render()
-        lines += render_cost_model(self.model_name, stats.queue)
-        lines += render_scalar("gauge", "rtserve:step_cost_model_source",
-                               "Where the step-time model came from at start: prior, warmup (measured "
-                               "before ready) or cache (stored by an earlier start); 1 for the one in use.",
-                               [([*model, ("source", stats.cost_model_source)], 1)])
-        lines += render_scalar("counter", "rtserve:engine_restarts_total",
-                               "Engine core processes started after one died (--engine-restart).",
-                               [(model, self.num_engine_restarts)])
-        return "\n".join(lines) + "\n"
+            yield hist.add_to(hist.family(), model)
+        yield from self.rt.families()
+        yield from cost_model_families(self.model_name, stats.queue)
+        yield scalar("gauge", "rtserve:step_cost_model_source",
+                     "Where the step-time model came from at start: prior, warmup (measured before ready) or "
+                     "cache (stored by an earlier start); 1 for the one in use.",
+                     (*MODEL_LABEL, "source"), [((*model, stats.cost_model_source), 1)])
+        yield scalar("counter", "rtserve:engine_restarts_total",
+                     "Engine core processes started after one died (--engine-restart).", MODEL_LABEL,
+                     [(model, self.num_engine_restarts)])
 
 
 class RequestTimer:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 
-from rtserve.api.metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram, render_scalar
+from prometheus_client.core import Metric
+
+from rtserve.api.metric_families import ITL_BUCKETS_S, MODEL_LABEL, TTFT_BUCKETS_S, Histogram, scalar
 from rtserve.client.rt_report import RTReport
 from rtserve.protocol import QueueSnapshot, RTClass
 
@@ -79,49 +82,45 @@ class RTMetrics:
         num_met = sum(1 for _, met in m.window if met)
         return (num_met / len(m.window) if m.window else float("nan")), num_met / self.window_s
 
-    def render(self, now_s: float | None = None) -> list[str]:
-        lines: list[str] = []
-        base = [("model_name", self.model_name)]
-        labels = {c: [*base, ("rt_class", c)] for c in self.classes}
+    def families(self, now_s: float | None = None) -> Iterator[Metric]:
+        """Every per-class family (prometheus_client), with the labels `model_name` and `rt_class`."""
+        names = (*MODEL_LABEL, "rt_class")
+        labels = {c: (self.model_name, c) for c in self.classes}
         per_class = {c: self.attainment(c, now_s) for c in self.classes}
-        for kind, name, doc, samples in (
-            ("counter", "rtserve:rt_deadline_misses_total", "Budgets missed, by kind (ttft, itl, deadline).",
-             [([*labels[c], ("kind", k)], n) for c, m in self.classes.items() for k, n in m.misses.items()]),
-            ("counter", "rtserve:rt_rejections_total", "Requests refused at admission, by reason.",
-             [([*labels[c], ("reason", r)], n) for c, m in self.classes.items() for r, n in m.rejections.items()]),
-            ("counter", "rtserve:rt_expirations_total", "Requests dropped because a deadline passed.",
+        for kind, name, doc, extra, samples in (
+            ("counter", "rtserve:rt_deadline_misses_total", "Budgets missed, by kind (ttft, itl, deadline).", ("kind",),
+             [((*labels[c], k), n) for c, m in self.classes.items() for k, n in m.misses.items()]),
+            ("counter", "rtserve:rt_rejections_total", "Requests refused at admission, by reason.", ("reason",),
+             [((*labels[c], r), n) for c, m in self.classes.items() for r, n in m.rejections.items()]),
+            ("counter", "rtserve:rt_expirations_total", "Requests dropped because a deadline passed.", (),
              [(labels[c], m.num_expired) for c, m in self.classes.items()]),
-            ("counter", "rtserve:rt_preemptions_total", "Preemptions suffered by finished requests.",
+            ("counter", "rtserve:rt_preemptions_total", "Preemptions suffered by finished requests.", (),
              [(labels[c], m.num_preemptions) for c, m in self.classes.items()]),
-            ("counter", "rtserve:rt_requests_finished_total", "Finished requests (dropped ones included).",
+            ("counter", "rtserve:rt_requests_finished_total", "Finished requests (dropped ones included).", (),
              [(labels[c], m.num_finished) for c, m in self.classes.items()]),
             ("gauge", "rtserve:rt_slo_attainment",
-             f"Fraction of requests finished in the last {self.window_s:.0f} s that met every budget.",
+             f"Fraction of requests finished in the last {self.window_s:.0f} s that met every budget.", (),
              [(labels[c], per_class[c][0]) for c in self.classes]),
             ("gauge", "rtserve:rt_goodput",
-             f"Requests per second, over the last {self.window_s:.0f} s, that met every budget.",
+             f"Requests per second, over the last {self.window_s:.0f} s, that met every budget.", (),
              [(labels[c], per_class[c][1]) for c in self.classes]),
         ):
-            lines += [line[:-3] + "NaN" if line.endswith(" nan") else line
-                      for line in render_scalar(kind, name, doc, samples)]
-        for attr in ("ttft", "itl"):
-            hists = [(getattr(m, attr), labels[c]) for c, m in self.classes.items()]
-            head = hists[0][0].render(hists[0][1])
-            lines += head
-            for hist, lab in hists[1:]:
-                lines += hist.render(lab)[2:]  # one HELP/TYPE header per metric family
-        return lines
+            yield scalar(kind, name, doc, (*names, *extra), samples)
+        for attr in ("ttft", "itl"):  # one family per metric, a label set per class
+            family = getattr(next(iter(self.classes.values())), attr).family(names)
+            for c, m in self.classes.items():
+                getattr(m, attr).add_to(family, labels[c])
+            yield family
 
 
-def render_cost_model(model_name: str, snap: QueueSnapshot | None) -> list[str]:
+def cost_model_families(model_name: str, snap: QueueSnapshot | None) -> Iterator[Metric]:
     """Gauges of the engine's step-time cost model (from the latest queue snapshot)."""
     if snap is None:
-        return []
-    base = [("model_name", model_name)]
+        return
+    model = (model_name,)
     names = ("intercept_seconds", "per_decode_seconds", "per_prefill_token_seconds", "per_kilo_context_seconds")
-    lines = render_scalar("gauge", "rtserve:step_cost_model_coefficient",
-                          "Step-time model: step_s = sum(coefficient * feature).",
-                          [([*base, ("term", n)], c) for n, c in zip(names, snap.cost_coeffs)])
+    yield scalar("gauge", "rtserve:step_cost_model_coefficient", "Step-time model: step_s = sum(coefficient * feature).",
+                 (*MODEL_LABEL, "term"), [((*model, n), c) for n, c in zip(names, snap.cost_coeffs)])
     for name, doc, value in (
         ("rtserve:step_cost_model_mean_abs_error_seconds", "EWMA of |measured - predicted| step time.",
          snap.cost_mean_abs_error_s),
@@ -132,5 +131,4 @@ def render_cost_model(model_name: str, snap: QueueSnapshot | None) -> list[str]:
         ("rtserve:prefill_token_budget", "Prefill tokens the policy lets into the next step.",
          snap.prefill_token_budget),
     ):
-        lines += render_scalar("gauge", name, doc, [(base, value)])
-    return lines
+        yield scalar("gauge", name, doc, MODEL_LABEL, [(model, value)])

@@ -1,10 +1,16 @@
-"""rtserve.api.metrics: Prometheus text exposition with vLLM names, and what /metrics reports."""
+"""rtserve.api.metrics: Prometheus text exposition with vLLM names, and what /metrics reports.
+
+prometheus_client writes the labels of a sample in name order."""
 from __future__ import annotations
 
 import math
 import re
 
-from rtserve.api.metrics import Histogram, RequestTimer, ServingMetrics, fmt_labels, fmt_value
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtserve.api.metric_families import Histogram, scalar
+from rtserve.api.metrics import RequestTimer, ServingMetrics
 from rtserve.client.outputs import RequestOutput
 from rtserve.protocol import EngineStats
 from tests.integration.fake_engine import FakeEngine, asgi_client, build_test_app
@@ -25,20 +31,37 @@ def parse(text: str) -> dict[str, float]:
     return out
 
 
+class _Families:
+    def __init__(self, *families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def exposition(*families) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(*families))
+    return generate_latest(registry).decode()
+
+
 def test_histogram_buckets_are_cumulative_le():
     h = Histogram("x_seconds", "doc", (0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 2.0):
         h.observe(v)
-    assert h.render([("model_name", "m")]) == [
+    assert exposition(h.add_to(h.family(), ["m"])).splitlines() == [
         "# HELP x_seconds doc", "# TYPE x_seconds histogram",
-        'x_seconds_bucket{le="0.1",model_name="m"} 2', 'x_seconds_bucket{le="1.0",model_name="m"} 3',
-        'x_seconds_bucket{le="+Inf",model_name="m"} 4', 'x_seconds_count{model_name="m"} 4',
+        'x_seconds_bucket{le="0.1",model_name="m"} 2.0', 'x_seconds_bucket{le="1.0",model_name="m"} 3.0',
+        'x_seconds_bucket{le="+Inf",model_name="m"} 4.0', 'x_seconds_count{model_name="m"} 4.0',
         'x_seconds_sum{model_name="m"} 2.65']
 
 
 def test_label_escaping_and_values():
-    assert fmt_labels([("a", 'q"\\\n')]) == '{a="q\\"\\\\\\n"}'
-    assert fmt_value(math.inf) == "+Inf" and fmt_value(3) == "3.0"
+    text = exposition(scalar("gauge", "g", "doc", ("a",), [(('q"\\\n',), math.inf)]),
+                      scalar("counter", "c_total", "doc", ("a",), [(("x",), 3)]))
+    assert 'g{a="q\\"\\\\\\n"} +Inf' in text and 'c_total{a="x"} 3.0' in text
+    parsed = {f.name: f.samples[0] for f in text_string_to_metric_families(text)}
+    assert parsed["g"].labels == {"a": 'q"\\\n'} and parsed["c"].value == 3
 
 
 def test_render_has_vllm_names_types_and_labels():
@@ -58,7 +81,7 @@ def test_render_has_vllm_names_types_and_labels():
     assert values['vllm:num_requests_waiting{model_name="my-model"}'] == 3
     assert values['vllm:kv_cache_usage_perc{model_name="my-model"}'] == 0.25
     assert values['vllm:prefix_cache_hits_total{model_name="my-model"}'] == 40
-    assert values['vllm:request_success_total{model_name="my-model",finished_reason="stop"}'] == 0
+    assert values['vllm:request_success_total{finished_reason="stop",model_name="my-model"}'] == 0
     assert sum(1 for k in values if k.startswith("vllm:time_to_first_token_seconds_bucket")) == 23
 
 
@@ -91,8 +114,8 @@ async def test_metrics_endpoint_after_requests():
     values = parse(r.text)
     label = '{model_name="fake-model"}'
     assert values[f"vllm:generation_tokens_total{label}"] == 4 + len(engine.reply)
-    assert values['vllm:request_success_total{model_name="fake-model",finished_reason="length"}'] == 1
-    assert values['vllm:request_success_total{model_name="fake-model",finished_reason="stop"}'] == 1
+    assert values['vllm:request_success_total{finished_reason="length",model_name="fake-model"}'] == 1
+    assert values['vllm:request_success_total{finished_reason="stop",model_name="fake-model"}'] == 1
     assert values[f"vllm:time_to_first_token_seconds_count{label}"] == 2
     assert values[f"vllm:inter_token_latency_seconds_count{label}"] == 3 + len(engine.reply) - 1
     assert values[f"vllm:e2e_request_latency_seconds_count{label}"] == 2

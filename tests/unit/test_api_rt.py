@@ -182,7 +182,7 @@ async def test_soft_request_past_the_overload_bound_is_refused_with_reject(strea
         assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
         assert "soft request refused" in body["error"]["message"]
         metrics = (await c.get("/metrics")).text
-    assert 'rtserve:rt_rejections_total{model_name="rtserve-model",rt_class="soft",reason="ttft"} 2' in metrics
+    assert 'rtserve:rt_rejections_total{model_name="rtserve-model",reason="ttft",rt_class="soft"} 2' in metrics
     assert llm._pending == deque() and llm._queues == {}  # nothing was sent to the engine
 
 

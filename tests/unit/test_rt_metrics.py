@@ -4,6 +4,7 @@ import math
 from rtserve.api.rt_metrics import RTMetrics
 from rtserve.client.rt_report import RTTracker
 from rtserve.protocol import RTParams
+from tests.unit.test_api_metrics import exposition
 
 
 def report(rt_class="firm", ttft=0.1, gaps=(0.01, 0.02), finish="stop", ttft_s=0.3, itl_s=0.05):
@@ -31,9 +32,9 @@ def test_counts_misses_rejections_expiries_and_window_attainment():
     attain, goodput = m.attainment("firm", now_s=105.0)
     assert attain == 0.25 and goodput == 0.1
     assert math.isnan(m.attainment("batch", now_s=105.0)[0])
-    text = "\n".join(m.render(now_s=105.0))
-    assert 'rtserve:rt_deadline_misses_total{model_name="m",rt_class="firm",kind="ttft"} 2' in text
-    assert 'rtserve:rt_rejections_total{model_name="m",rt_class="soft",reason="queue_full"} 1' in text
+    text = exposition(*m.families(now_s=105.0))
+    assert 'rtserve:rt_deadline_misses_total{kind="ttft",model_name="m",rt_class="firm"} 2' in text
+    assert 'rtserve:rt_rejections_total{model_name="m",reason="queue_full",rt_class="soft"} 1' in text
     assert 'rtserve:rt_slo_attainment{model_name="m",rt_class="firm"} 0.25' in text
     assert 'rtserve:rt_slo_attainment{model_name="m",rt_class="batch"} NaN' in text
     assert text.count("# TYPE rtserve:rt_time_to_first_token_seconds histogram") == 1
@@ -42,12 +43,12 @@ def test_counts_misses_rejections_expiries_and_window_attainment():
 
 
 def test_cost_model_gauges_render_from_the_snapshot():
-    from rtserve.api.rt_metrics import render_cost_model
+    from rtserve.api.rt_metrics import cost_model_families
     from rtserve.protocol import QueueSnapshot
     snap = QueueSnapshot(0.0, "deadline", 3, cost_coeffs=(0.01, 0.001, 0.0001, 0.0), cost_calibrated=True,
                          cost_mean_rel_error=0.12, prefill_token_budget=300)
-    text = "\n".join(render_cost_model("m", snap))
+    text = exposition(*cost_model_families("m", snap))
     assert 'rtserve:step_cost_model_coefficient{model_name="m",term="intercept_seconds"} 0.01' in text
     assert 'rtserve:step_cost_model_mean_rel_error{model_name="m"} 0.12' in text
     assert 'rtserve:prefill_token_budget{model_name="m"} 300' in text
-    assert render_cost_model("m", None) == []
+    assert list(cost_model_families("m", None)) == []

@@ -18,7 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from rtserve.api.metrics import Histogram, ServingMetrics
+from rtserve.api.metric_families import Histogram
+from rtserve.api.metrics import ServingMetrics
 from rtserve.protocol import EngineStats, RTClass
 
 
