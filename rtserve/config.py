@@ -321,6 +321,9 @@ class EngineConfig:
     # chosen per step shape); anything else, or "none", runs the fp32 reference path (exact vs HF).
     quantization: str = "auto"
     device: str = "cpu"
+    # What runs the model: auto | reference | cpu | cuda (rtserve/engine/backend.py sets the device,
+    # quantization and dtype for it at start-up).
+    backend: str = "auto"
     num_threads: int = 0  # 0: leave torch's default
     # Lower torch's thread count while other processes hold cores (engine/thread_governor.py); CPU only.
     adaptive_threads: bool = True
@@ -334,6 +337,11 @@ class EngineConfig:
     weights_cache_dir: str = ""  # "" = ~/.cache/rtserve
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", "reference", "cpu", "cuda"):
+            raise ValueError(f"EngineConfig.backend must be auto, reference, cpu or cuda, got {self.backend!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+                and self.device[5:].isdigit()):
+            raise ValueError(f"EngineConfig.device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"EngineConfig.quantization must be 'auto' or 'none', "
                              f"got {self.quantization!r}")

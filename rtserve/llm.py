@@ -47,7 +47,7 @@ class GenerationOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "", *, dtype: str = "float32", quantization: str = "auto",
+    def __init__(self, model: str = "", *, dtype: str = "float32", quantization: str = "auto", backend: str = "auto",
                  kv_cache_bytes: int | None = None, num_blocks: int = 0, block_size: int = 16,
                  enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int = 8192,
@@ -59,7 +59,7 @@ class LLM:
                                 enable_prefix_caching=enable_prefix_caching)
             if kv_cache_bytes:
                 cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
-            config = EngineConfig(model=model, dtype=dtype, quantization=quantization, cache=cache,
+            config = EngineConfig(model=model, dtype=dtype, quantization=quantization, backend=backend, cache=cache,
                                   weights_cache_dir=weights_cache_dir, rt=RTConfig(policy=policy),
                                   scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len))
         from rtserve.client.async_llm import model_path

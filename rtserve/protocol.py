@@ -201,6 +201,7 @@ class EngineCoreReady:
     num_kv_blocks: int
     block_size: int
     eos_token_ids: tuple[int, ...]
+    backend: str = ""  # what runs the model, in one line (rtserve/engine/startup.describe_backend)
 
 
 @dataclass

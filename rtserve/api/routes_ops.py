@@ -58,7 +58,8 @@ async def list_models(request: Request) -> Response:
     state = app_state(request)
     names = state.settings.served_model_names or (state.model_name,)
     defaults = {**OPENAI_DEFAULTS, **state.settings.sampling_defaults.as_dict()}
-    data = [model_card(name, state.created, state.engine.max_model_len, defaults) for name in names]
+    backend = getattr(state.engine, "backend", "")
+    data = [model_card(name, state.created, state.engine.max_model_len, defaults, backend) for name in names]
     return _json({"object": "list", "data": data})
 
 

@@ -150,8 +150,9 @@ def chat_choice(index: int, text: str, logprobs: dict[str, Any] | None, finish_r
 
 
 def model_card(model_id: str, created: int, max_model_len: int,
-               sampling_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An OpenAI model object, with vLLM's max_model_len and the sampling defaults in force for
-    fields a request leaves unset (and where they came from)."""
+               sampling_defaults: dict[str, Any] | None = None, backend: str = "") -> dict[str, Any]:
+    """An OpenAI model object, with vLLM's max_model_len, the sampling defaults in force for fields a
+    request leaves unset (and where they came from), and what runs the model (`backend`)."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": "rtserve", "root": model_id,
-            "parent": None, "max_model_len": max_model_len, "sampling_defaults": sampling_defaults or {}}
+            "parent": None, "max_model_len": max_model_len, "sampling_defaults": sampling_defaults or {},
+            "backend": backend}

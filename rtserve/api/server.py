@@ -18,6 +18,8 @@ from rtserve.api.logging import configure_access_log
 from rtserve.api.shutdown import GracefulServer
 from rtserve.config import (SOFT_OVERLOAD_MODES, CacheConfig, EngineConfig, HygieneConfig, LimitsConfig,
                             RTClassDefaults, RTConfig, SchedulerConfig, SpeculativeConfig)
+from rtserve.engine.backend import probe_summary as probe_backend
+from rtserve.engine.backend import resolve as resolve_backend
 from rtserve.engine.rt_hygiene import apply_api_hygiene
 
 logger = logging.getLogger("rtserve.api")
@@ -33,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="reference-path dtype (float32, bfloat16)")
     m.add_argument("--quantization", choices=("auto", "none"), default=None,
                    help="auto: quantized CPU fast path for Q4_1 GGUFs (default); none: fp32 reference")
-    m.add_argument("--device", default=None)
+    m.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N")
+    m.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda"), default=None,
+                   help="what runs the model: reference (fp32, exact vs transformers), cpu (the quantized fast "
+                        "path; an error for a model it cannot run), cuda (bf16 on a GPU; not yet verified on "
+                        "one), auto (cuda with --device cuda, else the fast path where it applies; default). "
+                        + probe_backend())
     m.add_argument("--num-threads", type=int, default=None, help="torch threads in the engine process")
     m.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
                    help="keep the thread count fixed even while other processes hold cores")
@@ -189,7 +196,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                              prefault_kv=False if args.no_rt_hygiene else None, mlock=args.rt_mlock or None,
                              cpus=args.rt_engine_cpus, sched=args.rt_sched, sched_priority=args.rt_sched_priority)
     return _replace_given(base, model=args.model, dtype=args.dtype, quantization=args.quantization,
-                          device=args.device, num_threads=args.num_threads,
+                          device=args.device, backend=args.backend, num_threads=args.num_threads,
                           adaptive_threads=args.adaptive_threads, seed=args.seed, cache=cache,
                           scheduler=scheduler, limits=limits, rt=rt, speculative=speculative, hygiene=hygiene)
 
@@ -260,6 +267,7 @@ def main(argv: list[str]) -> int:
         configure_access_log(sys.stderr)
     try:
         config = engine_config_from_args(args)
+        resolve_backend(config)  # a backend this machine cannot run (CUDA without a GPU): a usage error
         settings = settings_from_args(args)
         HygieneConfig(cpus=args.rt_api_cpus or "")  # a bad CPU list is a usage error
         engine = AsyncLLM(config, in_process=args.in_process)

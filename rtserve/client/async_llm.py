@@ -97,6 +97,7 @@ class AsyncLLM:
         self.model_name = served_model_name(path) if path else "rtserve-model"
         self.limits = config.limits
         self.max_model_len = 0
+        self.backend = ""  # the engine's backend line, once it is ready (shown in /v1/models)
         self.vocab_size = self.tokenizer.vocab_size
         self.stats = EngineStats()
         self.is_dead = False
@@ -131,6 +132,7 @@ class AsyncLLM:
             raise EngineDeadError(msg.error)
         self.max_model_len = msg.max_model_len
         self.vocab_size = msg.vocab_size
+        self.backend = msg.backend
         self.is_dead, self.dead_reason = False, ""
         self._reader = threading.Thread(target=self._read_loop, name="rtserve-output-reader", daemon=True)
         self._reader.start()

@@ -13,6 +13,7 @@ import time
 import torch
 
 from rtserve.config import EngineConfig, ModelConfig
+from rtserve.engine import backend
 from rtserve.engine.cost_model import StepCostModel
 from rtserve.engine.request_drafts import hold_until_compiled, propose_request_drafts
 from rtserve.engine.queue_snapshot import build_queue_snapshot
@@ -81,11 +82,13 @@ class EngineCore:
     def from_config(cls, config: EngineConfig) -> "EngineCore":
         from rtserve.model.loader import default_model_path, load_model
         from rtserve.model.quantized_loader import load_fast_checkpoint
+        config = backend.resolve(config)
         path = config.model or default_model_path()
         if config.quantization == "auto" and config.device == "cpu":
             fast = load_fast_checkpoint(path, config.weights_cache_dir)
             if fast is not None:
                 return cls(config, fast.config, fast)
+        backend.check_loaded(config, False, path)
         loaded = load_model(path, config.weights_cache_dir)
         return cls(config, loaded.config, loaded.weights)
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from rtserve.engine.core import EngineCore
 from rtserve.engine.ipc import Channel
+from rtserve.engine.startup import describe_backend
 from rtserve.protocol import (EngineCoreAbort, EngineCoreFailed, EngineCoreOutput, EngineCoreOutputs,
                               EngineCorePause, EngineCoreReady, EngineCoreRequest, EngineCoreShutdown,
                               FinishReason)
@@ -34,7 +35,7 @@ def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
     mc = core.model_config
     out_q.put(EngineCoreReady(vocab_size=mc.vocab_size, max_model_len=core.max_model_len,
                               num_kv_blocks=core.kv.pool.num_blocks, block_size=core.kv.block_size,
-                              eos_token_ids=tuple(mc.eos_token_ids)))
+                              eos_token_ids=tuple(mc.eos_token_ids), backend=describe_backend(core)))
     # The stats before any step: the client's admission control then predicts the first request
     # with the cost model start-up calibrated, not with none.
     out_q.put(EngineCoreOutputs([], time.monotonic(), core.stats()))

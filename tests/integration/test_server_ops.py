@@ -155,3 +155,9 @@ def test_access_log_echoes_request_id(server):
     wait_for(lambda: '"request_id":"it-123"' in server.log_text(), 5, "the access-log line")
     line = next(json.loads(x) for x in server.log_text().splitlines() if '"request_id":"it-123"' in x)
     assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/models", 200)
+
+
+def test_models_show_the_backend_the_engine_logged(server):
+    backend = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0]["backend"]
+    assert backend.startswith("cpu ") and "quantization=" in backend  # the default model on the CPU
+    assert f"backend: {backend} threads=" in server.log_text()
