@@ -86,14 +86,15 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 
 def item_turns(instructions: str, items: list[dict[str, Any]]) -> list[Turn]:
-    """The conversation as turns: a function_call joins the assistant turn before it (or starts one)."""
+    """The conversation as turns: a function_call joins the assistant turn before it (or starts one); a
+    call cut off before its end (an incomplete item) is left out."""
     turns = [Turn("system", instructions)] if instructions else []
     for it in items:
         if it["type"] == "message":
             turns.append(Turn(it["role"], "".join(p["text"] for p in it["content"])))
         elif it["type"] == "function_call_output":
             turns.append(Turn("tool", it["output"], call_id=it["call_id"]))
-        else:
+        elif it["status"] == "completed":
             if not turns or turns[-1].role != "assistant":
                 turns.append(Turn("assistant", ""))
             turns[-1].calls.append((it["call_id"], it["name"], json.loads(it["arguments"] or "{}")))
@@ -189,8 +190,7 @@ class ToolOutput:
                       ("response.content_part.done", {**where, "content_index": 0,
                                                       "part": {"type": "text", "text": it["text"]}})]
         else:
-            done = completed and self.parser.calls[it["index"]].is_complete
-            status = "completed" if done else "incomplete"
+            status = "completed" if self.parser.calls[it["index"]].is_complete else "incomplete"
             item = call_item(it["id"], it["call_id"], it["name"], it["arguments"], status)
             events = [("response.function_call_arguments.done", {**where, "call_id": it["call_id"], "name": it["name"],
                                                                  "arguments": it["arguments"]})]

@@ -272,7 +272,8 @@ class RealtimeSession:
         last = progress.last
         events, output = writer.close(status == "completed")
         self.items += output
-        self.call_ids.update(it["call_id"] for it in output if it["type"] == "function_call")
+        self.call_ids.update(it["call_id"] for it in output if it["type"] == "function_call"
+                             and it["status"] == "completed")  # only a whole call can be answered
         await self.send_all(events)
         usage = E.usage_object(len(prompt_ids), last.num_cached_tokens if last else 0,
                                last.num_output_tokens if last else 0)

@@ -267,3 +267,28 @@ async def test_openai_sdk_realtime_client_reads_a_function_call():
                     break
         await client.close()
     assert "ResponseFunctionCallArgumentsDoneEvent" in names and "ResponseOutputItemAddedEvent" in names
+
+
+async def test_a_call_cut_by_max_output_tokens_is_incomplete_and_cannot_be_answered():
+    call = render_call("get_weather", '{"city": "Paris"}')
+    app, engine = build_test_app(FakeEngine(reply=call, max_model_len=4096))
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    with LiveServer(app) as server:
+        async with connect(ws_url(server)) as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "session.update", "session": {"tools": [tool]}}))
+            await recv(ws)
+            await ws.send(user_item("Weather?"))
+            await recv(ws)
+            await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 60}}))
+            done = (await recv_until(ws, "response.done"))[-1]["response"]
+            (item,) = done["output"]
+            assert done["status"] == "incomplete" and item["type"] == "function_call"
+            assert item["status"] == "incomplete" and item["arguments"] == '{"city": "P'
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "function_call_output", "call_id": item["call_id"], "output": "sunny"}}))
+            assert (await recv(ws))["error"]["param"] == "item.call_id"
+            await ws.send(user_item("Again?"))
+            await recv(ws)
+            await ws.send(json.dumps({"type": "response.create", "response": {"tool_choice": "none"}}))
+            assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "completed"
