@@ -227,7 +227,7 @@ class RealtimeSession:
     async def _params(self, response_id: str, overrides: dict[str, Any], mot: int | str
                       ) -> tuple[list[int], SamplingParams, TextOutput | ToolOutput]:
         """Prompt ids, sampling parameters and the output writer of a response (ApiError on bad input)."""
-        tools, choice, mode = self._apply_overrides(overrides, "response")
+        tools, _, mode = self._apply_overrides(overrides, "response")
         fmt = tool_format_of(self.state)
         grammar = fmt.grammar(tools, mode, True) if mode != "none" else None
         if grammar is not None:
