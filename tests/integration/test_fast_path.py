@@ -1,9 +1,13 @@
 """The default quantized CPU fast path against the fp32 reference path on the real SmolLM2-135M.
 
 The fast path runs the GGUF's own Q4_1 weights (int4 / bf16 kernels) with bf16 activations into the
-matmuls, so it is not bit-exact: greedy output must be identical to the reference, or diverge only at
-a near tie -- at the first differing position both tokens are in the fp32 reference's top-5 there,
-and the reference's token is in the fast path's own top-5.
+matmuls, so it is not bit-exact: greedy output must be identical to the reference, or part only at a
+near tie. At the first differing position each path's token must be within NEAR_TIE_NATS of the
+other path's best token by that path's own logprobs (so the two are the reference's top 2, or among
+tokens tied that closely), where NEAR_TIE_NATS is a small multiple of how far the two paths' logprobs
+for the same token on the same prefix differ in this run: the rounding of bf16 activations (8
+significant bits) through 30 layers, measured, not assumed (AMX and AVX-512 machines round
+differently).
 """
 import pytest
 import torch
@@ -60,45 +64,65 @@ def prompts(fast):
     ]
 
 
-def params(logprobs=None):
+def params(logprobs=5):
     return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
 
 
-def top5_at(llm: LLM, prompt: list[int], prefix: list[int]) -> list[int]:
-    """The model's 5 most likely next tokens after prompt + prefix."""
-    out = llm.generate([prompt + prefix], SamplingParams(temperature=0.0, max_tokens=1, logprobs=5))[0]
-    return out.samples[0].logprobs[0].top_ids
+# A divergence is a near tie when each token is within this many times the paths' measured
+# disagreement of the other's best (and the disagreement is floored at 0.02 nats).
+NEAR_TIE_FACTOR = 5.0
+MIN_DISAGREEMENT_NATS = 0.02
 
 
-def check_near_tie(prompt, got, ref, fast, reference) -> str:
-    """'' when identical; a description when they diverge at a near tie; fails otherwise."""
-    if got == ref:
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def disagreement_nats(outs_a, outs_b) -> float:
+    """Largest |logprob| difference the two runs give the same token on the same prefix (positions
+    before their first divergence), over every prompt."""
+    worst = MIN_DISAGREEMENT_NATS
+    for a, b in zip(outs_a, outs_b):
+        n = first_divergence(a.token_ids, b.token_ids)
+        for j in range(len(a.token_ids) if n is None else n):
+            worst = max(worst, abs(a.samples[0].logprobs[j].logprob - b.samples[0].logprobs[j].logprob))
+    return worst
+
+
+def check_near_tie(a, b, gap_nats: float) -> str:
+    """'' when the greedy outputs `a` and `b` (logprobs=5) are identical; a description when they part
+    at a near tie (module doc); fails otherwise."""
+    i = first_divergence(a.token_ids, b.token_ids)
+    if i is None:
         return ""
-    i = next(j for j, (a, b) in enumerate(zip(got, ref)) if a != b)
-    ref_top5 = top5_at(reference, prompt, ref[:i])
-    fast_top5 = top5_at(fast, prompt, ref[:i])
-    assert got[i] in ref_top5 and ref[i] in fast_top5, (
-        f"not a near tie at token {i}: fast {got[i]} vs reference {ref[i]}; "
-        f"reference top-5 {ref_top5}, fast top-5 {fast_top5}")
-    return f"token {i}: fast {got[i]} vs ref {ref[i]} (ref top-5 {ref_top5})"
+    la, lb = a.samples[0].logprobs[i], b.samples[0].logprobs[i]
+    top_a, top_b = dict(zip(la.top_ids, la.top_logprobs)), dict(zip(lb.top_ids, lb.top_logprobs))
+    ta, tb = a.token_ids[i], b.token_ids[i]
+    assert tb in top_a and ta in top_b, f"token {i}: {ta} vs {tb} not in each other's top-5 {la.top_ids} {lb.top_ids}"
+    gap_in_a, gap_in_b = top_a[ta] - top_a[tb], top_b[tb] - top_b[ta]
+    assert max(gap_in_a, gap_in_b) <= gap_nats, (
+        f"not a near tie at token {i}: {ta} vs {tb}, logprob gaps {gap_in_a:.3f} / {gap_in_b:.3f} nats "
+        f"> {gap_nats:.3f}")
+    return f"token {i}: {ta} vs {tb} (gaps {gap_in_a:.3f}/{gap_in_b:.3f} nats)"
+
+
+def check_all(outs_a, outs_b) -> list[str]:
+    gap = NEAR_TIE_FACTOR * disagreement_nats(outs_a, outs_b)
+    notes = [check_near_tie(a, b, gap) for a, b in zip(outs_a, outs_b)]
+    print(f"\n{sum(not n for n in notes)}/{len(notes)} identical; near-tie bound {gap:.3f} nats; "
+          f"near ties: {[n for n in notes if n]}")
+    return notes
 
 
 def test_fast_path_matches_reference_or_near_tie(fast, reference, prompts):
-    got = [o.token_ids for o in fast.generate(prompts, params())]
-    ref = [o.token_ids for o in reference.generate(prompts, params())]
-    notes = [check_near_tie(p, g, r, fast, reference) for p, g, r in zip(prompts, got, ref)]
-    print(f"\n{sum(not n for n in notes)}/{len(prompts)} identical; near ties: {[n for n in notes if n]}")
+    check_all(fast.generate(prompts, params()), reference.generate(prompts, params()))
 
 
 def test_fast_path_batch_1_equals_batched(fast, prompts):
     """Decode kernels (M < LARGE_M: int4) and batched kernels (bf16) give the same greedy text or
     near ties; batch-1 runs take the contiguous-slot decode attention."""
-    alone = [fast.generate([p], params())[0].token_ids for p in prompts[:4]]
-    batched = [o.token_ids for o in fast.generate(prompts[:4], params())]
-    for p, a, b in zip(prompts[:4], alone, batched):
-        if a != b:
-            i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-            assert b[i] in top5_at(fast, p, a[:i])
+    alone = [fast.generate([p], params())[0] for p in prompts[:4]]
+    check_all(alone, fast.generate(prompts[:4], params()))
 
 
 def test_small_chunks_as_decode_rows_match_whole_prompt_prefill(fast, prompts):
@@ -107,12 +131,8 @@ def test_small_chunks_as_decode_rows_match_whole_prompt_prefill(fast, prompts):
     text must equal whole-prompt prefill's, or part at a near tie."""
     chunked = LLM(max_num_batched_tokens=8)
     assert chunked.core.runner.is_fast_path
-    for p in prompts[:3]:
-        a = chunked.generate([p], params())[0].token_ids
-        b = fast.generate([p], params())[0].token_ids
-        if a != b:
-            i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-            assert a[i] in top5_at(fast, p, b[:i]) and b[i] in top5_at(chunked, p, b[:i])
+    check_all([chunked.generate([p], params())[0] for p in prompts[:3]],
+              [fast.generate([p], params())[0] for p in prompts[:3]])
 
 
 def test_without_onednn_bf16_the_int4_gemv_serves_every_row_count(reference, prompts, monkeypatch):
@@ -124,7 +144,4 @@ def test_without_onednn_bf16_the_int4_gemv_serves_every_row_count(reference, pro
     assert llm.core.runner.is_fast_path
     assert quant.kernel_for_rows(256, have_amx=False) == quant.SMALL
     assert all(layer.qkv.bf16_prepacked.numel() == 0 for layer in llm.core.runner.model.layers)
-    got = [o.token_ids for o in llm.generate(prompts, params())]
-    ref = [o.token_ids for o in reference.generate(prompts, params())]
-    notes = [check_near_tie(p, g, r, llm, reference) for p, g, r in zip(prompts, got, ref)]
-    print(f"\nno oneDNN bf16: {sum(not n for n in notes)}/{len(prompts)} identical")
+    check_all(llm.generate(prompts, params()), reference.generate(prompts, params()))
