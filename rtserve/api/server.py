@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from rtserve.config import (SOFT_OVERLOAD_MODES, CacheConfig, EngineConfig, Hygi
 from rtserve.engine.backend import probe_summary as probe_backend
 from rtserve.engine.backend import resolve as resolve_backend
 from rtserve.engine.rt_hygiene import apply_api_hygiene
+from rtserve.model.generation_config import SamplingDefaults, resolve_sampling_defaults
 
 logger = logging.getLogger("rtserve.api")
 
@@ -28,7 +30,14 @@ logger = logging.getLogger("rtserve.api")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtserve serve", description="OpenAI/Anthropic-compatible server.")
     m = p.add_argument_group("model and engine")
-    m.add_argument("--model", default="", help="GGUF file or HF directory (default: the embedded SmolLM2)")
+    m.add_argument("--model", default="", help="GGUF file, HF directory, or an installed model package's name "
+                   "(rtserve models lists them; default: the embedded SmolLM2)")
+    m.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
+                   help="sampling defaults for fields a request leaves unset: auto (an HF directory's "
+                        "generation_config.json; a GGUF's documented family defaults), none (OpenAI's), or a "
+                        "generation_config.json path")
+    m.add_argument("--override-generation-config", type=_json_object, default=None, metavar="JSON",
+                   help='sampling defaults set over those, e.g. \'{"temperature": 0.5}\'')
     m.add_argument("--served-model-name", nargs="+", default=None, help="model ids to answer to (first is listed)")
     m.add_argument("--tool-call-parser", choices=("auto", "hermes", "llama3_json", "mistral"), default="auto",
                    help="how the model writes tool calls (auto: read from its chat template)")
@@ -254,6 +263,23 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_concurrent_per_key=args.max_concurrent_per_key, tool_call_parser=args.tool_call_parser)
 
 
+def sampling_defaults_from_args(args: argparse.Namespace, config: EngineConfig) -> SamplingDefaults:
+    """--generation-config and --override-generation-config for the model `config` names (ValueError,
+    one line, for a bad file or field)."""
+    from rtserve.client.async_llm import model_path
+    return resolve_sampling_defaults(args.generation_config, model_path(config), args.override_generation_config)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
@@ -270,6 +296,9 @@ def main(argv: list[str]) -> int:
         resolve_backend(config)  # a backend this machine cannot run (CUDA without a GPU): a usage error
         settings = settings_from_args(args)
         HygieneConfig(cpus=args.rt_api_cpus or "")  # a bad CPU list is a usage error
+        defaults = sampling_defaults_from_args(args, config)
+        settings = dataclasses.replace(settings, sampling_defaults=defaults)
+        logger.info("sampling defaults for unset request fields: %s", defaults.as_dict())
         engine = AsyncLLM(config, in_process=args.in_process)
     except (ValueError, FileNotFoundError) as exc:
         print(f"rtserve serve: {exc}", file=sys.stderr)

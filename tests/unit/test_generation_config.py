@@ -88,3 +88,20 @@ async def test_no_model_defaults_keeps_the_openai_defaults():
         assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
         card = (await c.get("/v1/models")).json()["data"][0]
         assert card["sampling_defaults"]["temperature"] == 1.0
+
+
+def test_server_flags(tmp_path):
+    from rtserve.api.server import build_parser, engine_config_from_args, sampling_defaults_from_args
+
+    def defaults(*argv):
+        args = build_parser().parse_args(list(argv))
+        return sampling_defaults_from_args(args, engine_config_from_args(args))
+
+    assert defaults() == SMOL  # the embedded SmolLM2 under the default --generation-config auto
+    assert defaults("--generation-config", "none") == SamplingDefaults()
+    over = defaults("--override-generation-config", '{"temperature": 0.7, "min_p": 0.05}')
+    assert (over.temperature, over.top_p, over.min_p) == (0.7, 0.9, 0.05)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--override-generation-config", "[1]"])
+    with pytest.raises(ValueError, match="no such file"):
+        defaults("--generation-config", str(tmp_path / "nope.json"))
