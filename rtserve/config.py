@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -345,3 +346,9 @@ class EngineConfig:
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"EngineConfig.quantization must be 'auto' or 'none', "
                              f"got {self.quantization!r}")
+
+
+def default_cache_dir(cache_dir: str = "") -> str:
+    """Where converted weights, tokenizers, kernels and calibrations are cached: `cache_dir`, else
+    `~/.cache/rtserve`."""
+    return cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtserve")

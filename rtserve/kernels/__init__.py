@@ -30,7 +30,7 @@ try:
 except ImportError:  # not POSIX (Windows): no lock; a build is still published by atomic rename
     fcntl = None
 
-from rtserve.model.gguf import default_cache_dir
+from rtserve.config import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,27 @@ def reference_argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def unpack_q4_amx(qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rtserve.model.quant.pack_q4_amx` (the AMX kernel's weight layout, groups of
+    32 along K): [N, K] fp32 weights d * q + m."""
+    col_blocks, g = qw.shape[0], qw.shape[1]
+    q = torch.stack([qw & 0x0F, qw >> 4], dim=3).float()                      # [N/16, G, r, half, i]
+    w = q * dm[:, :, None, :32].view(col_blocks, g, 1, 2, 16) + dm[:, :, None, 32:].view(col_blocks, g, 1, 2, 16)
+    w = w.view(col_blocks, g, 16, 2, 8, 2)                                    # [N/16, G, r, half, c, e]
+    return w.permute(0, 3, 4, 1, 2, 5).reshape(col_blocks * 16, g * 32)
+
+
 def reference_int4_linear(x: torch.Tensor, qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 @ W^T -> [M, N] bf16, W unpacked from the AMX layout (`quant.pack_q4_amx`)."""
-    from rtserve.model.quant import unpack_q4_amx
     weight = unpack_q4_amx(qw, dm).to(torch.bfloat16)  # [N, K], the exact bf16 dequantization
     return (x.float() @ weight.float().t()).to(torch.bfloat16)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU (and OS) runs AMX tiles, as torch probes it (CPUID, not /proc/cpuinfo): the AMX
+    weight layout is built only then, since only then can the AMX kernel run."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
 
 
 def reference_amx_available() -> bool:

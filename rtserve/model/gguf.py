@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from rtserve.config import default_cache_dir  # noqa: F401 - where the caches derived from GGUF files live
+
 if TYPE_CHECKING:  # torch is imported lazily: the tokenizer reads GGUF metadata without it
     import torch
 
@@ -371,11 +373,6 @@ def end_of_turn_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
         ids += [i for i, (text, kind) in enumerate(zip(tokens, types))
                 if kind == _CONTROL_TOKEN and text in END_OF_TURN_TEXTS and i not in ids]
     return tuple(ids)
-
-
-def default_cache_dir(cache_dir: str = "") -> str:
-    """Where converted weights and tokenizers are cached: `cache_dir`, else `~/.cache/rtserve`."""
-    return cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtserve")
 
 
 def cache_key(path: str) -> str:

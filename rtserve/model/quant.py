@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rtserve.kernels import cpu_has_amx
+
 Q4_1_BLOCK_LEN, Q4_1_BLOCK_NBYTES = 32, 20
 Q8_0_BLOCK_LEN, Q8_0_BLOCK_NBYTES = 32, 34
 INT4_INNER_K_TILES = 2
@@ -112,15 +114,6 @@ def pack_q4_amx(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return qw, torch.cat(rep, dim=-1).contiguous()                            # dm [N/16, G, 64]
 
 
-def unpack_q4_amx(qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_q4_amx`: [N, K] fp32 weights d * q + m."""
-    col_blocks, g = qw.shape[0], qw.shape[1]
-    q = torch.stack([qw & 0x0F, qw >> 4], dim=3).float()                      # [N/16, G, r, half, i]
-    w = q * dm[:, :, None, :32].view(col_blocks, g, 1, 2, 16) + dm[:, :, None, 32:].view(col_blocks, g, 1, 2, 16)
-    w = w.view(col_blocks, g, 16, 2, 8, 2)                                    # [N/16, G, r, half, c, e]
-    return w.permute(0, 3, 4, 1, 2, 5).reshape(col_blocks * 16, g * Q4_1_BLOCK_LEN)
-
-
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] (dtype of scales_and_zeros) @ W.T -> [M, N]."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, Q4_1_BLOCK_LEN, scales_and_zeros)
@@ -160,7 +153,7 @@ class FastLinear:
     def from_q4_1(cls, blocks: torch.Tensor) -> "FastLinear":
         """blocks: [N, K/32, 20] uint8 GGUF Q4_1 (rows already in the model's order)."""
         packed, sz = int4pack_from_q4_1(blocks)
-        amx_q, amx_dm = pack_q4_amx(blocks) if blocks.shape[0] % 32 == 0 else (None, None)
+        amx_q, amx_dm = pack_q4_amx(blocks) if blocks.shape[0] % 32 == 0 and cpu_has_amx() else (None, None)
         bf16 = prepack_bf16(q4_1_dequantize(blocks)) if onednn_bf16() else torch.empty(0, dtype=torch.bfloat16)
         return cls(packed, sz, bf16, blocks.shape[0], amx_q, amx_dm)
 

@@ -8,7 +8,8 @@ cache (`<key>.fast.safetensors`); a second start only maps that file.
 Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `DecoderForCausalLM`):
   layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
-  layers.<i>.<m>.amx_q [N/16, K/32, 16, 16] uint8, .amx_dm [N/16, K/32, 64] fp32  (AMX layout; N % 32 == 0)
+  layers.<i>.<m>.amx_q [N/16, K/32, 16, 16] uint8, .amx_dm [N/16, K/32, 64] fp32  (AMX layout; N % 32 == 0,
+                                                             only on a CPU with AMX tiles)
   layers.<i>.input_layernorm / .post_attention_layernorm [H] fp32, norm [H] fp32
   embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16,
   lm_head.outlier_idx [16] int64 (the head input's outlier channels, see FastLlamaForCausalLM)
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rtserve.config import ModelConfig
+from rtserve.kernels import cpu_has_amx
 from rtserve.model.tensor_cache import read_tensor_cache, write_tensor_cache
 from rtserve.model import quant
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir
@@ -30,7 +32,7 @@ from rtserve.model.loader import config_from_gguf
 
 logger = logging.getLogger(__name__)
 
-FAST_FORMAT_VERSION = "5"  # bump when the packed layout changes
+FAST_FORMAT_VERSION = "6"  # bump when the packed layout changes (6: no AMX layout without AMX)
 _Q4_1 = 3
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}
@@ -48,7 +50,8 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
         return None
     # torch packs int4 weights for the ISA it runs on (`_convert_weight_to_int4pack_for_cpu`: an
     # AVX-512 layout read on an AVX2 CPU gives garbage), so the cache is per ISA.
-    isa = torch.backends.cpu.get_cpu_capability()
+    # torch reports AVX512 on AMX machines too: whether the AMX layout is in the file is part of the name.
+    isa = torch.backends.cpu.get_cpu_capability() + ("-amx" if cpu_has_amx() else "")
     cache_name = f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.{isa}.safetensors"
     cache_path = os.path.join(default_cache_dir(cache_dir), cache_name)
     cached = _read(cache_path)
@@ -80,6 +83,7 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
 
 def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
     config = config_from_gguf(gguf)
+    amx = cpu_has_amx()
     out: dict[str, torch.Tensor] = {"norm": gguf.dequantize("output_norm.weight")}
     embed = gguf.dequantize("token_embd.weight")
     head = gguf.dequantize("output.weight") if "output.weight" in gguf.tensors else embed
@@ -97,7 +101,7 @@ def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
             out[f"layers.{i}.{fused}.int4"] = packed
             out[f"layers.{i}.{fused}.scales_zeros"] = scales_zeros
             out[f"layers.{i}.{fused}.bf16"] = quant.q4_1_dequantize(blocks).to(torch.bfloat16)
-            if blocks.shape[0] % 32 == 0:
+            if blocks.shape[0] % 32 == 0 and amx:  # only where the AMX kernel can run
                 out[f"layers.{i}.{fused}.amx_q"], out[f"layers.{i}.{fused}.amx_dm"] = quant.pack_q4_amx(blocks)
     return out
 

@@ -169,7 +169,7 @@ def test_amx_packing_round_trips_to_the_gguf_dequantization():
     blocks = _q4_1_blocks(64, 96, seed=5)
     qw, dm = quant.pack_q4_amx(blocks)
     assert qw.shape == (4, 3, 16, 16) and dm.shape == (4, 3, 64)
-    assert torch.equal(quant.unpack_q4_amx(qw, dm), quant.q4_1_dequantize(blocks))
+    assert torch.equal(kernels.unpack_q4_amx(qw, dm), quant.q4_1_dequantize(blocks))
 
 
 @pytest.mark.parametrize("rows", [1, 4, 15, 16, 17, 32, 33, 48, 100])

@@ -221,3 +221,23 @@ def test_the_fast_checkpoint_cache_is_per_isa(monkeypatch, tmp_path):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
         quantized_loader.load_fast_checkpoint(default_model_path(), str(tmp_path))
     assert len(set(paths)) == 2 and ".AVX2." in paths[1]
+
+
+def test_the_amx_layout_is_built_only_where_amx_tiles_run(monkeypatch, tmp_path):
+    """A CPU without AMX (this AMD EPYC, AVX2 laptops) never builds or caches the AMX weight layout;
+    one with AMX does, and its fast-path cache is named apart (torch reports AVX512 for both)."""
+    import rtserve.model.quantized_loader as ql
+    blocks = torch.randint(0, 256, (64, 2, quant.Q4_1_BLOCK_NBYTES), dtype=torch.uint8)
+    blocks[:, :, :4] = torch.tensor([0x00, 0x3C, 0x00, 0x00], dtype=torch.uint8)  # d = 1.0, m = 0.0 (fp16)
+    for amx in (False, True):
+        monkeypatch.setattr(quant, "cpu_has_amx", lambda amx=amx: amx)
+        lin = quant.FastLinear.from_q4_1(blocks)
+        assert (lin.amx_q is not None) == amx and (lin.amx_dm is not None) == amx
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    names = []
+    monkeypatch.setattr(ql, "_read", lambda path: names.append(path) or "cached")
+    for amx in (False, True):
+        monkeypatch.setattr(ql, "cpu_has_amx", lambda amx=amx: amx)
+        assert ql.load_fast_checkpoint(str(model), str(tmp_path)) == "cached"
+    assert names[0] != names[1] and names[1].endswith("-amx.safetensors") and "-amx" not in names[0]
