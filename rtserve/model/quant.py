@@ -136,7 +136,8 @@ def bf16_mm(x: torch.Tensor, prepacked: torch.Tensor) -> torch.Tensor:
 
 class FastLinear:
     """One [N, K] matrix kept as int4 (GEMV layout), int4 (AMX layout) and prepacked bf16; bf16 in
-    and out. The AMX form is None when N is not a multiple of 32 (then `amx` is never chosen).
+    and out. The AMX form is None when N is not a multiple of 32 or the CPU has no AMX tiles (then
+    `amx` is never chosen).
 
     Plain object, not an nn.Module: the step calls `small`/`amx`/`large` directly.
     """
