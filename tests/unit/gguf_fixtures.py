@@ -71,6 +71,8 @@ def write_hf_as_gguf(path, hf_config, state_dict: dict, qtypes: dict | None = No
     w.add_rope_dimension_count(head_dim)
     rope = c.rope_parameters or {}
     if arch == "gemma3":
+        if c.query_pre_attn_scalar != head_dim:
+            raise ValueError("a GGUF cannot carry query_pre_attn_scalar != head_dim (llama.cpp derives it)")
         w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
         w.add_sliding_window(c.sliding_window)
         pattern = [t == "sliding_attention" for t in c.layer_types]
