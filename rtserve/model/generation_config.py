@@ -45,8 +45,10 @@ class SamplingDefaults:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"generation config {f.name} must be a finite number, got {value!r}")
-        if self.top_k is not None and self.top_k != int(self.top_k):
-            raise ValueError(f"generation config top_k must be an integer, got {self.top_k!r}")
+        if self.top_k is not None:
+            if self.top_k != int(self.top_k):
+                raise ValueError(f"generation config top_k must be an integer, got {self.top_k!r}")
+            object.__setattr__(self, "top_k", int(self.top_k))  # JSON may spell it 64.0
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that are set, plus `source`."""
