@@ -1,6 +1,7 @@
 """DraftModelProposer: a smaller Llama with the target's tokenizer proposes k tokens autoregressively.
 
-The draft keeps its own small paged KV cache (its own blocks, never the target's). Per request it
+The draft keeps its own small paged KV cache (its own blocks, never the target's, handed out by a
+`rtserve.kv` block pool of its own, without prefix caching). Per request it
 remembers which tokens its cache holds; each step it keeps the longest prefix those share with the
 request's current tokens (rejected drafts fall off here: their KV is simply overwritten later),
 computes the rest in one batched forward, then runs k - 1 more one-token forwards. Each draft token
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 
 from rtserve.config import ModelConfig
+from rtserve.kv.block_pool import BlockPool, KVBlock
 from rtserve.model.decoder import DecoderForCausalLM
 from rtserve.runner.attention_metadata import AttentionMetadata, PrefillChunk
 from rtserve.sample.rejection import target_probs
@@ -26,8 +28,12 @@ from rtserve.spec.proposer import Proposal, Proposer, SpecRequest
 @dataclass
 class _DraftSeq:
     token_ids: list[int] = field(default_factory=list)  # tokens whose K/V the draft cache holds, in order
-    block_ids: list[int] = field(default_factory=list)
+    blocks: list[KVBlock] = field(default_factory=list)
     last_used: int = 0
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [b.block_id for b in self.blocks]
 
 
 class DraftModelProposer(Proposer):
@@ -42,7 +48,7 @@ class DraftModelProposer(Proposer):
         dtype = next(model.parameters()).dtype
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
-        self._free_blocks = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._pool = BlockPool(num_blocks, enable_caching=False)
         self._seqs: dict[str, _DraftSeq] = {}
         self._clock = 0
         self._round_s = 0.0  # EWMA of measured seconds per draft forward
@@ -63,12 +69,12 @@ class DraftModelProposer(Proposer):
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        return self._pool.num_free_blocks
 
     def free(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
-            self._free_blocks.extend(reversed(seq.block_ids))
+            self._pool.free(list(reversed(seq.blocks)))
 
     def cost_s(self, num_rounds: int, num_tokens: int) -> float:
         return self._round_s * num_rounds
@@ -119,13 +125,13 @@ class DraftModelProposer(Proposer):
                 break
             common += 1
         del seq.token_ids[min(common, len(tokens) - 1):]  # at least one token to compute: logits
-        needed = -(-end // self.block_size) - len(seq.block_ids)
-        while needed > len(self._free_blocks):
+        needed = -(-end // self.block_size) - len(seq.blocks)
+        while needed > self._pool.num_free_blocks:
             victims = [rid for rid, s in self._seqs.items() if rid not in in_batch]
             if not victims:
                 return False
             self.free(min(victims, key=lambda rid: self._seqs[rid].last_used))
-        seq.block_ids.extend(self._free_blocks.pop() for _ in range(max(needed, 0)))
+        seq.blocks.extend(self._pool.allocate(max(needed, 0)))
         return True
 
     def _forward(self, reqs: list[SpecRequest], chunks: list[list[int]]) -> torch.Tensor:
