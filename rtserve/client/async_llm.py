@@ -61,16 +61,18 @@ class AdmissionRejected(RuntimeError):
 
 def model_path(config: EngineConfig) -> str:
     """The model to load: `config.model` as a GGUF path, an HF directory or the name of an installed
-    model package; "" is the embedded SmolLM2 (rtserve/model/catalog.py). An HF directory is checked
-    here, before anything loads (a one-line ValueError for a missing file or an unsupported
-    architecture); an unknown name is a FileNotFoundError."""
+    model package; "" is the embedded SmolLM2 (rtserve/model/catalog.py). It is checked here, before
+    anything loads: a one-line ValueError for a missing file, a truncated GGUF, an unsupported
+    architecture or quantization; an unknown name is a FileNotFoundError."""
     import os
 
-    from rtserve.model.catalog import resolve_model
+    from rtserve.model.catalog import describe, resolve_model
     path = resolve_model(config.model, config.weights_cache_dir)
     if os.path.isdir(path):
         from rtserve.model.loader import check_hf_dir
         check_hf_dir(path)
+    else:
+        describe(path)  # reads the GGUF header and tensor table only
     return path
 
 

@@ -105,9 +105,12 @@ def describe(path: str, name: str = "") -> ModelInfo:
         raise FileNotFoundError(f"{path}: no such file or directory")
     if os.path.isdir(path):
         return _describe_hf_dir(path, name or os.path.basename(os.path.normpath(path)))
-    gguf = GGUFFile(path)  # ValueError for a truncated or corrupt file
-    arch = architecture(gguf.metadata)  # ValueError naming an unsupported architecture
-    gguf.check_types()
+    try:
+        gguf = GGUFFile(path)  # ValueError for a truncated or corrupt file
+        arch = architecture(gguf.metadata)  # ValueError naming an unsupported architecture
+        gguf.check_types()
+    except ValueError as exc:
+        raise ValueError(str(exc) if path in str(exc) else f"{path}: {exc}") from exc
     return ModelInfo(name or path, path, arch, quantization_of(gguf), gguf.file_size,
                      int(gguf.metadata.get(f"{arch}.context_length", 0)))
 

