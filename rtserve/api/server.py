@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     hy.add_argument("--rt-sched", choices=("fifo", "rr", "nice"), default=None,
                     help="engine process scheduling: SCHED_FIFO / SCHED_RR at --rt-sched-priority, or nice")
     hy.add_argument("--rt-sched-priority", type=int, default=None, help="real-time priority for fifo/rr (1)")
+    hy.add_argument("--rt-omp-wait-policy", choices=("passive", "active"), default=None,
+                    help="OMP_WAIT_POLICY for the engine process: passive makes idle OpenMP threads sleep at once "
+                         "instead of spinning (default: the environment's, else OpenMP's)")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask")
     lim.add_argument("--max-n", type=int, default=None, help="largest n (choices per request)")
@@ -161,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key-file", default=None,
                    help="more accepted keys, one per line (# comments); with --api-key or alone")
     h.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive timeout, seconds")
-    h.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn connection cap (plain 503 beyond)")
+    h.add_argument("--limit-concurrency", type=int, default=None,
+                   help="connection cap: a request while this many connections are open or requests answered "
+                        "gets 503 (Anthropic routes 529) with Retry-After, an error object (plain text with "
+                        "--http h11/auto); /health is always answered")
     h.add_argument("--backlog", type=int, default=2048)
     h.add_argument("--timeout-graceful-shutdown", type=int, default=10,
                    help="after the drain, uvicorn's wait for connections to close, seconds")
@@ -282,6 +288,9 @@ def _json_object(text: str) -> dict:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.limit_concurrency is not None and args.limit_concurrency < 1:
+        print("rtserve serve: --limit-concurrency must be >= 1", file=sys.stderr)
+        return 2
     import uvicorn
 
     from rtserve.client.async_llm import AsyncLLM
@@ -315,11 +324,12 @@ def main(argv: list[str]) -> int:
         app = build_app(engine, settings)
     if settings.batches is not None:
         print(f"rtserve serve: batch API data directory {settings.batches.data_dir}", file=sys.stderr)
-    http = guarded_httptools(args.max_header_bytes, args.header_timeout_s) if args.http == "httptools" else args.http
+    guarded = args.http == "httptools"  # the guarded protocol enforces the connection cap itself
+    http = guarded_httptools(args.max_header_bytes, args.header_timeout_s, args.limit_concurrency) if guarded else args.http
     uvicorn_config = uvicorn.Config(
         app, host=args.host, port=args.port, loop=args.loop, http=http, ws="websockets-sansio",
         lifespan="on", access_log=False, log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,
-        limit_concurrency=args.limit_concurrency, backlog=args.backlog,
+        limit_concurrency=None if guarded else args.limit_concurrency, backlog=args.backlog,
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
         h11_max_incomplete_event_size=args.max_header_bytes,
         ws_max_size=max(args.max_body_bytes, 64 * 1024), server_header=False)
@@ -329,7 +339,8 @@ def main(argv: list[str]) -> int:
     if args.shutdown_timeout_s < 0:
         print("rtserve serve: --shutdown-timeout-s must be >= 0", file=sys.stderr)
         return 2
-    apply_api_hygiene(args.rt_api_cpus or "", freeze_heap=not args.no_rt_hygiene)
+    apply_api_hygiene(args.rt_api_cpus or "", freeze_heap=not args.no_rt_hygiene,
+                      omp_wait_policy=args.rt_omp_wait_policy or "")
     server = GracefulServer(uvicorn_config, app.state.rtserve, args.shutdown_timeout_s, args.engine_restart)
     server.run()
     return server.exit_status if server.started else 3

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from rtserve.engine.core import EngineCore
 from rtserve.engine.ipc import Channel
 from rtserve.engine.startup import describe_backend
+from rtserve.engine.rt_hygiene import EngineHygiene
 from rtserve.protocol import (EngineCoreAbort, EngineCoreFailed, EngineCoreOutput, EngineCoreOutputs,
                               EngineCorePause, EngineCoreReady, EngineCoreRequest, EngineCoreShutdown,
                               FinishReason)
@@ -24,14 +25,18 @@ logger = logging.getLogger("rtserve.engine")
 
 
 def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
-                    is_orphaned: Callable[[], bool] = lambda: False) -> None:
-    """Build the core, announce readiness, then serve until EngineCoreShutdown (then `core.close()`)."""
+                    is_orphaned: Callable[[], bool] = lambda: False, hygiene: EngineHygiene | None = None) -> None:
+    """Build the core, announce readiness, then serve until EngineCoreShutdown (then `core.close()`).
+
+    `hygiene` (the engine process only: its GC measure is process-wide) is applied after warm-up."""
     try:
         core = make_core()
     except Exception as exc:  # noqa: BLE001 - reported to the client, which fails loudly
         logger.exception("engine core failed to start")
         out_q.put(EngineCoreFailed(f"engine failed to start: {exc!r}"))
         return
+    if hygiene is not None:
+        hygiene.after_warmup(core)
     mc = core.model_config
     out_q.put(EngineCoreReady(vocab_size=mc.vocab_size, max_model_len=core.max_model_len,
                               num_kv_blocks=core.kv.pool.num_blocks, block_size=core.kv.block_size,
@@ -40,7 +45,7 @@ def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
     # with the cost model start-up calibrated, not with none.
     out_q.put(EngineCoreOutputs([], time.monotonic(), core.stats()))
     try:
-        _serve(core, in_q, out_q, is_orphaned)
+        _serve(core, in_q, out_q, is_orphaned, hygiene)
     except BaseException:  # noqa: BLE001 - whatever kills the loop is reported, never silent
         logger.exception("engine core loop died")
         out_q.put(EngineCoreFailed("engine core loop died: " + traceback.format_exc(limit=3)))
@@ -51,9 +56,12 @@ def run_engine_loop(make_core: Callable[[], EngineCore], in_q: Any, out_q: Any,
 _STALLED_POLL_S = 0.01  # every unfinished request is paused (slow readers): poll, don't spin
 
 
-def _serve(core: EngineCore, in_q: Any, out_q: Any, is_orphaned: Callable[[], bool]) -> None:
+def _serve(core: EngineCore, in_q: Any, out_q: Any, is_orphaned: Callable[[], bool],
+           hygiene: EngineHygiene | None) -> None:
     stalled = False
     while True:
+        if hygiene is not None and not core.has_unfinished:
+            hygiene.idle()
         messages = _drain(in_q, block=not core.has_unfinished, is_orphaned=is_orphaned,
                           wait_s=_STALLED_POLL_S if stalled else 0.0)
         if messages is None:
@@ -69,6 +77,8 @@ def _serve(core: EngineCore, in_q: Any, out_q: Any, is_orphaned: Callable[[], bo
         if immediate:
             out_q.put(EngineCoreOutputs(immediate, time.monotonic(), core.stats()))
         if core.has_unfinished:
+            if hygiene is not None:
+                hygiene.between_steps()
             result = core.step()
             stalled = not (result.outputs or result.stats.num_scheduled_tokens)
             if not stalled:
@@ -128,12 +138,14 @@ def run_engine_process(config, in_addr: str, out_addr: str) -> None:
     parent_pid = os.getppid()
     _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hygiene = EngineHygiene(config.hygiene)
+    hygiene.before_load()
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     from rtserve.engine.startup import start_engine_core
     in_q, out_q = Channel(in_addr, sending=False), Channel(out_addr, sending=True)
     run_engine_loop(lambda: start_engine_core(config), in_q, out_q,
-                    is_orphaned=lambda: os.getppid() != parent_pid)
+                    is_orphaned=lambda: os.getppid() != parent_pid, hygiene=hygiene)
 
 
 def _die_with_parent(parent_pid: int) -> None:
