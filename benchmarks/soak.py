@@ -60,7 +60,8 @@ class Tally:
 
     def status(self, code: int | str) -> None:
         self.statuses[str(code)] = self.statuses.get(str(code), 0) + 1
-        self.num_5xx += isinstance(code, int) and code >= 500
+        # 529 is Anthropic's overload refusal, the counterpart of OpenAI's 429: a refusal, not a server error
+        self.num_5xx += isinstance(code, int) and code >= 500 and code != 529
 
     def take_window(self) -> tuple[list[float], list[float]]:
         out = (self.ttft_s, self.e2e_s)
