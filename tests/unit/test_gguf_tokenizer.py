@@ -116,3 +116,13 @@ def test_merges_follow_scores_then_lengths():
     vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5}
     merges = merges_from_vocab(vocab, {"ab": -1.0, "bc": -2.0, "abc": -0.5})
     assert merges == [("ab", "c"), ("a", "bc"), ("a", "b"), ("b", "c")]
+
+
+def test_pre_tokenizer_splits_are_transformers():
+    """Each `tokenizer.ggml.pre` we know splits text with transformers' regex for it."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from rtserve.client.gguf_tokenizer import _PRE_SPLITS
+    assert {"llama-bpe", "qwen2", "tekken", "gpt-4o"} <= set(_PRE_SPLITS)
+    for name, regex in _PRE_SPLITS.items():
+        assert regex == GGUF_PRE_TOKENIZER_SPLITS[name], name
