@@ -39,4 +39,6 @@ def test_hygiene_is_applied_and_a_refused_measure_is_logged_and_off_turns_it_off
                        "--no-rt-hygiene") as server:
         log = server.log_text()
         assert "real-time hygiene: none" in log and "real-time hygiene (API process): none" in log
-        assert prefaulted_rss - engine_rss(server) > KV_BYTES // 2
+        backend = next(x for x in log.splitlines() if "rtserve.engine: backend:" in x)
+        if " fast " in backend and "native_kernels=True" in backend:  # else the pool is made zeroed: touched anyway
+            assert prefaulted_rss - engine_rss(server) > KV_BYTES // 2
