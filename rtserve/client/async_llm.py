@@ -14,6 +14,7 @@ stream's buffer is bounded: a consumer that stops reading gets its request pause
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import queue
@@ -37,7 +38,25 @@ from rtserve.sampling_params import SamplingParams
 logger = logging.getLogger("rtserve.client")
 
 
-_RESERVATION_TTL_S = 2.0  # an admitted request not sent within this long is no longer counted as waiting
+# An admitted request counts as waiting until it is sent, or until the task that admitted it ends without
+# sending it (its client left), or at the latest for this long (a backstop; a slow but live handler sends
+# well within it).
+_RESERVATION_TTL_S = 30.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Reservation:
+    """An admitted request not sent yet: counted as waiting by admission until generate() sends it."""
+
+    entry: PendingRequest
+    task: asyncio.Task | None  # the task that admitted it (the route handler); done: the request never came
+    expiry_s: float
+
+
+# The reservation check_admission made in this context; generate() running in it (or in a task started
+# from it, which copies the context) sends that one, so requests admitted in a burst each release their own.
+_own_reservation: contextvars.ContextVar[_Reservation | None] = contextvars.ContextVar("rtserve_reservation",
+                                                                                      default=None)
 
 
 class EngineDeadError(RuntimeError):
@@ -116,7 +135,7 @@ class AsyncLLM:
         self.rt_config = config.rt
         self._num_sent = 0  # EngineCoreRequests sent; compared with QueueSnapshot.num_requests_added
         self._pending: deque[PendingRequest] = deque()  # sent, not yet reflected in a snapshot
-        self._reserved: deque[tuple[float, PendingRequest]] = deque()  # (expiry_s, entry): admitted, not sent
+        self._reserved: deque[_Reservation] = deque()  # admitted, not sent
         self._trackers: dict[str, RTTracker] = {}
         self._paused: dict[str, asyncio.TimerHandle] = {}  # slow readers -> their abort timer
         # Optional observer (the API's per-class metrics): on_rejected(rt_class, reason), on_finished(report)
@@ -190,9 +209,10 @@ class AsyncLLM:
             while self._pending and self._pending[0].seq <= snap.num_requests_added:
                 self._pending.popleft()
         now = time.monotonic()
-        while self._reserved and self._reserved[0][0] < now:  # admitted but never sent (the client left)
-            self._reserved.popleft()
-        return decide(self.rt_config, snap, [*self._pending, *(entry for _, entry in self._reserved)], rt,
+        if self._reserved:  # admitted but never sent: the admitting task ended (the client left) or, outside one, expiry
+            self._reserved = deque(r for r in self._reserved
+                                   if r.expiry_s >= now and (r.task is None or not r.task.done()))
+        return decide(self.rt_config, snap, [*self._pending, *(r.entry for r in self._reserved)], rt,
                       arrival_s, num_prompt_tokens, now)
 
     def check_admission(self, num_prompt_tokens: int, rt: RTParams | None = None,
@@ -212,7 +232,13 @@ class AsyncLLM:
         # Counted as waiting from now on: requests admitted in one burst, before any of them reached
         # generate(), must see each other or the bounded queue would not bound them.
         entry = PendingRequest(-1, order_key(self._policy(), rt, arrival_s, self.rt_config), num_prompt_tokens)
-        self._reserved.append((time.monotonic() + _RESERVATION_TTL_S, entry))
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop
+            task = None
+        reservation = _Reservation(entry, task, time.monotonic() + _RESERVATION_TTL_S)
+        self._reserved.append(reservation)
+        _own_reservation.set(reservation)
         return rt
 
     def _policy(self) -> str:
@@ -236,7 +262,10 @@ class AsyncLLM:
             rt = resolve_rt(rt, self.rt_config)  # idempotent on resolved budgets
         else:
             rt = self.check_admission(len(prompt_token_ids), rt, arrival_s)
-        if self._reserved:  # from here on it is counted as pending (sent) instead
+        own = _own_reservation.get()
+        if own is not None and own in self._reserved:  # from here on it is counted as pending (sent) instead
+            self._reserved.remove(own)
+        elif self._reserved:  # admitted in another context: the count is what matters
             self._reserved.popleft()
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
