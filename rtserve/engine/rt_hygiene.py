@@ -42,7 +42,8 @@ class EngineHygiene:
         self._young_since_full = 0
 
     def before_load(self) -> None:
-        """CPU affinity and scheduling class, while this process has one thread (its future threads inherit them)."""
+        """CPU affinity and scheduling class of the calling thread, before torch's OpenMP threads start: threads
+        started later inherit both (threads already running keep theirs)."""
         if self.config.cpus:
             self._try("cpus", _set_affinity, parse_cpu_list(self.config.cpus))
         if self.config.sched in ("fifo", "rr"):
