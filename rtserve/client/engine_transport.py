@@ -21,8 +21,8 @@ class ProcessTransport:
     """The engine core in its own process: it never shares the API process's GIL or event loop.
 
     Messages travel over two zmq channels on ipc sockets in a private temporary directory
-    (rtserve/engine/ipc.py). `recv` is called by one reader thread; after `kill` or `close` it
-    raises EOFError (the channel's socket is left to that thread, never closed under it)."""
+    (rtserve/engine/ipc.py). `recv` is called by one thread at a time; after `kill` or `close` it
+    closes the receiving channel itself (never under a thread polling it) and raises EOFError."""
 
     def __init__(self, config: EngineConfig) -> None:
         from rtserve.engine.core_loop import run_engine_process
@@ -30,7 +30,7 @@ class ProcessTransport:
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._out = Channel(out_addr, sending=False)  # bound before the engine can send
         self._in = Channel(in_addr, sending=True)
-        self._closed = False
+        self._closed = self._out_closed = False
         self._proc = mp.get_context("spawn").Process(target=run_engine_process, args=(config, in_addr, out_addr),
                                                      name="rtserve-engine-core", daemon=True)
         self._proc.start()
@@ -40,6 +40,9 @@ class ProcessTransport:
 
     def recv(self, timeout_s: float) -> Any:
         if self._closed:
+            if not self._out_closed:
+                self._out_closed = True
+                self._out.close()
             raise EOFError("engine transport closed")
         try:
             return self._out.get(timeout=timeout_s)

@@ -93,3 +93,33 @@ def test_puts_from_several_threads_all_arrive(pair):
         t.join()
     got = [rx.get(timeout=5.0).request_ids[0] for _ in range(800)]
     assert sorted(got) == sorted(f"{k}-{i}" for k in range(4) for i in range(200))
+
+
+def test_a_closed_process_transport_releases_its_sockets_on_the_reading_thread(monkeypatch):
+    """After `kill`, the next `recv` (on the thread that reads) closes the receiving channel and says
+    EOF; the sending channel and the socket directory are gone at once."""
+    import os
+
+    from rtserve.client import engine_transport
+    from rtserve.config import EngineConfig
+
+    class NoProcess:
+        def __init__(self, *a, **kw):
+            self.alive = False
+
+        def start(self):
+            pass
+
+        def is_alive(self):
+            return False
+
+    monkeypatch.setattr(engine_transport.mp, "get_context", lambda method: type("Ctx", (), {"Process": NoProcess}))
+    transport = engine_transport.ProcessTransport(EngineConfig())
+    with pytest.raises(queue.Empty):
+        transport.recv(0.01)
+    transport.kill()
+    assert not os.path.exists(transport._dir)
+    for _ in range(2):
+        with pytest.raises(EOFError):
+            transport.recv(0.01)
+    assert transport._out_closed
