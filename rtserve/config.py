@@ -336,6 +336,9 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     hygiene: HygieneConfig = field(default_factory=HygieneConfig)
     weights_cache_dir: str = ""  # "" = ~/.cache/rtserve
+    # Build the grammar engine (xgrammar and the model's vocabulary for it) before ready, so the first
+    # constrained request does not wait for it (seconds on a CPU host); off: built on first use.
+    preload_grammar: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "reference", "cpu", "cuda"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--override-generation-config", type=_json_object, default=None, metavar="JSON",
                    help='sampling defaults set over those, e.g. \'{"temperature": 0.5}\'')
     m.add_argument("--served-model-name", nargs="+", default=None, help="model ids to answer to (first is listed)")
+    m.add_argument("--preload-grammar", action="store_true",
+                   help="build the grammar engine before ready, not on the first constrained request")
     m.add_argument("--tool-call-parser", choices=("auto", "hermes", "llama3_json", "mistral"), default="auto",
                    help="how the model writes tool calls (auto: read from its chat template)")
     m.add_argument("--dtype", default=None, help="reference-path dtype (float32, bfloat16)")
@@ -212,6 +215,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                              cpus=args.rt_engine_cpus, sched=args.rt_sched, sched_priority=args.rt_sched_priority)
     return _replace_given(base, model=args.model, dtype=args.dtype, quantization=args.quantization,
                           device=args.device, backend=args.backend, num_threads=args.num_threads,
+                          preload_grammar=True if args.preload_grammar else None,
                           adaptive_threads=args.adaptive_threads, seed=args.seed, cache=cache,
                           scheduler=scheduler, limits=limits, rt=rt, speculative=speculative, hygiene=hygiene)
 
@@ -312,6 +316,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"rtserve serve: {exc}", file=sys.stderr)
         return 2
+    if args.preload_grammar:  # the API checks each grammar with xgrammar too: import it now, not on first use
+        importlib.import_module("xgrammar")
     try:
         app = build_app(engine, settings)
     except RuntimeError as exc:  # the batch data directory is held by another server

@@ -22,6 +22,7 @@ from rtserve.engine.core import EngineCore
 from rtserve.engine.cost_model_store import CostModelStore, cpu_identity
 from rtserve.model import quant
 from rtserve.model.gguf import cache_key, default_cache_dir
+from rtserve.sampling_params import StructuredOutputs
 
 logger = logging.getLogger("rtserve.engine")
 
@@ -37,7 +38,16 @@ def start_engine_core(config: EngineConfig) -> EngineCore:
     logger.info("backend: %s threads=%d", describe_backend(core), torch.get_num_threads())
     if config.rt.calibrate:
         calibrate(core, store_for(core, path))
+    if config.preload_grammar:
+        preload_grammar(core)
     return core
+
+
+def preload_grammar(core: EngineCore) -> None:
+    """Build the grammar compiler and the vocabulary's tables now: compile one grammar and wait."""
+    start = time.monotonic()
+    core.grammars.submit(StructuredOutputs("json_object")).result()
+    logger.info("grammar engine preloaded in %.2f s", time.monotonic() - start)
 
 
 def describe_backend(core: EngineCore) -> str:

@@ -225,3 +225,15 @@ def test_a_grammar_that_cannot_finish_in_max_tokens_ends_with_length(tiny_weight
             finish = o.finish_reason or finish
     assert finish == "length" and len(tokens) == 12 and EOS not in tokens
     assert text(tokens).startswith("[")
+
+
+def test_preload_builds_the_grammar_engine_before_the_first_request(tiny_weights):
+    from rtserve.api.server import build_parser, engine_config_from_args
+    from rtserve.engine.startup import preload_grammar
+    assert engine_config_from_args(build_parser().parse_args(["--preload-grammar"])).preload_grammar
+    assert not engine_config_from_args(build_parser().parse_args([])).preload_grammar
+    core = engine(tiny_weights)
+    assert core.grammars._compiler is None  # built on first use by default
+    preload_grammar(core)
+    assert core.grammars._compiler is not None
+    assert core.grammars.submit(StructuredOutputs("json_object")).done()  # the preloaded one, cached
