@@ -36,8 +36,9 @@ def min_time_to_next_token_s(req: Request, cost_model: StepCostModel) -> float:
     if not cost_model.is_calibrated:
         return 0.0
     num_remaining = req.num_remaining_prefill_tokens
-    features = StepFeatures(1, 0, 0) if num_remaining <= 0 else StepFeatures(
-        0, num_remaining + 1, 0, prefill_pairs(num_remaining + 1, req.num_computed_tokens))
+    masked = int(req.grammar is not None)  # its sampled row pays the grammar mask
+    features = StepFeatures(1, 0, 0, num_masked_rows=masked) if num_remaining <= 0 else StepFeatures(
+        0, num_remaining + 1, 0, prefill_pairs(num_remaining + 1, req.num_computed_tokens), num_masked_rows=masked)
     return cost_model.predict_s(features)
 
 

@@ -269,7 +269,7 @@ class DeadlinePolicy:
             return
         active = [r for r in running if not r.is_paused]
         decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
-        decode_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, _num_context(active)))
+        decode_s = self.cost_model.predict_s(_decode_features(decodes, active))
         prefill_share = max(step_s - decode_s, 0.5 * step_s) / step_s
         busy_s = 0.0
         for req in prompts:
@@ -333,7 +333,7 @@ class DeadlinePolicy:
             return StepPlan(min(token_budget, UNCALIBRATED_PREFILL_TOKENS), fixed_chunk=fixed)
         decodes = [r for r in active if r.num_remaining_prefill_tokens == 0]
         streams = _streams(decodes)
-        decode_step_s = self.cost_model.predict_s(StepFeatures(len(decodes), 0, _num_context(active)))
+        decode_step_s = self.cost_model.predict_s(_decode_features(decodes, active))
         step_s = self._step_budget_s(streams, any(r.is_firm for r in (*active, *waiting)))
         if step_s is None:
             return StepPlan(token_budget, fixed_chunk=fixed)
@@ -574,6 +574,12 @@ def _prefill_left(req: Request) -> tuple[int, int]:
     the prefix cache holds (`Request.num_prefix_hit_tokens`)."""
     start = max(req.num_computed_tokens, req.num_prefix_hit_tokens)
     return start, max(req.num_tokens - start, 0)
+
+
+def _decode_features(decodes: list[Request], active: list[Request]) -> StepFeatures:
+    """A step of these decodes alone, each grammar-constrained one paying its mask (cost_model.MASK_ROW_S)."""
+    return StepFeatures(len(decodes), 0, _num_context(active),
+                        num_masked_rows=sum(r.grammar is not None for r in decodes))
 
 
 def _num_context(requests: Iterable[Request]) -> int:

@@ -517,3 +517,19 @@ def test_beside_a_firm_stream_a_step_carries_one_prefill_chunk():
     sched2.add_request(rt_req("a", 40, clock2.now, ttft_s=2.0, first_token=5000))
     sched2.add_request(rt_req("b", 40, clock2.now, ttft_s=3.0, first_token=6000))
     assert ids(step(sched2, clock2, 0.011)) == [("stream", 1), ("a", 40), ("b", 40)]
+
+
+def test_a_grammar_constrained_stream_leaves_the_prompt_its_mask_cost_less():
+    """A decode under a grammar's token mask costs MASK_ROW_S more (cost_model): the plan beside it
+    gives the prefill chunk that much less time."""
+    from rtserve.engine.cost_model import MASK_ROW_S
+    got = {}
+    for constrained in (False, True):
+        sched, _, clock, _ = make_sched("deadline", budget=512)
+        stream = rt_req("stream", 8, clock.now, itl_s=0.050)
+        sched.add_request(stream)
+        step(sched, clock, 0.01)
+        stream.grammar = object() if constrained else None  # only its presence is costed here
+        sched.add_request(rt_req("long", 2000, clock.now, "batch"))
+        got[constrained] = dict(ids(sched.schedule()))["long"]
+    assert got[False] - got[True] == pytest.approx(MASK_ROW_S / FAKE_COEFFS[2], abs=1.0)
