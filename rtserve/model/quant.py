@@ -104,7 +104,12 @@ def pack_q4_amx(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     documents it): per 16 columns and group, pair-row r byte i holds q[col i//2][k 2r + i%2] (low
     nibble) and q[col 8 + i//2][k 2r + i%2] (high); dm has d and m repeated per pair lane.
     N must be a multiple of 16."""
-    q, d, m = q4_1_unpack(blocks)
+    return pack_q4_amx_groups(*q4_1_unpack(blocks))
+
+
+def pack_q4_amx_groups(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_q4_amx` from affine int4 groups: q [N, K] uint8 (0..15), d and m [N, K/32] fp32 with
+    w = d * q + m (rtserve/model/quant_groups.py makes them from Q4_0, Q4_1 and Q4_K)."""
     n, k = q.shape
     g = k // Q4_1_BLOCK_LEN
     q = q.view(n // 16, 2, 8, g, 16, 2).permute(0, 3, 4, 1, 2, 5)             # [N/16, G, r, half, c, e]

@@ -10,6 +10,8 @@ fp32, bit for bit unless said):
     6-bit integer: exact in fp32, not in fp16 or bf16).
 The kernel then takes scale and zero = offset + 8 scale in the activations' dtype: exact with fp32
 activations up to the kernel's own rounding, and rounded to 8 significant bits with bf16.
+The CPU fast path (rtserve/model/quantized_loader.py) builds its int4, bf16 and AMX forms from these
+groups, so a Llama GGUF whose layer matrices are any mix of the three runs it.
 Not mapped here: Q5_0/Q5_1/Q5_K (5-bit) and Q6_K/Q8_0 (6/8-bit) need int8 groups, for which torch
 has no group-wise CPU kernel (`_weight_int8pack_mm` scales per row only); they stay on the fp32 path.
 """

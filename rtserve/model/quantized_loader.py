@@ -1,12 +1,13 @@
-"""Load a GGUF for the CPU fast path without dequantizing its Q4_1 layers.
+"""Load a GGUF for the CPU fast path without dequantizing its 4-bit layers.
 
 `load_fast_checkpoint(path)` returns `FastCheckpoint` (config + flat tensor dict, names below) or None
-when the file does not qualify (every layer matrix must be Q4_1; then the reference fp32 path runs).
+when the file does not qualify (every layer matrix must be Q4_0, Q4_1 or Q4_K, the types that are
+affine int4 groups of 32, rtserve/model/quant_groups.py; else the reference fp32 path runs).
 Building the packed forms takes seconds, so the result is cached as safetensors next to the fp32
 cache (`<key>.fast.safetensors`); a second start only maps that file.
 
 Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `DecoderForCausalLM`):
-  layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the Q4_1 blocks)
+  layers.<i>.<m>.int4 [N, K/2] uint8 and .scales_zeros [K/32, N, 2] bf16   (from the int4 groups)
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
   layers.<i>.<m>.amx_q [N/16, K/32, 16, 16] uint8, .amx_dm [N/16, K/32, 64] fp32  (AMX layout; N % 32 == 0,
                                                              only on a CPU with AMX tiles)
@@ -29,11 +30,11 @@ from rtserve.model import quant
 from rtserve.model.gguf import GGUFFile, cache_key, default_cache_dir
 from rtserve.model.gguf_arch import unpermute_rope_rows
 from rtserve.model.loader import config_from_gguf
+from rtserve.model.quant_groups import INT4_TYPES, dequantize_groups, int4_groups, int4pack
 
 logger = logging.getLogger(__name__)
 
 FAST_FORMAT_VERSION = "6"  # bump when the packed layout changes (6: no AMX layout without AMX)
-_Q4_1 = 3
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}
 
@@ -45,7 +46,7 @@ class FastCheckpoint:
 
 
 def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | None:
-    """The fast-path tensors of a GGUF whose layer matrices are all Q4_1; None otherwise."""
+    """The fast-path tensors of a GGUF whose layer matrices are all 4-bit groups; None otherwise."""
     if not path.endswith(".gguf") or os.path.isdir(path):
         return None
     # torch packs int4 weights for the ISA it runs on (`_convert_weight_to_int4pack_for_cpu`: an
@@ -58,9 +59,9 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
     if cached is not None:
         return cached
     gguf = GGUFFile(path)
-    if any(info.ggml_type != _Q4_1 for name, info in gguf.tensors.items()
+    if any(info.type_name not in INT4_TYPES for name, info in gguf.tensors.items()
            if name.startswith("blk.") and len(info.shape) == 2):
-        logger.info("%s: layer matrices are not all Q4_1; using the fp32 reference path", path)
+        logger.info("%s: layer matrices are not all %s; using the fp32 reference path", path, "/".join(INT4_TYPES))
         return None
     from rtserve.model.fast_llama import FastLlamaForCausalLM, unsupported_features
     config = config_from_gguf(gguf)
@@ -96,25 +97,27 @@ def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
         for norm, hf in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
             out[f"layers.{i}.{hf}"] = gguf.dequantize(f"blk.{i}.{norm}.weight")
         for fused, parts in FUSED.items():
-            blocks = torch.cat([q4_1_blocks(gguf, f"blk.{i}.{part}.weight", config) for part in parts])
-            packed, scales_zeros = quant.int4pack_from_q4_1(blocks)
+            groups = [int4_groups_of(gguf, f"blk.{i}.{part}.weight", config) for part in parts]
+            q, d, m = (torch.cat(parts_of) for parts_of in zip(*groups))  # [N, K] and [N, K/32] x 2
+            packed, scales_zeros = int4pack(q, d, m)
             out[f"layers.{i}.{fused}.int4"] = packed
             out[f"layers.{i}.{fused}.scales_zeros"] = scales_zeros
-            out[f"layers.{i}.{fused}.bf16"] = quant.q4_1_dequantize(blocks).to(torch.bfloat16)
-            if blocks.shape[0] % 32 == 0 and amx:  # only where the AMX kernel can run
-                out[f"layers.{i}.{fused}.amx_q"], out[f"layers.{i}.{fused}.amx_dm"] = quant.pack_q4_amx(blocks)
+            out[f"layers.{i}.{fused}.bf16"] = dequantize_groups(q, d, m).to(torch.bfloat16)
+            if q.shape[0] % 32 == 0 and amx:  # only where the AMX kernel can run
+                out[f"layers.{i}.{fused}.amx_q"], out[f"layers.{i}.{fused}.amx_dm"] = quant.pack_q4_amx_groups(q, d, m)
     return out
 
 
-def q4_1_blocks(gguf: GGUFFile, name: str, config: ModelConfig) -> torch.Tensor:
-    """[N, K/32, 20] uint8 Q4_1 blocks, with q/k rows put in HF order like the fp32 loader does."""
+def int4_groups_of(gguf: GGUFFile, name: str, config: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """(q [N, K] uint8, d and m [N, K/32] fp32), w = d * q + m, with q/k rows put in HF order like
+    the fp32 loader does."""
     info = gguf.tensors[name]
-    blocks = quant.blocks_view(gguf.raw(name), info.shape[0], quant.Q4_1_BLOCK_NBYTES)
+    groups = int4_groups(gguf.raw(name), info.ggml_type, info.shape[0])
     if ".attn_q." in name:
-        blocks = unpermute_rope_rows(blocks, config.num_heads)
-    elif ".attn_k." in name:
-        blocks = unpermute_rope_rows(blocks, config.num_kv_heads)
-    return blocks
+        return tuple(unpermute_rope_rows(t, config.num_heads) for t in groups)
+    if ".attn_k." in name:
+        return tuple(unpermute_rope_rows(t, config.num_kv_heads) for t in groups)
+    return groups
 
 
 def _read(cache_path: str) -> FastCheckpoint | None:
