@@ -3,12 +3,12 @@
 The floor under every real-time target: a firm stream is dropped the first time one of its tokens
 comes later than its ITL budget, so with a per-step probability p of a step over the budget, a stream
 of n tokens survives with probability (1 - p) ** n, whatever the scheduler does. This drives the
-engine core directly (no server, no client, FCFS, the thread governor off), N greedy streams at a
-time after their prefills, and reports per-step time percentiles, the share of steps over the budget
-and over twice the median, and the resulting survival probability of a 100-token firm stream. Each
-timed interval is what separates two tokens in the engine process: the hygiene's between-steps work
-(a garbage collection, when one is due) plus the step. "gc in steps" counts the timed intervals in
-which a collection ran, and their total collection time.
+engine core directly (no server, no client, FCFS, the thread governor off but for the `governor`
+variant), N greedy streams at a time after their prefills, and reports per-step time percentiles,
+the share of steps over the budget and over twice the median, and the resulting survival probability
+of a 100-token firm stream. Each timed interval is what separates two tokens in the engine process:
+the hygiene's between-steps work (a garbage collection, when one is due) plus the step. "gc in
+steps" counts the timed intervals in which a collection ran, and their total collection time.
 
 `--variant` picks the real-time hygiene (rtserve/engine/rt_hygiene.py) applied after warm-up:
   off      nothing (automatic garbage collection, KV pages touched on first use)
@@ -18,6 +18,8 @@ which a collection ran, and their total collection time.
   pin      default + the process pinned to the first --threads CPUs
   omp-passive / omp-active   default with OMP_WAIT_POLICY=PASSIVE / ACTIVE (OpenMP's idle threads
            sleep at once / spin) set before torch loads
+  governor default with the thread governor on (engine/thread_governor.py: fewer threads while
+           other processes hold cores), as `rtserve serve` runs; every other variant has it off
 `--compare off,default,...` runs each variant in its own process, `--rounds` times in alternating
 order (so the host's drift hits each), beside the host's own floor: a plain C loop
 (benchmarks/host_jitter.c, built with `cc`) of the batch-1 median step's duration.
@@ -41,7 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {"off": {"gc": False, "prefault_kv": False}, "gc": {"prefault_kv": False}, "default": {},
             "mlock": {"mlock": True}, "nice": {"sched": "nice"}, "fifo": {"sched": "fifo"}, "pin": {},
-            "omp-passive": {}, "omp-active": {}}
+            "omp-passive": {}, "omp-active": {}, "governor": {}}
 OMP_ENV = {"omp-passive": "PASSIVE", "omp-active": "ACTIVE"}
 
 
@@ -100,7 +102,8 @@ def measure(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.streams.split(",")]
     engine = RtserveEngine("auto", max(sizes))
-    engine.core.thread_governor = None
+    if args.variant != "governor":
+        engine.core.thread_governor = None
     engine.streams(1, 32)  # warm-up: allocator, kernels, the first prefill
     hygiene.after_warmup(engine.core)
     clock = GcClock()
