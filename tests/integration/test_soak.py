@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_soak(tmp_path):
-    duration_s = os.environ.get("SOAK_DURATION_S", "15")
+    duration_s = os.environ.get("SOAK_DURATION_S", "60")
     status = soak.main(["--duration-s", duration_s, "--warmup-s", "4", "--rate", "2", "--sample-s", "4",
                         "--malformed-share", "0.1", "--out", str(tmp_path), "--check", "--", "--no-rt-calibrate"])
     summary = json.loads((tmp_path / "summary.json").read_text())
