@@ -131,21 +131,60 @@ def apply_top_k(logits: Tensor, top_k: Tensor) -> Tensor:
     """Keep each row's k largest logits (and anything tied with the k-th); k <= 0 keeps all.
 
     logits: [B, V], top_k: [B] int64. Returns a new tensor with masked entries set to -inf.
+    Only the batch's largest k is selected (`topk`), not the whole vocabulary sorted: on the CPU a
+    sort of 49k logits costs ~2 ms a row, a 64-wide selection a tenth of that.
     """
     vocab_size = logits.shape[-1]
     k = torch.where(top_k <= 0, vocab_size, top_k).clamp(max=vocab_size)  # [B]
-    sorted_desc = logits.sort(dim=-1, descending=True).values  # [B, V]
-    kth = sorted_desc.gather(-1, (k - 1)[:, None])  # [B, 1]
+    largest = logits.topk(int(k.max()), dim=-1).values  # [B, max k], descending
+    kth = largest.gather(-1, (k - 1)[:, None])  # [B, 1]
     return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+# How many of the most likely tokens `apply_top_p` examines for the nucleus, in turn, before it
+# sorts a row whole (8 rows of 49k logits: a 256-wide selection ~0.8 ms, 4096-wide ~2.8, a sort ~15).
+TOP_P_CANDIDATES = (256, 4096)
 
 
 def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
     """Keep the smallest set of most likely tokens whose probability mass reaches p (nucleus).
 
-    A token survives iff the mass of the tokens strictly more likely than it is < p, so the most
-    likely token always survives. Rows with p >= 1 are untouched (float cumsum can reach 1 early).
-    logits: [B, V], top_p: [B] f32.
+    A token survives iff the mass of the tokens more likely than it (in descending order) is < p,
+    so the most likely token always survives. Rows with p >= 1 are untouched (float cumsum can
+    reach 1 early). logits: [B, V], top_p: [B] f32.
+
+    The nucleus is looked for among each row's most likely tokens (`topk` of `TOP_P_CANDIDATES`, in
+    turn, with their true probabilities from the whole row's logsumexp); only a row whose nucleus is
+    wider is sorted whole (`_top_p_sorted`). On the CPU a sort of 49k logits costs ~2 ms a row: with
+    8 sampled rows a step spent 17 ms in it. Tokens tied at the nucleus' edge may be kept in another
+    order than a full sort keeps them (either is the nucleus).
     """
+    active = top_p < 1.0  # [B]
+    if not bool(active.any()):
+        return logits
+    out = logits.clone()
+    rows = active.nonzero().squeeze(-1)  # [R] rows still to filter
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    for size in TOP_P_CANDIDATES:
+        if rows.numel() == 0 or size >= logits.shape[-1]:
+            break
+        vals, idx = logits[rows].topk(size, dim=-1)  # [R, C] descending
+        probs = (vals - lse[rows]).exp()  # [R, C] true probabilities
+        mass_before = probs.cumsum(dim=-1) - probs  # [R, C] exclusive prefix sum
+        p = top_p[rows, None]  # [R, 1]
+        closed = mass_before[:, -1:] + probs[:, -1:] >= p  # [R, 1] the nucleus ends among them
+        keep = torch.zeros(rows.numel(), logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep.scatter_(-1, idx, mass_before < p)
+        done = closed.squeeze(-1)
+        out[rows[done]] = logits[rows[done]].masked_fill(~keep[done], _NEG_INF)
+        rows = rows[~done]
+    if rows.numel():
+        out[rows] = _top_p_sorted(logits[rows], top_p[rows])
+    return out
+
+
+def _top_p_sorted(logits: Tensor, top_p: Tensor) -> Tensor:
+    """`apply_top_p` over the whole sorted vocabulary (rows whose nucleus is wider than the candidates)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
     sorted_probs = sorted_logits.softmax(dim=-1)  # [B, V]
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] exclusive prefix sum

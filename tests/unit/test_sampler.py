@@ -184,3 +184,24 @@ def test_compute_logprobs_k_zero_and_sum():
     assert torch.allclose(lp[:, 0].exp(), logits.softmax(-1)[torch.arange(3), ids[:, 0]])
     lp, ids = compute_logprobs(logits, torch.tensor([4, 0, 9]), 10)
     assert math.isclose(float(lp[0, 1:].exp().sum()), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.5])  # nucleus within 256, within 4096, wider: each stage
+def test_top_p_over_candidates_equals_the_whole_sorted_vocabulary(scale):
+    from rtserve.sample.sampler import _top_p_sorted
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(6, 49152, generator=gen) * scale
+    top_p = torch.tensor([0.5, 0.9, 0.95, 0.999, 1.0, 0.0])
+    got, want = apply_top_p(logits, top_p), _top_p_sorted(logits, top_p)
+    want[4] = logits[4]  # p = 1 is untouched
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])
+
+
+def test_top_k_selects_like_a_full_sort():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 49152, generator=gen)
+    k = torch.tensor([1, 64, 0, 1000])
+    got = apply_top_k(logits, k)
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, torch.where(k <= 0, 49152, k)[:, None] - 1)
+    assert torch.equal(got, logits.masked_fill(logits < kth, float("-inf")))
