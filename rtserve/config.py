@@ -183,9 +183,10 @@ class RTConfig:
     min_running: int = 8              # the ITL-based running-set cap never goes below this
     # A firm token must reach the client within its budget, not just be sampled within it: its
     # deadlines are this much earlier in the engine. The way out (sampling -> API process -> detokenize
-    # -> SSE -> a client on the same busy 2-core host) took up to 10 ms at the tail: firm gaps of 52-54 ms
-    # reached the benchmark client when the engine had sent them within 45.
-    firm_delivery_margin_s: float = 0.015
+    # -> SSE -> a client on the same busy 2-core host) took up to 9 ms at the tail: firm gaps of 52-54 ms
+    # reached the benchmark client when the engine had sent them within 45. A larger margin costs
+    # firm streams: at 15 ms nearly every firm stream of the realtime mix was dropped here.
+    firm_delivery_margin_s: float = 0.010
     # A soft stream is judged by its mean pace (TPOT), over which that jitter averages out: its steps
     # leave room for the typical way out only.
     delivery_margin_s: float = 0.005

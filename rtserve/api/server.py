@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the ITL-based cap on running sequences never goes below this (8)")
     rt.add_argument("--rt-firm-delivery-margin-ms", type=float, default=None,
                     help="firm deadlines are this much earlier in the engine than their budgets, for "
-                         "the token's way to the client (15)")
+                         "the token's way to the client (10)")
     rt.add_argument("--rt-soft-overload", choices=SOFT_OVERLOAD_MODES, default=None,
                     help="a soft request predicted to start later than its TTFT budget: serve-late admits it; "
                          "reject refuses it (429 / Anthropic 529 with Retry-After) when more than "
