@@ -136,7 +136,10 @@ class ReportingEngine(FakeEngine):
 
 @pytest.fixture
 def served():
-    engine = ReportingEngine(reply="Paris is the capital of France. " * 20, step_s=0.02)
+    # 50 ms a token: the answer (cut by length near 350 tokens) streams for ~17 s, so the Ctrl-C the
+    # test sends once the live footer shows lands mid-answer even on a loaded CI host (at 20 ms a
+    # token, one CI run saw the answer end first).
+    engine = ReportingEngine(reply="Paris is the capital of France. " * 20, step_s=0.05)
     app, engine = build_test_app(engine, api_key=KEY)
     with LiveServer(app) as server:
         yield server, engine
