@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -182,6 +183,9 @@ class ChatApp:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # Ctrl-C stops an answer. A process started with SIGINT ignored (from a background job or a
+    # harness that ignores it) inherits that, and Python then installs no handler: take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app = ChatApp(args)
     try:
         return app.run()

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -224,8 +225,11 @@ def spawn_chat(url: str) -> pexpect.spawn:
     # Colours on (no NO_COLOR) so that the screenshot shows them; TERM=xterm keeps rich to 16 colours.
     env = {**os.environ, "TERM": "xterm", "COLUMNS": str(COLUMNS), "LINES": str(ROWS), "PROMPT_TOOLKIT_NO_CPR": "1"}
     env.pop("NO_COLOR", None)
+    # Started with SIGINT ignored, as from a background job (how one CI run started the suite): Ctrl-C
+    # must still stop an answer.
     child = pexpect.spawn(sys.executable, ["-m", "rtserve", "chat", "--base-url", url + "/v1", "--api-key", KEY],
-                          env=env, dimensions=(ROWS, COLUMNS), encoding="utf-8", timeout=30)
+                          env=env, dimensions=(ROWS, COLUMNS), encoding="utf-8", timeout=30,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     child.logfile_read = TerminalScreen()
     child.expect("model fake-model")
     child.expect("you>")
