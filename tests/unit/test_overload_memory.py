@@ -3,7 +3,7 @@ real app: rounds of bursts ten times the server's capacity (--max-num-seqs + --m
 they run, the engine's waiting queue and the client's requests in flight never exceed their bounds;
 every request is answered, the ones beyond capacity at once with 429 (Anthropic 529) and Retry-After;
 after each round nothing is left behind (engine idle, every KV block free, no per-request state in the
-client); and the Python heap after the last round is no bigger than after the first, beyond a margin
+client); and the Python heap after the last round is no bigger than after the second, beyond a margin
 far below what keeping one request's state per request would cost."""
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from tests.unit.test_engine_faults import ChatByteTokenizer
 
 MAX_NUM_SEQS, MAX_NUM_WAITING = 2, 4
 CAPACITY = MAX_NUM_SEQS + MAX_NUM_WAITING
-NUM_ROUNDS = 4
-# Requests refused or served across rounds 2-4: 3 x 60. Keeping 1 KiB per request (far less than one
-# request's prompt, outputs and queue) would grow the heap by 180 KiB; what is kept (the step-time model's
-# window, prefix-cache entries) is bounded and filled before the first round.
+NUM_ROUNDS = 5
+# Growth is measured from the heap after the second round: the first burst fills state built lazily
+# once (in one clean-clone CI run the heap grew 59 KiB over round 1 -> 2, then 7 and 3 KiB). Requests
+# refused or served across rounds 3-5: 3 x 60. Keeping 1 KiB per request (far less than one request's
+# prompt, outputs and queue) would grow the heap by 180 KiB; what is kept (the step-time model's window,
+# prefix-cache entries) is bounded and filled before then.
 HEAP_GROWTH_BOUND = 64 * 1024
 
 
@@ -86,6 +88,6 @@ async def test_ten_times_overload_holds_queue_and_heap_bounded(make_core):
         await llm.shutdown()
     assert peaks["waiting"] <= MAX_NUM_WAITING and peaks["running"] <= MAX_NUM_SEQS, peaks
     assert 0 < peaks["in_flight"] <= CAPACITY, peaks
-    growth = heap[-1] - heap[0]
+    growth = heap[-1] - heap[1]
     print(f"peaks {peaks}; heap after each round (KiB): {[h // 1024 for h in heap]}, growth {growth / 1024:.1f} KiB")
     assert growth < HEAP_GROWTH_BOUND, heap
