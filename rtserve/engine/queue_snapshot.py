@@ -17,13 +17,15 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
 
     A request the policy limits to a fixed share of each step (a starving batch request) is not work
     ahead of anyone: the policy takes its share's time off the budget of an arriving prompt instead.
+    Nor are the running requests whose decodes sit out an interactive prompt's steps and whose slots
+    and blocks it may take (`beside_interactive_prompt`: running batch work under the deadline policy).
     """
     policy = sched.policy
-    running = [r for r in sched.running if not r.is_paused]
+    running = policy.beside_interactive_prompt([r for r in sched.running if not r.is_paused])
     num_decodes = sum(1 for r in running if r.num_remaining_prefill_tokens == 0)
     num_masked = sum(1 for r in running if r.num_remaining_prefill_tokens == 0 and r.grammar is not None)
     budget = sched.config.max_num_batched_tokens
-    num_free_slots = sched.config.max_num_seqs - len(sched.running)
+    num_free_slots = sched.config.max_num_seqs - len(running)
     max_num_running = policy.max_num_running(running)
     if max_num_running is not None:
         num_free_slots = min(num_free_slots, max_num_running - len(running))
@@ -51,7 +53,7 @@ def build_queue_snapshot(sched: Scheduler, cost_model: StepCostModel, num_reques
         num_masked_decodes=num_masked,
         running_prefills=ahead(running_prefills),
         num_context_tokens=num_context,
-        running_remaining_tokens=sorted(remaining_tokens(r, max_model_len) for r in sched.running),
+        running_remaining_tokens=sorted(remaining_tokens(r, max_model_len) for r in running),
         num_free_slots=num_free_slots,
         num_preemptible=policy.num_firm_victims(running, now),
         prefill_token_budget=max(prefill_token_budget, 1),

@@ -11,7 +11,10 @@ have running requests preempted to make room for it, if the policy names them (`
 Real-time decisions are not made here: a policy object (rtserve/engine/rt_policy.py) orders the
 waiting and running requests, says which waiting request goes before a running prefill, returns each
 step's prefill plan (`StepPlan`: tokens and predicted time, spent here chunk by chunk), agrees to each
-admission, picks victims and names requests whose deadline passed (`expire`). Paused requests (a slow reader) keep their blocks but are not scheduled.
+admission, picks victims and names requests whose deadline passed (`expire`). Paused requests (a slow
+reader) keep their blocks but are not scheduled; so do the decodes the plan sets aside for the step
+(`StepPlan.held_ids`; `yield_ids` only when one of the prompts they yield to has a chunk in it), unless
+the step would be empty.
 """
 from __future__ import annotations
 
@@ -64,7 +67,11 @@ class Scheduler:
         budget, prefill_budget, deferred = self._schedule_running(out, plan, budget, prefill_budget, now)
         if not out.preempted_ids:
             budget, prefill_budget = self._admit_waiting(out, plan, budget, prefill_budget, now)
-        self._schedule_deferred(out, plan, deferred, budget, prefill_budget)
+        budget = self._schedule_deferred(out, plan, deferred, budget, prefill_budget)
+        if plan.yield_ids and not any(s.request.request_id in plan.yield_to_ids for s in out.seqs):
+            budget = self._schedule_decodes(out, plan.yield_ids, budget)  # no prompt they yield to runs
+        if not out.seqs and not out.preempted_ids:
+            self._schedule_decodes(out, plan.held_ids, budget)  # held for nothing that runs: never an empty step
         self._schedule_drafts(out, self.config.max_num_batched_tokens - out.num_scheduled_tokens)
         return out
 
@@ -81,7 +88,7 @@ class Scheduler:
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
             num_remaining = req.num_tokens - req.num_computed_tokens
-            if req.is_paused:
+            if req.is_paused or req.request_id in plan.held_ids or req.request_id in plan.yield_ids:
                 idx += 1
                 continue
             if num_remaining > 1 and head is not None and self.policy.runs_first(head, req, now):
@@ -103,8 +110,9 @@ class Scheduler:
         return budget, prefill_budget, deferred
 
     def _schedule_deferred(self, out: SchedulerOutput, plan: StepPlan, deferred: list[Request], budget: int,
-                           prefill_budget: int) -> None:
-        """Prefill chunks deferred behind admission, with the budget left (never preempts)."""
+                           prefill_budget: int) -> int:
+        """Prefill chunks deferred behind admission, with the budget left (never preempts); returns the
+        token budget left."""
         for req in deferred:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted to make room meanwhile
@@ -115,6 +123,20 @@ class Scheduler:
             plan.spend(req, req.num_computed_tokens, num_new)
             budget -= num_new
             prefill_budget -= num_new
+        return budget
+
+    def _schedule_decodes(self, out: SchedulerOutput, request_ids: frozenset[str], budget: int) -> int:
+        """The decodes of these running requests that the plan set aside, with the budget left (never
+        preempts); returns the token budget left."""
+        for req in self.running:
+            if budget <= 0:
+                break
+            if (req.request_id not in request_ids or req.is_paused
+                    or req.num_tokens - req.num_computed_tokens != 1 or not self.kv.allocate_slots(req, 1)):
+                continue
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, 1, self.kv.block_ids(req.request_id)))
+            budget -= 1
+        return budget
 
     def _schedule_drafts(self, out: SchedulerOutput, budget: int) -> None:
         """Extend scheduled decodes by their draft tokens with the budget left over (never preempts).

@@ -50,3 +50,20 @@ def test_budget_and_victims_are_what_a_firm_arrival_would_get():
     snap = build_queue_snapshot(sched, sched.policy.cost_model, 2, 8192, clock.now)
     assert snap.prefill_token_budget == 16  # ... but an interactive prompt would get the minimum chunk
     assert snap.num_preemptible == 1  # the soft stream could give a firm arrival its slot
+
+
+def test_running_batch_work_is_neither_ahead_of_an_interactive_arrival_nor_holding_its_slot():
+    tight = RTClassDefaults(0.5, 0.020, None)
+    snaps = {}
+    for policy in ("deadline", "fcfs"):
+        sched, kv, clock, _ = make_sched(policy, budget=512, max_seqs=8, soft=tight, firm=tight)
+        for i in range(8):  # no interactive work: batch fills every slot
+            sched.add_request(rt_req(f"b{i}", 8, clock.now, "batch", max_tokens=1000, first_token=100 * i + 1))
+        step(sched, clock, 0.005)
+        step(sched, clock, 0.005)
+        assert len(sched.running) == 8
+        snaps[policy] = build_queue_snapshot(sched, StepCostModel.from_coeffs(FAKE_COEFFS), 8, 8192, clock.now)
+    # an interactive prompt's steps hold the batch decodes, and it may preempt batch for a slot
+    assert snaps["deadline"].num_decodes == 0 and snaps["deadline"].num_free_slots == 8
+    assert snaps["deadline"].running_remaining_tokens == [] and snaps["deadline"].num_running == 8
+    assert snaps["fcfs"].num_decodes == 8 and snaps["fcfs"].num_free_slots == 0

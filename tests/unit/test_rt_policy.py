@@ -251,16 +251,92 @@ def test_the_running_set_is_capped_so_that_a_step_of_decodes_fits_the_itl_budget
     assert len(fcfs.running) == 12
 
 
-def test_batch_joins_only_below_its_share_of_the_cap_but_never_finds_an_empty_engine_closed():
+def test_batch_fills_the_engine_alone_and_joins_beside_interactive_work_only_below_its_share():
     tight = RTClassDefaults(0.5, 0.020, None)
     sched, _, clock, _ = make_sched("deadline", budget=512, max_seqs=64, soft=tight, firm=tight)
-    for i in range(6):
+    for i in range(12):
         sched.add_request(rt_req(f"b{i}", 8, clock.now, "batch"))
     step(sched, clock, 0.005)
-    assert [r.request_id for r in sched.running] == ["b0", "b1", "b2", "b3", "b4"]  # int(10 * 0.5)
+    assert len(sched.running) == 12  # no interactive work: past the ITL cap of 10, up to the slots
+    beside, _, clock, _ = make_sched("deadline", budget=512, max_seqs=64, soft=tight, firm=tight)
+    beside.add_request(rt_req("s", 8, clock.now, itl_s=0.020))
+    step(beside, clock, 0.005)
+    for i in range(6):
+        beside.add_request(rt_req(f"b{i}", 8, clock.now, "batch"))
+    step(beside, clock, 0.005)
+    # int(10 * 0.5) places in all beside the soft stream
+    assert [r.request_id for r in beside.running] == ["s", "b0", "b1", "b2", "b3"]
     alone, _, clock2, _ = make_sched("deadline", background_slot_share=0.0)
     alone.add_request(rt_req("b", 8, clock2.now, "batch"))
     assert ids(alone.schedule()) == [("b", 8)]
+
+
+def _batch_decoding(num, **kw):
+    """A deadline scheduler with `num` batch requests decoding (8-token prompts, 20 ms ITL budgets)."""
+    tight = RTClassDefaults(0.5, 0.020, None)
+    sched, kv, clock, rt = make_sched("deadline", budget=512, soft=tight, firm=tight, **kw)
+    for i in range(num):
+        sched.add_request(rt_req(f"b{i}", 8, clock.now, "batch", max_tokens=1000))
+    step(sched, clock, 0.005)
+    step(sched, clock, 0.005)
+    return sched, kv, clock
+
+
+def test_batch_decodes_sit_out_the_steps_an_interactive_prompt_needs_then_take_their_share():
+    sched, _, clock = _batch_decoding(6, max_seqs=64)
+    assert len(ids(step(sched, clock, 0.005))) == 6  # alone, every batch decode runs
+    sched.add_request(rt_req("s", 40, clock.now, itl_s=0.020, max_tokens=100))
+    out = step(sched, clock, 0.005)
+    assert ids(out) == [("s", 40)] and out.preempted_ids == []  # held, not preempted: blocks kept
+    assert all(r.status.name == "RUNNING" for r in sched.running)
+    # the soft stream decodes: int(10 * 0.5) - 1 batch decodes beside it, the oldest
+    assert ids(step(sched, clock, 0.005)) == [("s", 1), ("b0", 1), ("b1", 1), ("b2", 1), ("b3", 1)]
+    fcfs, _, clock2, _ = make_sched("fcfs", budget=512)
+    for i in range(6):
+        fcfs.add_request(rt_req(f"b{i}", 8, clock2.now, "batch", max_tokens=1000))
+    step(fcfs, clock2)
+    fcfs.add_request(rt_req("s", 40, clock2.now, max_tokens=100))
+    assert len(ids(step(fcfs, clock2))) == 7  # FCFS holds nothing
+
+
+def test_a_held_batch_decode_runs_once_it_waited_batch_max_wait_s():
+    sched, _, clock = _batch_decoding(2, max_seqs=64, batch_max_wait_s=1.0)
+    for i in range(3):  # a stream of soft prompts keeps batch decodes held
+        sched.add_request(rt_req(f"s{i}", 400, clock.now, ttft_s=5.0, max_tokens=100))
+    assert [rid for rid, _ in ids(step(sched, clock, 0.3))] == ["s0", "s1"]
+    clock.advance(0.8)
+    got = [rid for rid, _ in ids(step(sched, clock, 0.01))]
+    assert "b0" in got and "b1" in got
+
+
+def test_a_waiting_batch_request_starves_only_while_no_batch_work_decodes():
+    sched, _, clock = _batch_decoding(1, max_seqs=64, batch_max_wait_s=1.0)
+    sched.add_request(rt_req("s", 8, clock.now, itl_s=0.020, max_tokens=1000))
+    step(sched, clock, 0.005)
+    sched.add_request(rt_req("old", 8, clock.now - 5.0, "batch", first_token=500))
+    sched.schedule()
+    assert not sched.policy.is_starving(sched.requests["old"])  # b0 decodes (held or not)
+    sched.finish_requests(["b0"], "abort")
+    sched.schedule()
+    assert sched.policy.is_starving(sched.requests["old"])
+
+
+def test_an_on_time_soft_arrival_preempts_batch_for_a_slot_but_a_batch_arrival_does_not():
+    sched, _, clock = _batch_decoding(4, max_seqs=4)
+    sched.add_request(rt_req("b-late", 8, clock.now, "batch"))
+    assert sched.schedule().preempted_ids == []
+    sched.add_request(rt_req("s", 8, clock.now, itl_s=0.020))
+    out = step(sched, clock, 0.005)
+    assert ("s", 8) in ids(out) and out.preempted_ids == ["b3"]  # the youngest batch request
+    assert sorted(r.request_id for r in sched.running) == ["b0", "b1", "b2", "s"]
+
+
+def test_held_decodes_never_leave_a_step_empty():
+    sched, _, clock = _batch_decoding(3, max_seqs=64)
+    sched.policy.can_admit = lambda req, running, now: req.rt.rt_class == "batch"  # no slot for it
+    sched.policy.victims_for = lambda req, running, now: []
+    sched.add_request(rt_req("s", 40, clock.now, itl_s=0.020))
+    assert ids(step(sched, clock, 0.005)) == [("b0", 1), ("b1", 1), ("b2", 1)]
 
 
 def test_the_oldest_starving_batch_request_goes_first_with_a_small_share_of_each_step():

@@ -1,4 +1,5 @@
 """Making room for a waiting firm request: batch first, then soft by most slack; never firm, never in vain.
+A soft request, on time or late, makes room from batch only.
 
 6 KV blocks of 4 tokens. A 7-token prompt holds 2 blocks through its first decode; a 10-token firm prompt
 needs 3.
@@ -67,11 +68,20 @@ def test_nothing_is_preempted_when_the_victims_could_not_free_enough():
     assert out.preempted_ids == [] and sorted(ids(out)) == [("batch", 1), ("stream", 1)]
 
 
-def test_a_late_or_non_firm_waiting_request_makes_no_room():
+def test_a_late_firm_request_makes_no_room_and_a_soft_one_only_from_batch():
     sched, kv, clock = running_with("deadline", batch(), soft("soft", 0.05, 200))
     sched.add_request(firm(clock=clock, arrival_offset_s=-1.0))  # its TTFT deadline passed already
-    sched.add_request(rt_req("soft2", 10, clock.now, max_tokens=100, first_token=700))
     assert sched.schedule().preempted_ids == []
+    sched, kv, clock = running_with("deadline", batch(), soft("soft", 0.05, 200))
+    sched.add_request(rt_req("soft2", 10, clock.now, max_tokens=100, first_token=700))
+    out = sched.schedule()
+    assert out.preempted_ids == ["batch"] and ids(out) == [("soft", 1), ("soft2", 10)]
+    sched, kv, clock = running_with("deadline", batch(), soft("soft", 0.05, 200))
+    sched.add_request(rt_req("late-soft", 10, clock.now - 1.0, max_tokens=100, first_token=700))  # TTFT passed
+    assert sched.schedule().preempted_ids == ["batch"]  # nor a late one waits for batch to finish
+    sched, kv, clock = running_with("deadline", soft("s1", 0.05, 200), soft("s2", 0.5, 300))
+    sched.add_request(rt_req("soft2", 10, clock.now, max_tokens=100, first_token=700))
+    assert sched.schedule().preempted_ids == []  # soft streams never give way to soft
 
 
 def test_batch_is_preempted_for_a_firm_request_waiting_for_a_sequence_slot():

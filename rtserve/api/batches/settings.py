@@ -20,7 +20,9 @@ class BatchSettings:
     data_dir: str
     max_file_bytes: int = 200 * 1024 * 1024      # larger uploads get 413
     max_batch_requests: int = 50_000             # more lines (or Anthropic requests) get 400
-    max_in_flight: int = 8                       # batch items submitted to the engine at once
+    # Batch items submitted to the engine at once: its default sequence slots, which batch work fills
+    # when no interactive request runs (the engine holds or preempts it for interactive work).
+    max_in_flight: int = 64
     retention_s: float = 30 * DAY_S              # files and finished batches' results are kept this long
     completion_window_s: float = DAY_S           # "24h", the only window OpenAI and Anthropic offer
     sweep_interval_s: float = 60.0               # how often expiry and retention are checked when idle
