@@ -34,7 +34,7 @@ from rtserve.config import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling_ops.cpp", "int4_gemm.cpp")
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling_ops.cpp", "int4_gemm.cpp", "int4_panel.cpp")
 _HEADERS = ("vec.h",)
 _SCHEMAS = {  # must match the TORCH_LIBRARY_FRAGMENT definitions in the sources
     "paged_decode_attention": "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
@@ -46,6 +46,8 @@ _SCHEMAS = {  # must match the TORCH_LIBRARY_FRAGMENT definitions in the sources
     "argmax_rows": "argmax_rows(Tensor logits) -> Tensor",
     "int4_linear": "int4_linear(Tensor x, Tensor qw, Tensor dm) -> Tensor",
     "amx_available": "amx_available() -> bool",
+    "int4_panel_linear": "int4_panel_linear(Tensor x, Tensor qw, Tensor dm) -> Tensor",
+    "int4_panel_simd": "int4_panel_simd() -> bool",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "native": bool once loaded; "fallback_lib": the Python registration
@@ -124,6 +126,24 @@ def reference_int4_linear(x: torch.Tensor, qw: torch.Tensor, dm: torch.Tensor) -
     return (x.float() @ weight.float().t()).to(torch.bfloat16)
 
 
+def unpack_q4_panel(qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rtserve.model.quant.pack_q4_panel` (the int4 panel kernel's weight layout):
+    [N, K] fp32 weights d * q + m."""
+    panels, g = qw.shape[0], qw.shape[1]
+    q = torch.cat([qw & 0x0F, qw >> 4], dim=-1).float()                       # [N/16, G, 32, 16]
+    w = q * dm[:, :, None, :16] + dm[:, :, None, 16:]                          # [N/16, G, 32 (k), 16 (c)]
+    return w.permute(0, 3, 1, 2).reshape(panels * 16, g * 32)
+
+
+def reference_int4_panel_linear(x: torch.Tensor, qw: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 or fp32 @ W^T -> [M, N] bf16 in fp32, W unpacked from the panel layout."""
+    return (x.float() @ unpack_q4_panel(qw, dm).t()).to(torch.bfloat16)
+
+
+def reference_int4_panel_simd() -> bool:
+    return False  # without the native build the panel op is this slow reference: callers use others
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU (and OS) runs AMX tiles, as torch probes it (CPUID, not /proc/cpuinfo): the AMX
     weight layout is built only then, since only then can the AMX kernel run."""
@@ -138,7 +158,8 @@ def reference_amx_available() -> bool:
 REFERENCE_OPS = {"paged_decode_attention": reference_paged_decode_attention, "add_rms_norm": reference_add_rms_norm,
                  "rope_kv_write": reference_rope_kv_write, "silu_mul": reference_silu_mul,
                  "argmax_rows": reference_argmax_rows, "int4_linear": reference_int4_linear,
-                 "amx_available": reference_amx_available}
+                 "amx_available": reference_amx_available, "int4_panel_linear": reference_int4_panel_linear,
+                 "int4_panel_simd": reference_int4_panel_simd}
 
 
 def registered() -> bool:

@@ -152,6 +152,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
         const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, rtserve::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         rtserve::store_bf16(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), rtserve::load_bf16(u + i)));
       }
+#elif RTSERVE_HAVE_AVX2
+      const __m256 one = _mm256_set1_ps(1.f);
+      alignas(32) float res[8];
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 gv = rtserve::load_bf16x8(g + i);
+        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, rtserve::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        _mm256_store_ps(res, _mm256_mul_ps(_mm256_mul_ps(gv, sig), rtserve::load_bf16x8(u + i)));
+        for (int j = 0; j < 8; ++j) o[i + j] = at::BFloat16(res[j]);
+      }
 #endif
       for (; i < inter; ++i) {
         const float gv = bf(g[i]);

@@ -34,6 +34,8 @@ inline void load_row(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
 #if RTSERVE_HAVE_AVX512
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, rtserve::load_bf16(src + i));
+#elif RTSERVE_HAVE_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, rtserve::load_bf16x8(src + i));
 #endif
   for (; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
 }
@@ -45,12 +47,16 @@ inline float dot(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   sum = _mm512_reduce_add_ps(acc);
+#elif RTSERVE_HAVE_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  sum = rtserve::reduce_add8(acc);
 #endif
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
-// s[0:n] = exp(s[0:n] - m); returns the sum. AVX-512: exp(x) = 2^k * 2^f, k = round(x log2 e),
+// s[0:n] = exp(s[0:n] - m); returns the sum. AVX-512 and AVX2: exp(x) = 2^k * 2^f, k = round(x log2 e),
 // 2^f by a degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, below bf16's 4e-3 output step).
 inline float exp_shifted_sum(float* s, int64_t n, float m) {
   int64_t i = 0;
@@ -64,6 +70,15 @@ inline float exp_shifted_sum(float* s, int64_t n, float m) {
     acc = _mm512_add_ps(acc, e);
   }
   sum = _mm512_reduce_add_ps(acc);
+#elif RTSERVE_HAVE_AVX2
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = rtserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = rtserve::reduce_add8(acc);
 #endif
   for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - m));
   return sum;
@@ -84,6 +99,10 @@ inline void axpy(float p, const float* row, float* acc, int64_t n) {
   __m512 pv = _mm512_set1_ps(p);
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(row + i), _mm512_loadu_ps(acc + i)));
+#elif RTSERVE_HAVE_AVX2
+  __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + i), _mm256_loadu_ps(acc + i)));
 #endif
   for (; i < n; ++i) acc[i] += p * row[i];
 }
@@ -307,6 +326,103 @@ AttendFn pick_kernel(int64_t group, int64_t head_dim) {
   if (head_dim == 128 && group <= 4) return pick_group<Avx512Kernels, 8>(group);  // 2 x G x 8 registers fit in 32
   return nullptr;
 }
+#elif RTSERVE_HAVE_AVX2
+// AVX2 (8 lanes, 16 registers): the same task with the G query heads' scaled q in an fp32 buffer.
+// Scores: T tokens at a time, each K row converted once for all G heads, G x T independent
+// accumulator chains (one chain per dot product would wait on the FMA latency every step).
+// Weighted V sum: W vectors of each V row per pass over the tokens, G x W accumulators in registers.
+template <int G, int HD>
+void attend_avx2(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, at::BFloat16* op,
+                 const int64_t* blocks, int64_t len, int64_t block_size, int64_t kv_stride, float scale,
+                 std::vector<float>& scores) {
+  constexpr int NV = HD / 8;
+  constexpr int T = G <= 3 ? 4 : (G <= 6 ? 2 : 1);
+  constexpr int W = G <= 2 ? 4 : (G <= 6 ? 2 : 1);
+  scores.resize(G * len);
+  alignas(32) float qf[G * HD];
+  for (int i = 0; i < G * HD; ++i) qf[i] = bf16_bits_to_float(qp[i]) * scale;
+  // Token t's slot, walked block by block (a division per token cost more than its dot products).
+  int64_t b = 0, o = 0;
+  auto next_slot = [&]() {
+    const int64_t s = blocks[b] * block_size + o;
+    if (++o == block_size) o = 0, ++b;
+    return s;
+  };
+  int64_t t = 0;
+  for (; t + T <= len; t += T) {
+    const uint16_t* kr[T];
+    for (int u = 0; u < T; ++u) kr[u] = kp + next_slot() * kv_stride;
+    __m256 acc[G][T];
+    for (int g = 0; g < G; ++g)
+      for (int u = 0; u < T; ++u) acc[g][u] = _mm256_setzero_ps();
+    for (int j = 0; j < NV; ++j) {
+      __m256 k[T];
+      for (int u = 0; u < T; ++u) k[u] = rtserve::load_bf16x8(kr[u] + 8 * j);
+      for (int g = 0; g < G; ++g) {
+        const __m256 qv = _mm256_load_ps(qf + g * HD + 8 * j);
+        for (int u = 0; u < T; ++u) acc[g][u] = _mm256_fmadd_ps(qv, k[u], acc[g][u]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int u = 0; u < T; ++u) scores[g * len + t + u] = rtserve::reduce_add8(acc[g][u]);
+  }
+  for (; t < len; ++t) {
+    const uint16_t* kr = kp + next_slot() * kv_stride;
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int j = 0; j < NV; ++j) {
+      const __m256 k = rtserve::load_bf16x8(kr + 8 * j);
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_load_ps(qf + g * HD + 8 * j), k, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) scores[g * len + t] = rtserve::reduce_add8(acc[g]);
+  }
+  softmax_rows(scores.data(), G, len);
+  for (int j0 = 0; j0 < NV; j0 += W) {
+    __m256 acc[G][W];
+    for (int g = 0; g < G; ++g)
+      for (int w = 0; w < W; ++w) acc[g][w] = _mm256_setzero_ps();
+    b = o = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      const uint16_t* vr = vp + next_slot() * kv_stride + 8 * j0;
+      __m256 v[W];
+      for (int w = 0; w < W; ++w) v[w] = rtserve::load_bf16x8(vr + 8 * w);
+      for (int g = 0; g < G; ++g) {
+        const __m256 p = _mm256_broadcast_ss(&scores[g * len + t]);
+        for (int w = 0; w < W; ++w) acc[g][w] = _mm256_fmadd_ps(p, v[w], acc[g][w]);
+      }
+    }
+    alignas(32) float out[8];
+    for (int g = 0; g < G; ++g)
+      for (int w = 0; w < W; ++w) {
+        _mm256_store_ps(out, acc[g][w]);
+        for (int i = 0; i < 8; ++i) op[g * HD + 8 * (j0 + w) + i] = c10::BFloat16(out[i]);
+      }
+  }
+}
+
+using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, at::BFloat16*, const int64_t*,
+                          int64_t, int64_t, int64_t, float, std::vector<float>&);
+
+template <int HD>
+AttendFn pick_group_avx2(int64_t group) {
+  switch (group) {
+    case 1: return attend_avx2<1, HD>;
+    case 2: return attend_avx2<2, HD>;
+    case 3: return attend_avx2<3, HD>;
+    case 4: return attend_avx2<4, HD>;
+    case 5: return attend_avx2<5, HD>;
+    case 6: return attend_avx2<6, HD>;
+    case 8: return attend_avx2<8, HD>;
+    default: return nullptr;
+  }
+}
+
+AttendFn pick_kernel(int64_t group, int64_t head_dim) {
+  if (head_dim == 64) return pick_group_avx2<64>(group);
+  if (head_dim == 128) return pick_group_avx2<128>(group);
+  if (head_dim == 256) return pick_group_avx2<256>(group);
+  return nullptr;
+}
 #else
 using AttendFn = void*;
 AttendFn pick_kernel(int64_t, int64_t) { return nullptr; }
@@ -359,7 +475,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       const int64_t d = task / num_kv_heads, kvh = task % num_kv_heads;
       const int64_t head0 = d * num_heads + kvh * group;
       const uint16_t *q_row = qp + head0 * head_dim, *k_base = kp + kvh * head_dim, *v_base = vp + kvh * head_dim;
-#if RTSERVE_HAVE_AVX512
+#if RTSERVE_HAVE_AVX512 || RTSERVE_HAVE_AVX2
       if (fast != nullptr) {
         fast(q_row, k_base, v_base, op + head0 * head_dim, table + d * max_blocks, lens[d], block_size,
              kv_stride, fscale, scores);

@@ -1,5 +1,5 @@
-// AVX-512 helpers shared by the kernels: bf16 <-> fp32 for 16 lanes and a 16-lane exp.
-// Every kernel keeps a scalar path for builds without AVX-512 (RTSERVE_HAVE_AVX512 == 0).
+// SIMD helpers shared by the kernels: bf16 -> fp32 and exp for 16 lanes (AVX-512) or 8 (AVX2 + FMA).
+// Every kernel keeps a scalar path for builds with neither.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -12,6 +12,14 @@
 #include <immintrin.h>
 #else
 #define RTSERVE_HAVE_AVX512 0
+#endif
+
+// AVX2 with FMA (x86-64-v3: Zen 1-3, Haswell and later): 8-lane versions for builds without AVX-512.
+#if !RTSERVE_HAVE_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#define RTSERVE_HAVE_AVX2 1
+#include <immintrin.h>
+#else
+#define RTSERVE_HAVE_AVX2 0
 #endif
 
 namespace rtserve {
@@ -53,6 +61,38 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693147182f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, k);
+}
+#endif
+
+#if RTSERVE_HAVE_AVX2
+// 8 bf16 (raw bits) -> 8 fp32
+inline __m256 load_bf16x8(const void* src) {
+  __m128i raw = _mm_loadu_si128(static_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 lanes: as exp16, with 2^k built in the exponent bits, so x log2 e is clamped to
+// [-126, 127] (the biased exponent stays in 1..254): inputs above ~88 give 2^127 * 2^f, not inf.
+inline __m256 exp8(__m256 x) {
+  const __m256 y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                                _mm256_set1_ps(-126.f)), _mm256_set1_ps(127.f));
+  const __m256 k = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, k);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.000154035304f), f, _mm256_set1_ps(0.00133335581f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.00961812911f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0555041087f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240226507f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693147182f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
 }
 #endif
 

@@ -6,10 +6,13 @@ fp32 for `logit_indices`), different numerics:
     cache are bf16 (half the KV bytes to gather and read per step);
   - linear layers: the Q4_1 blocks as they are (int4 group-32) for steps of up to 32 tokens (an int4
     GEMV below 4 rows, the AMX int4 kernel from 4, see `quant.kernel_for_rows`), the exact bf16
-    dequantization through oneDNN for longer steps;
+    dequantization through oneDNN for longer steps; on CPUs where oneDNN's bf16 linear cannot run,
+    the int4 GEMV below 8 rows and the int4 panel GEMM (fp32 arithmetic) from 8;
   - the LM head (the GGUF's Q8_0 embedding) is int8 per row with dynamic int8 activations (fbgemm)
-    for fewer than 48 rows, with 16 outlier hidden channels (calibrated once) in fp32; bf16 oneDNN
-    for more rows.
+    for fewer than `HEAD_LARGE_M` rows, with 16 outlier hidden channels (calibrated once) in fp32;
+    bf16 oneDNN for more rows. Without oneDNN's bf16 linear the int8 head serves every row count
+    (torch's plain bf16 matmul there took 75 ms for a 16-row head against int8's 7 ms on an AVX2-only
+    AMD EPYC).
 It is a plain object, not an nn.Module tree, and the layer loop is one function: at batch 1 a step is
 ~20 small ops per layer, so Python and dispatch overhead matter as much as the matmuls.
 """
@@ -42,13 +45,14 @@ class FastLayer:
         self.qkv, self.o, self.gate_up, self.down = (
             quant.FastLinear(tensors[f"{p}{m}.int4"], tensors[f"{p}{m}.scales_zeros"],
                              _layer_bf16(tensors[f"{p}{m}.bf16"]), tensors[f"{p}{m}.bf16"].shape[0],
-                             tensors.get(f"{p}{m}.amx_q"), tensors.get(f"{p}{m}.amx_dm"))
+                             tensors.get(f"{p}{m}.amx_q"), tensors.get(f"{p}{m}.amx_dm"),
+                             tensors.get(f"{p}{m}.panel_q"), tensors.get(f"{p}{m}.panel_dm"))
             for m in ("qkv", "o", "gate_up", "down"))
 
 
 def _layer_bf16(weight: torch.Tensor) -> torch.Tensor:
     """A layer matrix prepacked for oneDNN's bf16 GEMM, or nothing where that cannot run (the int4
-    GEMV then serves every row count: `quant.kernel_for_rows`)."""
+    GEMV and panel kernels then serve every row count: `quant.kernel_for_rows`)."""
     return quant.prepack_bf16(weight) if quant.onednn_bf16() else torch.empty(0, dtype=torch.bfloat16)
 
 
@@ -79,6 +83,11 @@ class FastLlamaForCausalLM:
         self.norm_scaled = tensors["norm"] * cfg.hidden_size ** 0.5
         self.layers = [FastLayer(tensors, i) for i in range(cfg.num_layers)]
         self.head_int8 = _prepack_int8_dynamic(tensors["lm_head.int8"], tensors["lm_head.scale"])
+        # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16 sums (vpmaddubsw): 7-bit
+        # activations keep them in range. On the AVX2-only EPYC the tiny test model's logits erred
+        # 4.4% with 8 bits, 1.9% with 7 (the fp32 head: 1.7%).
+        is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+        self.head_reduce_range = not (is_vnni is not None and bool(is_vnni()))
         self.head_bf16 = quant.prepack_bf16(tensors["lm_head.bf16"])
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, inv_freq=rope_inv_freq(cfg))
         half = cfg.head_dim // 2
@@ -90,12 +99,16 @@ class FastLlamaForCausalLM:
         kernels.native_available()  # registers torch.ops.rtserve.* (native, or PyTorch fallbacks)
         # The AMX int4 kernel for 4-32 row steps: needs the CPU feature and every matrix in its layout.
         self.have_amx = bool(torch.ops.rtserve.amx_available()) and all(lin.amx_q is not None for lin in linears)
-        no_tensor = torch.empty(0)
+        # The int4 panel kernel for 8+ row steps where oneDNN's bf16 linear cannot run (`quant.panel_kernel_runs`).
+        self.have_panel = (not self.have_amx and bool(torch.ops.rtserve.int4_panel_simd())
+                           and all(lin.panel_q is not None for lin in linears))
+        # The native int4 kernel's weights, one layout per machine: AMX's or the panel kernel's.
+        int4_q = [lin.amx_q if self.have_amx else lin.panel_q if self.have_panel else torch.empty(0) for lin in linears]
+        int4_dm = [lin.amx_dm if self.have_amx else lin.panel_dm if self.have_panel else torch.empty(0)
+                   for lin in linears]
         self._decode_weights = ([n for layer in self.layers for n in (layer.input_norm, layer.post_norm)],
                                 [lin.packed for lin in linears], [lin.scales_and_zeros for lin in linears],
-                                [lin.bf16_prepacked for lin in linears],
-                                [lin.amx_q if self.have_amx else no_tensor for lin in linears],
-                                [lin.amx_dm if self.have_amx else no_tensor for lin in linears])
+                                [lin.bf16_prepacked for lin in linears], int4_q, int4_dm)
         self._decode_layers = fast_decode.compile_decode_layers()
         if "lm_head.outlier_idx" in tensors:  # calibrated when the checkpoint was built
             self.outlier_idx = tensors["lm_head.outlier_idx"]
@@ -111,7 +124,7 @@ class FastLlamaForCausalLM:
         """input_ids, positions: [T]; kv_slots: per layer (K, V) slot views [num_slots, KVH, hd] bf16
         (written in place). Returns logits [S, V] fp32 for the S rows `logit_indices`."""
         x = self.hidden_states(input_ids, positions, kv_slots, meta, logit_indices)  # [S, H] fp32
-        if x.shape[0] < HEAD_LARGE_M and self.outlier_idx is not None:
+        if (x.shape[0] < HEAD_LARGE_M or not quant.onednn_bf16()) and self.outlier_idx is not None:
             return self._lm_head_int8(x)
         return quant.bf16_mm(x.to(torch.bfloat16), self.head_bf16).float()
 
@@ -126,8 +139,8 @@ class FastLlamaForCausalLM:
         if meta.num_decodes == num_tokens:  # decode-only step: the scripted layer stack
             x = self._run_decode_layers(x, cos, sin, kv_slots, meta)[logit_indices]
             return x * (self.norm_scaled / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
-        mm = (quant.FastLinear.small, quant.FastLinear.amx, quant.FastLinear.large)[
-            quant.kernel_for_rows(num_tokens, self.have_amx)]
+        mm = (quant.FastLinear.small, quant.FastLinear.amx, quant.FastLinear.large, quant.FastLinear.panel)[
+            quant.kernel_for_rows(num_tokens, self.have_amx, self.have_panel)]
         ops = torch.ops.rtserve
         pending = None  # the previous layer's MLP output, added into x by the next norm
         for layer, (k_slots, v_slots) in zip(self.layers, kv_slots):
@@ -147,7 +160,7 @@ class FastLlamaForCausalLM:
         cfg = self.cfg
         return self._decode_layers(
             x, cos, sin, meta.slot_mapping, meta.decode_block_table, meta.decode_seq_lens, meta.block_size,
-            quant.kernel_for_rows(x.shape[0], self.have_amx), *self._decode_weights,
+            quant.kernel_for_rows(x.shape[0], self.have_amx, self.have_panel), *self._decode_weights,
             [k for k, _ in kv_slots], [v for _, v in kv_slots], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             self.scale)
 
@@ -159,7 +172,8 @@ class FastLlamaForCausalLM:
         (found once by `_calibrate_head_outliers`) go through a small fp32 matmul instead (their
         weights are the bf16 head's columns).
         """
-        logits = torch.ops.quantized.linear_dynamic(x.index_fill(1, self.outlier_idx, 0.0), self.head_int8)
+        logits = torch.ops.quantized.linear_dynamic(x.index_fill(1, self.outlier_idx, 0.0), self.head_int8,
+                                                    self.head_reduce_range)
         return logits.addmm_(x.index_select(1, self.outlier_idx), self.head_outliers)
 
     @torch.inference_mode()

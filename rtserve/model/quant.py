@@ -12,9 +12,13 @@ this CPU, see benchmarks/kernels.py; `kernel_for_rows` picks):
     batches are bound by weight bytes, and this reads a quarter of the bf16 GEMM's;
   - `large(x)`: more rows (prefill) or no AMX: bf16 weights prepacked for oneDNN (AMX/AVX-512 GEMM).
 All return bf16 [M, N]. Where oneDNN's bf16 linear cannot run (`onednn_bf16`: torch refuses its
-weight reorder on x86 CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, the AVX2-only laptops and VMs),
-`small` serves every row count and no bf16 copy of the layer matrices is kept: one op falls back,
-not the process.
+weight reorder on x86 CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, the AVX2-only laptops and VMs)
+no bf16 copy of the layer matrices is kept, and from `LARGE_M` rows the native int4 panel GEMM serves
+(`panel(x)`, `torch.ops.rtserve.int4_panel_linear`, rtserve/kernels/int4_panel.cpp: fp32 FMAs over
+weights expanded once per 16 columns). torch's int4 kernel costs the same per row at any row count
+there, so on an AVX2-only AMD EPYC (2 threads) the panel kernel runs SmolLM2's 16-row gate_up in
+0.69 ms against 1.37 and 512 rows in 15 ms against 40. Without the native build (no compiler),
+`small` serves every row count: one op falls back, not the process.
 """
 from __future__ import annotations
 
@@ -25,15 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rtserve import kernels
 from rtserve.kernels import cpu_has_amx
 
 Q4_1_BLOCK_LEN, Q4_1_BLOCK_NBYTES = 32, 20
 Q8_0_BLOCK_LEN, Q8_0_BLOCK_NBYTES = 32, 34
 INT4_INNER_K_TILES = 2
-LARGE_M = 8  # without AMX: rows from which the bf16 GEMM beats the int4 GEMV (benchmarks/kernels.py)
+LARGE_M = 8  # without AMX: rows from which the bf16 GEMM (or the panel GEMM) beats the int4 GEMV
 AMX_MIN_M = 4  # with AMX: rows from which the AMX int4 kernel beats the int4 GEMV (equal at 4, 1.7x at 8)
 AMX_MAX_M = 32  # the AMX int4 kernel's limit (two 16-row tiles); beyond, the oneDNN bf16 GEMM
-SMALL, AMX, LARGE = 0, 1, 2  # kernel ids (`kernel_for_rows`)
+SMALL, AMX, LARGE, PANEL = 0, 1, 2, 3  # kernel ids (`kernel_for_rows`)
 
 
 @functools.cache
@@ -51,10 +56,19 @@ def onednn_bf16() -> bool:
         return False
 
 
-def kernel_for_rows(num_rows: int, have_amx: bool) -> int:
-    """Which matmul serves a step of `num_rows` tokens: SMALL, AMX or LARGE (LARGE only where
-    `onednn_bf16`; else the int4 GEMV serves the rows AMX does not)."""
-    large = LARGE if onednn_bf16() else SMALL
+def panel_kernel_runs() -> bool:
+    """Whether the int4 panel GEMM serves the fast path's larger steps on this CPU: no AMX, no oneDNN
+    bf16 linear, and the native kernels built with their SIMD path (AVX2 and FMA). Only then is its
+    weight layout built (`rtserve.model.quantized_loader`)."""
+    return (not cpu_has_amx() and not onednn_bf16() and kernels.native_available()
+            and bool(torch.ops.rtserve.int4_panel_simd()))
+
+
+def kernel_for_rows(num_rows: int, have_amx: bool, have_panel: bool = False) -> int:
+    """Which matmul serves a step of `num_rows` tokens: SMALL, AMX, LARGE or PANEL. LARGE only where
+    `onednn_bf16`; else PANEL from `LARGE_M` rows where the panel layout is there (`have_panel`),
+    else the int4 GEMV serves the rows AMX does not."""
+    large = LARGE if onednn_bf16() else PANEL if have_panel else SMALL
     if have_amx:
         return SMALL if num_rows < AMX_MIN_M else AMX if num_rows <= AMX_MAX_M else large
     return SMALL if num_rows < LARGE_M else large
@@ -119,6 +133,20 @@ def pack_q4_amx_groups(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tup
     return qw, torch.cat(rep, dim=-1).contiguous()                            # dm [N/16, G, 64]
 
 
+def pack_q4_panel(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine int4 groups (q [N, K] uint8 0..15, d and m [N, K/32] fp32, w = d * q + m) -> (qw [N/16,
+    K/32, 32, 8] uint8, dm [N/16, K/32, 32] fp32), the layout of the int4 panel kernel
+    `torch.ops.rtserve.int4_panel_linear` (rtserve/kernels/int4_panel.cpp, which documents it):
+    per 16-column panel, group and k, byte j holds q of column j (low nibble) and 8 + j (high).
+    N must be a multiple of 16."""
+    n, k = q.shape
+    g = k // Q4_1_BLOCK_LEN
+    q = q.view(n // 16, 16, g, Q4_1_BLOCK_LEN).permute(0, 2, 3, 1)         # [N/16, G, 32 (k), 16 (c)]
+    qw = (q[..., :8] | (q[..., 8:] << 4)).contiguous()                      # [N/16, G, 32, 8]
+    d, m = (t.view(n // 16, 16, g).transpose(1, 2) for t in (d, m))         # [N/16, G, 16]
+    return qw, torch.cat([d, m], dim=-1).float().contiguous()
+
+
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] (dtype of scales_and_zeros) @ W.T -> [M, N]."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, Q4_1_BLOCK_LEN, scales_and_zeros)
@@ -140,28 +168,33 @@ def bf16_mm(x: torch.Tensor, prepacked: torch.Tensor) -> torch.Tensor:
 
 
 class FastLinear:
-    """One [N, K] matrix kept as int4 (GEMV layout), int4 (AMX layout) and prepacked bf16; bf16 in
-    and out. The AMX form is None when N is not a multiple of 32 or the CPU has no AMX tiles (then
-    `amx` is never chosen).
+    """One [N, K] matrix kept as int4 (GEMV layout), int4 (AMX layout or panel layout) and prepacked
+    bf16; bf16 in and out. The AMX form is None when N is not a multiple of 32 or the CPU has no AMX
+    tiles (then `amx` is never chosen); the panel form None unless `panel_kernel_runs` and N is a
+    multiple of 16 (then `panel` is never chosen).
 
-    Plain object, not an nn.Module: the step calls `small`/`amx`/`large` directly.
+    Plain object, not an nn.Module: the step calls `small`/`amx`/`large`/`panel` directly.
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bf16_prepacked: torch.Tensor,
-                 out_features: int, amx_q: torch.Tensor | None = None, amx_dm: torch.Tensor | None = None) -> None:
+                 out_features: int, amx_q: torch.Tensor | None = None, amx_dm: torch.Tensor | None = None,
+                 panel_q: torch.Tensor | None = None, panel_dm: torch.Tensor | None = None) -> None:
         self.packed = packed                      # [N, K/2] uint8
         self.scales_and_zeros = scales_and_zeros  # [K/32, N, 2] bf16
         self.bf16_prepacked = bf16_prepacked      # oneDNN-blocked bf16 [N, K]
         self.out_features = out_features
         self.amx_q, self.amx_dm = amx_q, amx_dm   # `pack_q4_amx` layout, or None
+        self.panel_q, self.panel_dm = panel_q, panel_dm  # `pack_q4_panel` layout, or None
 
     @classmethod
     def from_q4_1(cls, blocks: torch.Tensor) -> "FastLinear":
         """blocks: [N, K/32, 20] uint8 GGUF Q4_1 (rows already in the model's order)."""
         packed, sz = int4pack_from_q4_1(blocks)
         amx_q, amx_dm = pack_q4_amx(blocks) if blocks.shape[0] % 32 == 0 and cpu_has_amx() else (None, None)
+        panel_q, panel_dm = (pack_q4_panel(*q4_1_unpack(blocks)) if blocks.shape[0] % 16 == 0
+                             and panel_kernel_runs() else (None, None))
         bf16 = prepack_bf16(q4_1_dequantize(blocks)) if onednn_bf16() else torch.empty(0, dtype=torch.bfloat16)
-        return cls(packed, sz, bf16, blocks.shape[0], amx_q, amx_dm)
+        return cls(packed, sz, bf16, blocks.shape[0], amx_q, amx_dm, panel_q, panel_dm)
 
     def small(self, x: torch.Tensor) -> torch.Tensor:
         return int4pack_mm(x, self.packed, self.scales_and_zeros)
@@ -172,9 +205,12 @@ class FastLinear:
     def large(self, x: torch.Tensor) -> torch.Tensor:
         return bf16_mm(x, self.bf16_prepacked)
 
+    def panel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rtserve.int4_panel_linear(x, self.panel_q, self.panel_dm)
+
     def __call__(self, x: torch.Tensor, have_amx: bool = False) -> torch.Tensor:
-        kernel = kernel_for_rows(x.shape[0], have_amx and self.amx_q is not None)
-        return self.small(x) if kernel == SMALL else self.amx(x) if kernel == AMX else self.large(x)
+        kernel = kernel_for_rows(x.shape[0], have_amx and self.amx_q is not None, self.panel_q is not None)
+        return (self.small, self.amx, self.large, self.panel)[kernel](x)
 
 
 def blocks_view(raw: np.ndarray, rows: int, block_nbytes: int) -> torch.Tensor:

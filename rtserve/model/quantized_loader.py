@@ -11,6 +11,8 @@ Tensor names (N x K per matrix; <m> in qkv, o, gate_up, down, each fused as in `
   layers.<i>.<m>.bf16 [N, K] bf16                                           (the exact dequantization)
   layers.<i>.<m>.amx_q [N/16, K/32, 16, 16] uint8, .amx_dm [N/16, K/32, 64] fp32  (AMX layout; N % 32 == 0,
                                                              only on a CPU with AMX tiles)
+  layers.<i>.<m>.panel_q [N/16, K/32, 32, 8] uint8, .panel_dm [N/16, K/32, 32] fp32  (int4 panel layout;
+                                                             N % 16 == 0, only where `quant.panel_kernel_runs`)
   layers.<i>.input_layernorm / .post_attention_layernorm [H] fp32, norm [H] fp32
   embed_tokens [V, H] fp32; lm_head.int8 [V, H] int8, lm_head.scale [V] fp32, lm_head.bf16 [V, H] bf16,
   lm_head.outlier_idx [16] int64 (the head input's outlier channels, see FastLlamaForCausalLM)
@@ -52,7 +54,9 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
     # torch packs int4 weights for the ISA it runs on (`_convert_weight_to_int4pack_for_cpu`: an
     # AVX-512 layout read on an AVX2 CPU gives garbage), so the cache is per ISA.
     # torch reports AVX512 on AMX machines too: whether the AMX layout is in the file is part of the name.
-    isa = torch.backends.cpu.get_cpu_capability() + ("-amx" if cpu_has_amx() else "")
+    # So is whether the panel layout is (CPUs with neither AMX nor oneDNN's bf16 linear).
+    isa = torch.backends.cpu.get_cpu_capability() + (
+        "-amx" if cpu_has_amx() else "-panel" if quant.panel_kernel_runs() else "")
     cache_name = f"{cache_key(path)}.fast{FAST_FORMAT_VERSION}.{isa}.safetensors"
     cache_path = os.path.join(default_cache_dir(cache_dir), cache_name)
     cached = _read(cache_path)
@@ -84,7 +88,7 @@ def load_fast_checkpoint(path: str, cache_dir: str = "") -> FastCheckpoint | Non
 
 def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
     config = config_from_gguf(gguf)
-    amx = cpu_has_amx()
+    amx, panel = cpu_has_amx(), quant.panel_kernel_runs()
     out: dict[str, torch.Tensor] = {"norm": gguf.dequantize("output_norm.weight")}
     embed = gguf.dequantize("token_embd.weight")
     head = gguf.dequantize("output.weight") if "output.weight" in gguf.tensors else embed
@@ -105,6 +109,8 @@ def build_tensors(gguf: GGUFFile) -> dict[str, torch.Tensor]:
             out[f"layers.{i}.{fused}.bf16"] = dequantize_groups(q, d, m).to(torch.bfloat16)
             if q.shape[0] % 32 == 0 and amx:  # only where the AMX kernel can run
                 out[f"layers.{i}.{fused}.amx_q"], out[f"layers.{i}.{fused}.amx_dm"] = quant.pack_q4_amx_groups(q, d, m)
+            if q.shape[0] % 16 == 0 and panel:  # only where the panel kernel runs
+                out[f"layers.{i}.{fused}.panel_q"], out[f"layers.{i}.{fused}.panel_dm"] = quant.pack_q4_panel(q, d, m)
     return out
 
 

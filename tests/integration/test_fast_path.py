@@ -135,13 +135,20 @@ def test_small_chunks_as_decode_rows_match_whole_prompt_prefill(fast, prompts):
               [fast.generate([p], params())[0] for p in prompts[:3]])
 
 
-def test_without_onednn_bf16_the_int4_gemv_serves_every_row_count(reference, prompts, monkeypatch):
+@pytest.mark.parametrize("panel", [True, False])
+def test_without_onednn_bf16_the_int4_kernels_serve_every_row_count(reference, prompts, monkeypatch, panel):
     """Where oneDNN's bf16 linear cannot run (AVX2-only x86), the fast path still loads and serves:
-    the int4 GEMV takes the prefill rows too and no bf16 layer matrix is kept. Same contract as the
-    default fast path: the reference's text, or a part at a near tie."""
+    the int4 panel GEMM takes the steps of 8+ rows (or, without it, the int4 GEMV every row count) and
+    no bf16 layer matrix is kept. Same contract as the default fast path: the reference's text, or a
+    part at a near tie. On CPUs with AMX the AMX kernel serves up to 32 rows whatever this says."""
     monkeypatch.setattr(quant, "onednn_bf16", lambda: False)
+    if not panel:
+        monkeypatch.setattr(quant, "panel_kernel_runs", lambda: False)
+    elif not quant.panel_kernel_runs():
+        pytest.skip("the panel kernel does not run here (AMX, or a build without AVX2/FMA)")
     llm = LLM(max_num_batched_tokens=512)
-    assert llm.core.runner.is_fast_path
-    assert quant.kernel_for_rows(256, have_amx=False) == quant.SMALL
-    assert all(layer.qkv.bf16_prepacked.numel() == 0 for layer in llm.core.runner.model.layers)
+    model = llm.core.runner.model
+    assert llm.core.runner.is_fast_path and model.have_panel == panel
+    assert quant.kernel_for_rows(256, model.have_amx, model.have_panel) == (quant.PANEL if panel else quant.SMALL)
+    assert all(layer.qkv.bf16_prepacked.numel() == 0 for layer in model.layers)
     check_all(llm.generate(prompts, params()), reference.generate(prompts, params()))

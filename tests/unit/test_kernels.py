@@ -22,7 +22,8 @@ def _assert_close_bf16(actual, expected, atol=2e-2, rtol=1.6e-2):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("group,head_dim", [(3, 64), (1, 64), (4, 128), (7, 64), (2, 48)])
+@pytest.mark.parametrize("group,head_dim", [(3, 64), (1, 64), (4, 128), (7, 64), (2, 48), (5, 64), (6, 128),
+                                            (8, 64), (2, 256)])
 def test_paged_decode_attention_matches_reference(group, head_dim):
     gen = torch.Generator().manual_seed(group * 1000 + head_dim)
     num_blocks, num_seqs, kv_heads = 64, 5, 2
@@ -193,3 +194,43 @@ def test_int4_linear_rejects_bad_shapes():
     qw, dm = quant.pack_q4_amx(_q4_1_blocks(32, 64, seed=1))
     with pytest.raises(RuntimeError):
         torch.ops.rtserve.int4_linear(torch.zeros(2, 96, dtype=torch.bfloat16), qw, dm)  # K mismatch
+
+
+def test_panel_packing_round_trips_to_the_gguf_dequantization():
+    from rtserve.model import quant
+    blocks = _q4_1_blocks(48, 96, seed=6)
+    qw, dm = quant.pack_q4_panel(*quant.q4_1_unpack(blocks))
+    assert qw.shape == (3, 3, 32, 8) and dm.shape == (3, 3, 32)
+    assert torch.equal(kernels.unpack_q4_panel(qw, dm), quant.q4_1_dequantize(blocks))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 96, 97, 200])
+def test_int4_panel_linear_is_within_its_rounding_of_the_exact_product(rows):
+    """The panel kernel (native, whatever SIMD path this build has) against the exact product of the
+    same weights: its fp32 FMAs along K may each round (at most K * 2^-24 of sum |x w| in all), then
+    one rounding to bf16 (half a bf16 ulp: at most 2^-8 relative, 8 significant bits). Rows cross
+    the 6-row tile and the 96-row block."""
+    from rtserve.model import quant
+    blocks = _q4_1_blocks(64, 160, seed=rows)
+    qw, dm = quant.pack_q4_panel(*quant.q4_1_unpack(blocks))
+    w = quant.q4_1_dequantize(blocks).double()                           # [N, K], exact
+    gen = torch.Generator().manual_seed(rows)
+    for x in (_bf16(rows, 160, gen=gen), torch.randn(rows, 160, generator=gen)):  # bf16 and fp32 inputs
+        out = torch.ops.rtserve.int4_panel_linear(x, qw, dm)
+        assert out.shape == (rows, 64) and out.dtype == torch.bfloat16
+        exact = x.double() @ w.t()
+        fp32_err = 160 * 2.0 ** -24 * (x.double().abs() @ w.abs().t())
+        bound = fp32_err + 2.0 ** -8 * (exact.abs() + fp32_err)
+        assert ((out.double() - exact).abs() <= bound + 1e-30).all()
+        _assert_close_bf16(out, kernels.reference_int4_panel_linear(x, qw, dm), atol=1e-2, rtol=8e-3)
+
+
+def test_int4_panel_linear_rejects_bad_shapes():
+    from rtserve.model import quant
+    qw, dm = quant.pack_q4_panel(*quant.q4_1_unpack(_q4_1_blocks(32, 64, seed=1)))
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.rtserve.int4_panel_linear(torch.zeros(2, 96, dtype=torch.bfloat16), qw, dm)  # K mismatch
+    with pytest.raises(RuntimeError, match="dm"):
+        torch.ops.rtserve.int4_panel_linear(torch.zeros(2, 64, dtype=torch.bfloat16), qw, dm[:1])
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.rtserve.int4_panel_linear(torch.zeros(2, 64, dtype=torch.float16), qw, dm)

@@ -58,7 +58,11 @@ async def test_ten_times_overload_holds_queue_and_heap_bounded(make_core):
             peaks["waiting"] = max(peaks["waiting"], len(core.scheduler.waiting))
             peaks["running"] = max(peaks["running"], len(core.scheduler.running))
             peaks["in_flight"] = max(peaks["in_flight"], llm.num_requests)
-            await asyncio.sleep(0)
+            # Not sleep(0): a loop that never waits keeps the GIL from the engine's step thread (each
+            # of its ops waits a 5 ms switch interval); with tracemalloc on, one run on an AVX2 host
+            # had not finished after 20 minutes. A 1 ms wait lets the steps run; the queue bounds
+            # are also asserted on every round's responses.
+            await asyncio.sleep(0.001)
 
     sampler = asyncio.create_task(sample())
     tracemalloc.start()
