@@ -235,8 +235,10 @@ def _run_all(commands: list[list[str]]) -> None:
             raise RuntimeError(f"kernel build failed: {err.strip()[-2000:]}")
 
 
-def build(cache_dir: str = "") -> str:
-    """Path of the compiled library, building it if this source/torch/compiler/CPU has none yet."""
+def build(cache_dir: str = "", march: str = "native") -> str:
+    """Path of the compiled library, building it if this source/torch/compiler/CPU has none yet.
+    `march` other than "native" (e.g. "x86-64-v3", AVX2 + FMA) builds for that target instead, so
+    a test can run another CPU family's code paths on this one; it is part of the cache key."""
     here = os.path.dirname(os.path.abspath(__file__))
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     cxx = _compiler()
@@ -246,7 +248,7 @@ def build(cache_dir: str = "") -> str:
     for name in _SOURCES + _HEADERS:
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
-    for part in (torch.__version__, torch_dir, version, _cpu_flags(), sys.version):
+    for part in (torch.__version__, torch_dir, version, _cpu_flags(), sys.version) + (() if march == "native" else (march,)):
         digest.update(part.encode())
     out_dir = os.path.join(default_cache_dir(cache_dir), "kernels")
     os.makedirs(out_dir, exist_ok=True)
@@ -261,7 +263,7 @@ def build(cache_dir: str = "") -> str:
         torch_lib = os.path.join(torch_dir, "lib")
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
         os.close(fd)
-        compile_flags = [cxx, "-O3", "-march=native", "-std=c++20", "-fopenmp", "-fPIC", "-w",
+        compile_flags = [cxx, "-O3", f"-march={march}", "-std=c++20", "-fopenmp", "-fPIC", "-w",
                          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                          "-I", os.path.join(torch_dir, "include"),
                          "-I", os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"),
