@@ -2,6 +2,7 @@
 chosen from the chat template, calls split anywhere parse as they do whole, the grammar accepts
 exactly what the parser reads as complete calls, and a template that renders tools gets them natively."""
 import codecs
+import re
 import json
 
 import pytest
@@ -225,10 +226,13 @@ def test_tiny_model_constrained_calls_always_parse(tiny_weights, fmt):
     for ids in run_to_completion(core).values():
         if ids[-1] != EOS:  # parallel calls may go on to max_tokens: their complete calls still count
             continue
-        # The byte vocabulary, read as the detokenizer reads it: lossy, since the grammar engine admits
-        # surrogate code points (bytes ED A0-BF ..) inside JSON strings, which strict UTF-8 refuses.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        _, started, args, calls = parse(fmt, [utf8.decode(bytes([t])) for t in ids if t != EOS])
+        # The byte vocabulary, read one code point per character as the grammar counts them: the grammar
+        # engine admits surrogate code points (bytes ED A0-BF ..) inside JSON strings, which strict
+        # UTF-8 refuses and a lossy decode turns into three U+FFFD each (so a 6-character string
+        # became 8). Each surrogate is read as one U+FFFD: a valid string of the grammar's length.
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogatepass")
+        pieces = [re.sub("[\ud800-\udfff]", "\ufffd", utf8.decode(bytes([t]))) for t in ids if t != EOS]
+        _, started, args, calls = parse(fmt, pieces)
         assert calls and all(c.is_complete for c in calls), text(ids)
         for i, call in enumerate(calls):
             assert call.name == "get_weather" and args[i] == call.arguments
