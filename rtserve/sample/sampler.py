@@ -1,8 +1,7 @@
 """Batched token sampling as pure tensor functions (no host syncs on the hot path).
 
 Per row: greedy rows (temperature == 0) take argmax of the raw logits. Random rows divide by the
-temperature, mask with top-k, then top-p, then min-p, softmax, and draw with the exponential race
-(a row whose nucleus lies among its few hundred most likely tokens draws among those alone):
+temperature, mask with top-k, then top-p, then min-p, softmax, and draw with the exponential race:
 
     argmax_i p_i / E_i,  E_i ~ Exponential(1)   ==   a draw from Categorical(p)
 
@@ -98,81 +97,17 @@ def argmax(logits: Tensor) -> Tensor:
 
 
 def _sample_random(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """One draw per row. A row whose top-p nucleus lies within its `TOP_P_CANDIDATES[0]` most likely
-    tokens draws among those candidates alone (the nucleus, then min-p, over [C] instead of [V]): the
-    same distribution, without the softmax, noise, log and divide over the whole vocabulary, which
-    on an AVX2-only CPU took ~12 ms of a sampled 8-row step. The other rows take the whole row."""
     # Greedy rows get temperature 1 here only to keep the math finite; their result is discarded.
     temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)  # [B]
     logits = logits / temperature[:, None]  # [B, V]
     if not batch.no_top_k:
         logits = apply_top_k(logits, batch.top_k)
-    if batch.no_top_p:
-        return _draw_whole_rows(logits, batch.min_p, batch.no_min_p, batch.generators)
-    if logits.shape[-1] <= TOP_P_CANDIDATES[0]:  # no row is wider than its candidates
-        return _draw_whole_rows(apply_top_p(logits, batch.top_p), batch.min_p, batch.no_min_p, batch.generators)
-    rows, idx, keep = nucleus_candidates(logits, batch.top_p)  # [R], [R, C], [R, C]
-    if rows.numel() == logits.shape[0]:  # every row's nucleus is among its candidates
-        return _draw_candidates(logits, idx, keep, batch.min_p, batch.no_min_p, batch.generators)
-    token_ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)  # [B]
-    rest = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    rest[rows] = False
-    if rows.numel():
-        gens = [batch.generators[r] for r in rows.tolist()]
-        token_ids[rows] = _draw_candidates(logits[rows], idx, keep, batch.min_p[rows], batch.no_min_p, gens)
-    others = rest.nonzero().squeeze(-1)  # [B - R]
-    gens = [batch.generators[r] for r in others.tolist()]
-    token_ids[others] = _draw_whole_rows(apply_top_p(logits[others], batch.top_p[others]), batch.min_p[others],
-                                         batch.no_min_p, gens)
-    return token_ids
-
-
-def _draw_whole_rows(logits: Tensor, min_p: Tensor, no_min_p: bool, generators: list) -> Tensor:
-    """logits [B, V] (already truncated by top-k/top-p) -> [B] ids drawn from their softmax after min-p."""
-    if not no_min_p:
-        logits = apply_min_p(logits, min_p)
-    return exponential_race(logits.softmax(dim=-1), generators)
-
-
-def _draw_candidates(logits: Tensor, idx: Tensor, keep: Tensor, min_p: Tensor, no_min_p: bool,
-                     generators: list) -> Tensor:
-    """logits [R, V]; idx, keep [R, C] (`nucleus_candidates`) -> [R] ids drawn from the nucleus after
-    min-p (the row's most likely token is candidate 0, so min-p's threshold is the same)."""
-    cand = logits.gather(-1, idx).masked_fill(~keep, _NEG_INF)  # [R, C]
-    winners = _draw_whole_rows(cand, min_p, no_min_p, generators)  # [R] positions among the candidates
-    return idx.gather(-1, winners[:, None]).squeeze(-1)
-
-
-# Terms below e^-80 (1.8e-35) of the row's largest are counted as e^-80 by `logsumexp`: exp of them
-# would be a subnormal float, which the CPU computes by a slow microcode assist.
-_LSE_FLOOR = -80.0
-
-
-def logsumexp(logits: Tensor) -> Tensor:
-    """[B, V] -> [B, 1] log sum exp of each row. Equal to torch's in fp32 (the floored terms add at
-    most V * 1.8e-35 to a sum of at least 1) and without its subnormals: a sampled row at temperature
-    0.2 spreads 49k logits over hundreds of units, and torch's logsumexp of 8 such rows took 1.7 ms
-    on an AVX2-only EPYC, this 0.5 ms. Each row must hold a finite logit."""
-    top = logits.amax(dim=-1, keepdim=True)  # [B, 1]
-    return (logits - top).clamp_(min=_LSE_FLOOR).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
-
-
-def nucleus_candidates(logits: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The rows with top_p < 1 whose nucleus (as `apply_top_p` keeps it) lies within their
-    `TOP_P_CANDIDATES[0]` most likely tokens: (rows [R], candidate ids [R, C] in descending order,
-    keep [R, C]: in the nucleus). Probabilities are the true ones, from the whole row's logsumexp."""
-    size = min(TOP_P_CANDIDATES[0], logits.shape[-1])
-    active = (top_p < 1.0).nonzero().squeeze(-1)  # [A]
-    if active.numel() == 0:
-        empty = torch.empty(0, size, dtype=torch.int64, device=logits.device)
-        return active, empty, empty.bool()
-    sub = logits[active]  # [A, V]
-    vals, idx = sub.topk(size, dim=-1)  # [A, C] descending
-    probs = (vals - logsumexp(sub)).exp()  # [A, C]
-    mass_before = probs.cumsum(dim=-1) - probs  # [A, C] exclusive prefix sum
-    p = top_p[active, None]  # [A, 1]
-    closed = (mass_before[:, -1:] + probs[:, -1:] >= p).squeeze(-1) | (size == logits.shape[-1])  # [A]
-    return active[closed], idx[closed], (mass_before < p)[closed]
+    if not batch.no_top_p:
+        logits = apply_top_p(logits, batch.top_p)
+    if not batch.no_min_p:
+        logits = apply_min_p(logits, batch.min_p)
+    probs = logits.softmax(dim=-1)  # [B, V]
+    return exponential_race(probs, batch.generators)
 
 
 def exponential_race(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
@@ -233,7 +168,7 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
         return logits
     out = logits.clone()
     rows = active.nonzero().squeeze(-1)  # [R] rows still to filter
-    lse = logsumexp(logits)  # [B, 1]
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
     for size in TOP_P_CANDIDATES:
         if rows.numel() == 0 or size >= logits.shape[-1]:
             break

@@ -133,8 +133,7 @@ def test_seeded_row_frequencies_match_softmax():
     assert _chi_square(torch.bincount(ids, minlength=5).float(), row[0].softmax(-1)) < CHI2_DF4_P001
 
 
-def _run_seeded(seed: int, position: int, batch_size: int, steps: int, neighbour_seed: int,
-                vocab: int = 64) -> list[int]:
+def _run_seeded(seed: int, position: int, batch_size: int, steps: int, neighbour_seed: int) -> list[int]:
     """Sample a seeded request at `position` among unseeded/differently-seeded neighbours."""
     params, gens = [], []
     for i in range(batch_size):
@@ -148,20 +147,19 @@ def _run_seeded(seed: int, position: int, batch_size: int, steps: int, neighbour
     torch.manual_seed(neighbour_seed)
     tokens = []
     for step in range(steps):
-        logits = _logits(batch_size, vocab, seed=1000 + step)
-        logits[position] = _logits(1, vocab, seed=step)[0]  # the seeded row sees the same logits
+        logits = _logits(batch_size, 64, seed=1000 + step)
+        logits[position] = _logits(1, 64, seed=step)[0]  # the seeded row sees the same logits
         tokens.append(int(sample(logits, batch).token_ids[position]))
     return tokens
 
 
-@pytest.mark.parametrize("vocab", [64, 2000])  # whole rows; rows drawn among their nucleus candidates
-def test_seeded_rows_independent_of_batch_composition_and_position(vocab):
-    alone = _run_seeded(seed=7, position=0, batch_size=1, steps=30, neighbour_seed=0, vocab=vocab)
+def test_seeded_rows_independent_of_batch_composition_and_position():
+    alone = _run_seeded(seed=7, position=0, batch_size=1, steps=30, neighbour_seed=0)
     assert len(set(alone)) > 3  # actually random, not degenerate
-    assert _run_seeded(7, 0, 1, 30, 0, vocab) == alone  # reproducible
-    assert _run_seeded(7, 2, 5, 30, 11, vocab) == alone
-    assert _run_seeded(7, 4, 6, 30, 23, vocab) == alone
-    assert _run_seeded(8, 0, 1, 30, 0, vocab) != alone  # the seed matters
+    assert _run_seeded(7, 0, 1, 30, 0) == alone  # reproducible
+    assert _run_seeded(7, 2, 5, 30, 11) == alone
+    assert _run_seeded(7, 4, 6, 30, 23) == alone
+    assert _run_seeded(8, 0, 1, 30, 0) != alone  # the seed matters
 
 
 def test_logprobs_columns():
@@ -207,40 +205,3 @@ def test_top_k_selects_like_a_full_sort():
     got = apply_top_k(logits, k)
     kth = logits.sort(dim=-1, descending=True).values.gather(-1, torch.where(k <= 0, 49152, k)[:, None] - 1)
     assert torch.equal(got, logits.masked_fill(logits < kth, float("-inf")))
-
-
-def test_rows_drawn_among_the_nucleus_candidates_follow_the_nucleus_distribution():
-    """Rows whose nucleus lies among their most likely tokens draw among those alone; in the same
-    batch, rows whose nucleus is wider (a flat row) take the whole-row path. Both keep to the
-    nucleus, and the candidate rows' frequencies are the renormalized nucleus probabilities."""
-    n, vocab = 20_000, 1000
-    peaked = torch.full((vocab,), -6.0)
-    peaked[[10, 500, 3, 999, 42]] = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5])
-    flat = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 0.01
-    logits = torch.stack([peaked] * n + [flat] * 200)  # [n + 200, V]
-    top_p = 0.9
-    torch.manual_seed(4321)
-    out = sample(logits, _batch([SamplingParams(top_p=top_p)] * (n + 200))).token_ids
-    probs = peaked.softmax(-1)
-    order = probs.argsort(descending=True)
-    mass_before = probs[order].cumsum(0) - probs[order]
-    nucleus = order[mass_before < top_p]  # [10, 500, 3, 999] here
-    assert nucleus.tolist() == [10, 500, 3, 999]
-    counts = torch.bincount(out[:n], minlength=vocab)[nucleus].float()
-    assert int(counts.sum()) == n  # nothing outside the nucleus
-    expected = probs[nucleus] / probs[nucleus].sum()
-    chi2_df3_p001 = 16.27
-    assert _chi_square(counts, expected) < chi2_df3_p001
-    # It can fail: a nucleus cut one token short (the 4th never drawn) is rejected.
-    short = torch.cat([probs[nucleus[:3]] / probs[nucleus[:3]].sum(), torch.full((1,), 1e-9)])
-    assert _chi_square(counts, short) > chi2_df3_p001
-    wide = apply_top_p(flat[None], torch.tensor([top_p]))[0]
-    assert torch.isfinite(wide[out[n:]]).all() and torch.isinf(wide).sum() > 0
-
-
-def test_logsumexp_equals_torch_on_spread_and_masked_rows():
-    from rtserve.sample.sampler import logsumexp
-    gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(4, 49152, generator=gen) * torch.tensor([[0.5], [15.0], [200.0], [3.0]])
-    logits[3, 100:] = float("-inf")  # top-k masked
-    torch.testing.assert_close(logsumexp(logits), logits.logsumexp(dim=-1, keepdim=True), rtol=1e-6, atol=0)
